@@ -1,0 +1,414 @@
+//! The action: coalescing settings for every layer, and the [`ActionSpace`] that maps a learned
+//! actor's outputs in `[-1, 1]` to knobs.
+//!
+//! Layout of a flat action vector (and of the knob features in observations): the NIC's four
+//! knobs, then for each VM its backend's four and its frontend's four. Inside a layer the order is
+//! always `rx_usecs, rx_frames, tx_usecs, tx_frames` ([`KNOB_NAMES`]).
+
+use serde::{Deserialize, Serialize};
+
+/// The four ethtool knob names, in the order used by every flat vector in the project.
+pub const KNOB_NAMES: [&str; 4] = ["rx_usecs", "rx_frames", "tx_usecs", "tx_frames"];
+/// Values per layer in a flat action vector.
+pub const KNOBS_PER_LAYER: usize = 4;
+
+/// Fixed ethtool knobs for one notification stream: a notification fires when `frames` items are
+/// pending or `usecs` after the first pending item, whichever comes first. `usecs = 0` fires at
+/// once (per item); `frames = 0` disables the count trigger (timer only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Knobs {
+    pub usecs: u32,
+    pub frames: u32,
+}
+
+impl Knobs {
+    /// No coalescing: one notification per item.
+    pub const PER_PACKET: Knobs = Knobs { usecs: 0, frames: 1 };
+
+    pub const fn new(usecs: u32, frames: u32) -> Self {
+        Knobs { usecs, frames }
+    }
+}
+
+impl std::fmt::Display for Knobs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}us/{}f", self.usecs, self.frames)
+    }
+}
+
+/// An in-layer adaptive algorithm, as a driver runs it with `ethtool -C adaptive-rx on`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Adaptive {
+    /// Linux `net_dim` (lib/dim/net_dim.c).
+    Dim,
+    /// Intel ixgbe-style adaptive ITR.
+    Itr,
+}
+
+impl Adaptive {
+    pub fn name(self) -> &'static str {
+        match self {
+            Adaptive::Dim => "dim",
+            Adaptive::Itr => "itr",
+        }
+    }
+}
+
+/// How one direction of one layer is moderated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Moderation {
+    Fixed(Knobs),
+    Adaptive(Adaptive),
+}
+
+impl Moderation {
+    pub const PER_PACKET: Moderation = Moderation::Fixed(Knobs::PER_PACKET);
+
+    pub fn fixed(usecs: u32, frames: u32) -> Self {
+        Moderation::Fixed(Knobs::new(usecs, frames))
+    }
+}
+
+/// Both directions of one layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LayerSettings {
+    pub rx: Moderation,
+    pub tx: Moderation,
+}
+
+impl LayerSettings {
+    pub const PER_PACKET: LayerSettings =
+        LayerSettings { rx: Moderation::PER_PACKET, tx: Moderation::PER_PACKET };
+
+    pub fn fixed(rx: Knobs, tx: Knobs) -> Self {
+        LayerSettings { rx: Moderation::Fixed(rx), tx: Moderation::Fixed(tx) }
+    }
+
+    pub fn adaptive(mode: Adaptive) -> Self {
+        LayerSettings { rx: Moderation::Adaptive(mode), tx: Moderation::Adaptive(mode) }
+    }
+
+    pub fn get(&self, dir: Direction) -> Moderation {
+        match dir {
+            Direction::Rx => self.rx,
+            Direction::Tx => self.tx,
+        }
+    }
+
+    pub fn set(&mut self, dir: Direction, m: Moderation) {
+        match dir {
+            Direction::Rx => self.rx = m,
+            Direction::Tx => self.tx = m,
+        }
+    }
+}
+
+/// One VM's two virtual layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmSettings {
+    pub backend: LayerSettings,
+    pub frontend: LayerSettings,
+}
+
+/// The whole action: the physical NIC, and per VM the backend and the frontend.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoalescingSettings {
+    pub nic: LayerSettings,
+    pub vms: Vec<VmSettings>,
+}
+
+impl CoalescingSettings {
+    /// Every layer of `vms` VMs set to `layer`.
+    pub fn uniform(vms: usize, layer: LayerSettings) -> Self {
+        CoalescingSettings { nic: layer, vms: vec![VmSettings { backend: layer, frontend: layer }; vms] }
+    }
+
+    pub fn per_packet(vms: usize) -> Self {
+        Self::uniform(vms, LayerSettings::PER_PACKET)
+    }
+
+    pub fn layer(&self, id: LayerId) -> &LayerSettings {
+        match id {
+            LayerId::Nic => &self.nic,
+            LayerId::Backend(v) => &self.vms[v].backend,
+            LayerId::Frontend(v) => &self.vms[v].frontend,
+        }
+    }
+
+    pub fn layer_mut(&mut self, id: LayerId) -> &mut LayerSettings {
+        match id {
+            LayerId::Nic => &mut self.nic,
+            LayerId::Backend(v) => &mut self.vms[v].backend,
+            LayerId::Frontend(v) => &mut self.vms[v].frontend,
+        }
+    }
+
+    /// Every layer of this action in flat-vector order.
+    pub fn layer_ids(&self) -> impl Iterator<Item = LayerId> + '_ {
+        LayerId::all(self.vms.len())
+    }
+}
+
+/// Packet direction as the VM sees it: rx towards the guest, tx from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    Rx,
+    Tx,
+}
+
+impl Direction {
+    pub const BOTH: [Direction; 2] = [Direction::Rx, Direction::Tx];
+    pub fn name(self) -> &'static str {
+        match self {
+            Direction::Rx => "rx",
+            Direction::Tx => "tx",
+        }
+    }
+}
+
+/// Which layer a knob belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum LayerId {
+    /// L1: the physical NIC and its host driver.
+    Nic,
+    /// L2: VM `n`'s backend (netback / vhost), on the host.
+    Backend(usize),
+    /// L3: VM `n`'s frontend (netfront / virtio-net), in the guest.
+    Frontend(usize),
+}
+
+impl LayerId {
+    /// The layers of a host with `vms` VMs, in flat-vector order.
+    pub fn all(vms: usize) -> impl Iterator<Item = LayerId> {
+        std::iter::once(LayerId::Nic)
+            .chain((0..vms).flat_map(|v| [LayerId::Backend(v), LayerId::Frontend(v)]))
+    }
+
+    /// Position of this layer's first knob in a flat action vector.
+    pub fn offset(self) -> usize {
+        KNOBS_PER_LAYER
+            * match self {
+                LayerId::Nic => 0,
+                LayerId::Backend(v) => 1 + 2 * v,
+                LayerId::Frontend(v) => 2 + 2 * v,
+            }
+    }
+
+    pub fn kind(self) -> LayerKind {
+        match self {
+            LayerId::Nic => LayerKind::Nic,
+            LayerId::Backend(_) => LayerKind::Backend,
+            LayerId::Frontend(_) => LayerKind::Frontend,
+        }
+    }
+}
+
+impl std::fmt::Display for LayerId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LayerId::Nic => write!(f, "nic"),
+            LayerId::Backend(v) => write!(f, "vm{v}.backend"),
+            LayerId::Frontend(v) => write!(f, "vm{v}.frontend"),
+        }
+    }
+}
+
+/// The three kinds of layer; bounds are set per kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LayerKind {
+    Nic,
+    Backend,
+    Frontend,
+}
+
+impl LayerKind {
+    pub const ALL: [LayerKind; 3] = [LayerKind::Nic, LayerKind::Backend, LayerKind::Frontend];
+    pub fn name(self) -> &'static str {
+        match self {
+            LayerKind::Nic => "nic",
+            LayerKind::Backend => "backend",
+            LayerKind::Frontend => "frontend",
+        }
+    }
+}
+
+/// Inclusive bounds of one layer kind's knobs.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KnobBounds {
+    pub usecs_max: u32,
+    pub frames_max: u32,
+}
+
+impl KnobBounds {
+    pub fn clamp(&self, k: Knobs) -> Knobs {
+        Knobs { usecs: k.usecs.min(self.usecs_max), frames: k.frames.clamp(1, self.frames_max) }
+    }
+}
+
+/// Decodes actor outputs in `[-1, 1]` into knobs on a log scale, and encodes knobs back.
+///
+/// `usecs = exp(u · ln(usecs_max + 1)) − 1` and `frames = exp(u · ln(frames_max))` with
+/// `u = (a + 1) / 2`, rounded to the nearest integer, so `a = −1` is per-packet (`0 µs`, `1` frame)
+/// and `a = 1` is the bound. A log scale gives a small step the same relative effect everywhere:
+/// the difference between 2 and 4 µs matters as much as between 200 and 400.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActionSpace {
+    pub nic: KnobBounds,
+    pub backend: KnobBounds,
+    pub frontend: KnobBounds,
+}
+
+impl Default for ActionSpace {
+    fn default() -> Self {
+        ActionSpace {
+            nic: KnobBounds { usecs_max: 1000, frames_max: 256 },
+            backend: KnobBounds { usecs_max: 1000, frames_max: 128 },
+            frontend: KnobBounds { usecs_max: 1000, frames_max: 128 },
+        }
+    }
+}
+
+impl ActionSpace {
+    pub fn bounds(&self, kind: LayerKind) -> &KnobBounds {
+        match kind {
+            LayerKind::Nic => &self.nic,
+            LayerKind::Backend => &self.backend,
+            LayerKind::Frontend => &self.frontend,
+        }
+    }
+
+    /// Length of a flat action vector for `vms` VMs.
+    pub fn dim(vms: usize) -> usize {
+        KNOBS_PER_LAYER * (1 + 2 * vms)
+    }
+
+    fn unit(a: f32) -> f64 {
+        let a = if a.is_finite() { a.clamp(-1.0, 1.0) } else { -1.0 };
+        (f64::from(a) + 1.0) / 2.0
+    }
+
+    pub fn decode_usecs(&self, kind: LayerKind, a: f32) -> u32 {
+        let max = f64::from(self.bounds(kind).usecs_max);
+        ((Self::unit(a) * (max + 1.0).ln()).exp() - 1.0).round().clamp(0.0, max) as u32
+    }
+
+    pub fn decode_frames(&self, kind: LayerKind, a: f32) -> u32 {
+        let max = f64::from(self.bounds(kind).frames_max.max(1));
+        (Self::unit(a) * max.ln()).exp().round().clamp(1.0, max) as u32
+    }
+
+    pub fn encode_usecs(&self, kind: LayerKind, usecs: u32) -> f32 {
+        let max = f64::from(self.bounds(kind).usecs_max);
+        let u = (f64::from(usecs).min(max) + 1.0).ln() / (max + 1.0).ln();
+        (2.0 * u - 1.0) as f32
+    }
+
+    pub fn encode_frames(&self, kind: LayerKind, frames: u32) -> f32 {
+        let max = f64::from(self.bounds(kind).frames_max.max(1));
+        if max <= 1.0 {
+            return -1.0;
+        }
+        let u = f64::from(frames.clamp(1, max as u32)).ln() / max.ln();
+        (2.0 * u - 1.0) as f32
+    }
+
+    /// Decodes one layer's four values (`rx_usecs, rx_frames, tx_usecs, tx_frames`).
+    pub fn decode_layer(&self, kind: LayerKind, a: &[f32]) -> LayerSettings {
+        LayerSettings::fixed(
+            Knobs::new(self.decode_usecs(kind, a[0]), self.decode_frames(kind, a[1])),
+            Knobs::new(self.decode_usecs(kind, a[2]), self.decode_frames(kind, a[3])),
+        )
+    }
+
+    /// Encodes one layer's fixed knobs into four values in `[-1, 1]`.
+    pub fn encode_layer(&self, kind: LayerKind, rx: Knobs, tx: Knobs) -> [f32; 4] {
+        [
+            self.encode_usecs(kind, rx.usecs),
+            self.encode_frames(kind, rx.frames),
+            self.encode_usecs(kind, tx.usecs),
+            self.encode_frames(kind, tx.frames),
+        ]
+    }
+
+    /// Decodes a whole flat action vector (length [`ActionSpace::dim`]).
+    pub fn decode(&self, vms: usize, a: &[f32]) -> CoalescingSettings {
+        assert_eq!(a.len(), Self::dim(vms), "action vector length for {vms} VMs");
+        let mut s = CoalescingSettings::per_packet(vms);
+        for id in LayerId::all(vms) {
+            let o = id.offset();
+            *s.layer_mut(id) = self.decode_layer(id.kind(), &a[o..o + KNOBS_PER_LAYER]);
+        }
+        s
+    }
+
+    /// Clamps every fixed knob of `s` into these bounds.
+    pub fn clamp(&self, s: &mut CoalescingSettings) {
+        let ids: Vec<LayerId> = s.layer_ids().collect();
+        for id in ids {
+            let b = *self.bounds(id.kind());
+            let layer = s.layer_mut(id);
+            for dir in Direction::BOTH {
+                if let Moderation::Fixed(k) = layer.get(dir) {
+                    layer.set(dir, Moderation::Fixed(b.clamp(k)));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_ends_are_per_packet_and_the_bound() {
+        let sp = ActionSpace::default();
+        for kind in LayerKind::ALL {
+            assert_eq!(sp.decode_usecs(kind, -1.0), 0);
+            assert_eq!(sp.decode_frames(kind, -1.0), 1);
+            assert_eq!(sp.decode_usecs(kind, 1.0), sp.bounds(kind).usecs_max);
+            assert_eq!(sp.decode_frames(kind, 1.0), sp.bounds(kind).frames_max);
+            // Out-of-range and non-finite outputs are clamped, never propagated.
+            assert_eq!(sp.decode_usecs(kind, 7.0), sp.bounds(kind).usecs_max);
+            assert_eq!(sp.decode_frames(kind, f32::NAN), 1);
+        }
+    }
+
+    #[test]
+    fn encode_then_decode_is_identity_on_integers() {
+        let sp = ActionSpace::default();
+        for kind in LayerKind::ALL {
+            let b = *sp.bounds(kind);
+            for us in 0..=b.usecs_max {
+                assert_eq!(sp.decode_usecs(kind, sp.encode_usecs(kind, us)), us);
+            }
+            for fr in 1..=b.frames_max {
+                assert_eq!(sp.decode_frames(kind, sp.encode_frames(kind, fr)), fr);
+            }
+        }
+    }
+
+    #[test]
+    fn flat_layout_matches_layer_offsets() {
+        let sp = ActionSpace::default();
+        let vms = 2;
+        let mut a = vec![-1.0; ActionSpace::dim(vms)];
+        // Max out only vm1's frontend rx_usecs.
+        a[LayerId::Frontend(1).offset()] = 1.0;
+        let s = sp.decode(vms, &a);
+        assert_eq!(s.vms[1].frontend.rx, Moderation::fixed(1000, 1));
+        assert_eq!(s.vms[0].frontend.rx, Moderation::PER_PACKET);
+        assert_eq!(s.nic, LayerSettings::PER_PACKET);
+        assert_eq!(LayerId::all(2).count(), 5);
+    }
+}

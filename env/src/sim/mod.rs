@@ -1,0 +1,1 @@
+//! The discrete-event simulator (see `SIMULATOR.md`). Under construction.
