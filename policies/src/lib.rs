@@ -1,1 +1,33 @@
-pub fn _x() {}
+//! # moderato-policies
+//!
+//! Everything that decides coalescing settings, behind one [`Policy`] trait: fixed baselines
+//! (per-packet, static presets), ports of the kernel's adaptive algorithms (DIM, ixgbe ITR) that
+//! run inside the layers through the environment's `LayerController` hook, the hindsight oracle
+//! `best-static`, and the learned burn policy.
+//!
+//! A policy never does I/O and cannot fail at run time; loading is where errors live.
+
+use moderato_env::{CoalescingSettings, Observation};
+
+/// Decides the coalescing settings of every layer from one observation.
+///
+/// Deployed on one side of a host, a policy still returns whole settings; the caller applies the
+/// part its side owns (the NIC and backends on the hypervisor, the frontend in a guest).
+pub trait Policy: Send {
+    fn name(&self) -> &str;
+    fn act(&mut self, obs: &Observation) -> CoalescingSettings;
+    /// Forgets any state carried between steps (start of an episode).
+    fn reset(&mut self) {}
+}
+
+impl<P: Policy + ?Sized> Policy for Box<P> {
+    fn name(&self) -> &str {
+        (**self).name()
+    }
+    fn act(&mut self, obs: &Observation) -> CoalescingSettings {
+        (**self).act(obs)
+    }
+    fn reset(&mut self) {
+        (**self).reset()
+    }
+}
