@@ -18,6 +18,10 @@ pub trait Policy: Send {
     fn act(&mut self, obs: &Observation) -> CoalescingSettings;
     /// Forgets any state carried between steps (start of an episode).
     fn reset(&mut self) {}
+    /// What the policy reads; baselines that read nothing keep the default.
+    fn requirements(&self) -> Requirements {
+        Requirements::default()
+    }
 }
 
 impl<P: Policy + ?Sized> Policy for Box<P> {
@@ -30,4 +34,15 @@ impl<P: Policy + ?Sized> Policy for Box<P> {
     fn reset(&mut self) {
         (**self).reset()
     }
+    fn requirements(&self) -> Requirements {
+        (**self).requirements()
+    }
+}
+
+/// What a policy reads from observations, so that a host that cannot provide it refuses the policy
+/// at start rather than feeding it zeros.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Requirements {
+    /// Feature names (from `moderato_env::{HOST,BACKEND,GUEST}_FEATURES`) the policy reads.
+    pub features: Vec<String>,
 }
