@@ -32,6 +32,9 @@ impl CpuSplit {
         self.notify_ns += o.notify_ns;
         self.packet_ns += o.packet_ns;
     }
+    fn minus(&self, o: &CpuSplit) -> CpuSplit {
+        CpuSplit { notify_ns: self.notify_ns - o.notify_ns, packet_ns: self.packet_ns - o.packet_ns }
+    }
 }
 
 /// Networking CPU time by layer and category, plus application time (which moderation does not
@@ -64,6 +67,17 @@ impl CpuBreakdown {
     pub fn notify_ns(&self) -> u64 {
         self.nic.notify_ns + self.backend.notify_ns + self.frontend.notify_ns + self.stack.notify_ns
     }
+    /// `self − o`, for the difference of two cumulative readings.
+    pub fn minus(&self, o: &CpuBreakdown) -> CpuBreakdown {
+        CpuBreakdown {
+            nic: self.nic.minus(&o.nic),
+            backend: self.backend.minus(&o.backend),
+            frontend: self.frontend.minus(&o.frontend),
+            stack: self.stack.minus(&o.stack),
+            app_ns: self.app_ns - o.app_ns,
+        }
+    }
+
     pub fn add(&mut self, o: &CpuBreakdown) {
         self.nic.add(&o.nic);
         self.backend.add(&o.backend);
@@ -131,6 +145,26 @@ impl IntervalTruth {
             .filter(|v| v.latency_sensitive && v.latency.count > 0)
             .map(|v| v.latency.p99_us)
             .reduce(f64::max)
+    }
+
+    /// Adds another interval's counts (latency percentiles do not add; they are left alone, and
+    /// `in_flight` takes the later value).
+    pub fn add(&mut self, o: &IntervalTruth) {
+        self.interval_ns += o.interval_ns;
+        self.offered += o.offered;
+        self.completed += o.completed;
+        self.dropped += o.dropped;
+        self.in_flight = o.in_flight;
+        self.completed_bytes += o.completed_bytes;
+        self.cpu.add(&o.cpu);
+        if self.vms.len() < o.vms.len() {
+            self.vms.resize(o.vms.len(), VmTruth::default());
+        }
+        for (a, b) in self.vms.iter_mut().zip(&o.vms) {
+            a.latency_sensitive = b.latency_sensitive;
+            a.completed += b.completed;
+            a.dropped += b.dropped;
+        }
     }
 
     /// Whether the interval's p99 exceeded `slo_us` for some latency-sensitive VM.

@@ -249,8 +249,9 @@ pub struct KnobBounds {
 }
 
 impl KnobBounds {
+    /// Clamps into the bounds; `frames = 0` (count trigger off, timer only) is kept.
     pub fn clamp(&self, k: Knobs) -> Knobs {
-        Knobs { usecs: k.usecs.min(self.usecs_max), frames: k.frames.clamp(1, self.frames_max) }
+        Knobs { usecs: k.usecs.min(self.usecs_max), frames: k.frames.min(self.frames_max) }
     }
 }
 

@@ -1,1 +1,557 @@
-//! The discrete-event simulator (see `SIMULATOR.md`). Under construction.
+//! The discrete-event simulator of one virtualized host (see `SIMULATOR.md`), behind [`Env`].
+//!
+//! [`Scenario`] describes the host and its traffic; [`SimConfig`] the control loop (interval,
+//! episode length, reward, probes); [`SimEnv`] runs it. Time is an integer count of nanoseconds and
+//! one seed fixes every draw: the same scenario, seed and actions give bit-identical observations
+//! and rewards.
+
+mod arrivals;
+mod engine;
+mod scenario;
+
+use std::sync::Arc;
+
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+
+pub use scenario::{
+    Arrivals, BackendKind, Costs, FlowConfig, FlowKind, HostConfig, MAX_FRAME, Scenario, ServiceDist,
+    SizeDist, VmConfig,
+};
+
+use crate::controller::ControllerFactory;
+use crate::env::{Env, EnvError, EnvSpec, Step};
+use crate::info::{CpuBreakdown, EpisodeSummary, Info, IntervalTruth, LatencyStats, VmTruth};
+use crate::obs::{CpuObs, GuestObs, HostObs, InterfaceObs, Observation, ProbeObs};
+use crate::reward::RewardConfig;
+use crate::settings::{ActionSpace, CoalescingSettings, Direction, LayerId};
+use arrivals::{Purpose, Rng64, stream};
+use engine::{
+    Engine, NIC_RX, NIC_TX, NIC_TXC, ProbeCfg, StageCounters, VmCounters, be_rx, be_tx, fe_rx, fe_tx, fe_txc,
+    new_hist, sock_rx, sock_tx,
+};
+
+/// Which latency probes exist.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProbeMode {
+    None,
+    Host,
+    Guest,
+    #[default]
+    Both,
+}
+
+impl ProbeMode {
+    pub fn host(self) -> bool {
+        matches!(self, ProbeMode::Host | ProbeMode::Both)
+    }
+    pub fn guest(self) -> bool {
+        matches!(self, ProbeMode::Guest | ProbeMode::Both)
+    }
+}
+
+/// The control loop around a scenario.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SimConfig {
+    /// Length of one control interval, µs.
+    pub interval_us: u64,
+    /// Steps per episode (then `truncated`).
+    pub episode_steps: u32,
+    pub reward: RewardConfig,
+    pub action_space: ActionSpace,
+    /// Latency probes the observation includes.
+    pub probe: ProbeMode,
+    /// A probe sees every `probe_every`-th latency sample.
+    pub probe_every: u64,
+    /// Lognormal sigma of a probe sample's measurement error.
+    pub probe_noise: f64,
+    /// Lognormal sigma of multiplicative noise on observed rates (0: exact counters).
+    pub obs_noise: f64,
+    /// Settings during the reset interval that produces the first observation
+    /// (default: per-packet everywhere, the virtio default).
+    pub initial: Option<CoalescingSettings>,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            interval_us: 10_000,
+            episode_steps: 100,
+            reward: RewardConfig::default(),
+            action_space: ActionSpace::default(),
+            probe: ProbeMode::Both,
+            probe_every: 8,
+            probe_noise: 0.05,
+            obs_noise: 0.0,
+            initial: None,
+        }
+    }
+}
+
+impl SimConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.interval_us == 0 || self.interval_us > 60_000_000 {
+            return Err(format!("interval_us = {}: use 1..=60000000", self.interval_us));
+        }
+        if self.episode_steps == 0 {
+            return Err("episode_steps = 0: an episode needs at least one step".into());
+        }
+        if self.probe_every == 0 {
+            return Err("probe_every = 0: use 1 to sample every packet".into());
+        }
+        for (k, v) in [("probe_noise", self.probe_noise), ("obs_noise", self.obs_noise)] {
+            if !(v.is_finite() && (0.0..=2.0).contains(&v)) {
+                return Err(format!("{k} = {v}: a lognormal sigma in [0, 2]"));
+            }
+        }
+        self.reward.validate()
+    }
+}
+
+/// Cumulative counters at the end of the last interval.
+#[derive(Debug, Clone, Default)]
+struct Snapshot {
+    stages: Vec<StageCounters>,
+    vms: Vec<VmCounters>,
+    offered: u64,
+    completed: u64,
+    completed_bytes: u64,
+    dropped: u64,
+    cpu: CpuBreakdown,
+    busy: Vec<(u64, u64)>,
+}
+
+#[derive(Debug)]
+struct Episode {
+    totals: IntervalTruth,
+    vm_hist: Vec<Histogram<u64>>,
+    intervals: u64,
+    slo_violations: u64,
+    duration_ns: u64,
+}
+
+/// Packets offered, completed, dropped and in flight since reset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Conservation {
+    pub offered: u64,
+    pub completed: u64,
+    pub dropped: u64,
+    pub in_flight: u64,
+}
+
+/// The simulator as an [`Env`].
+#[derive(Debug)]
+pub struct SimEnv {
+    scenario: Scenario,
+    cfg: SimConfig,
+    spec: EnvSpec,
+    factory: Option<Arc<dyn ControllerFactory>>,
+    eng: Option<Engine>,
+    prev: Snapshot,
+    episode: Option<Episode>,
+    steps: u32,
+    noise: Rng64,
+    sensitive: Vec<bool>,
+}
+
+impl SimEnv {
+    /// A simulator of `scenario` under `cfg`; `factory` runs adaptive modes (DIM, ITR).
+    pub fn new(
+        scenario: Scenario,
+        cfg: SimConfig,
+        factory: Option<Arc<dyn ControllerFactory>>,
+    ) -> Result<SimEnv, EnvError> {
+        let bad = |message: String| EnvError::Scenario { scenario: scenario.name.clone(), message };
+        scenario.validate().map_err(bad)?;
+        cfg.validate().map_err(bad)?;
+        if let Some(init) = cfg.initial.as_ref().filter(|i| i.vms.len() != scenario.vms.len()) {
+            return Err(bad(format!(
+                "initial settings are for {} VMs but the scenario has {}",
+                init.vms.len(),
+                scenario.vms.len()
+            )));
+        }
+        let vms = scenario.vms.len();
+        let spec = EnvSpec {
+            vms,
+            action_space: cfg.action_space.clone(),
+            interval_ns: cfg.interval_us * 1000,
+            max_steps: Some(cfg.episode_steps),
+            host_probe: cfg.probe.host(),
+            guest_probe: cfg.probe.guest(),
+        };
+        let sensitive =
+            scenario.vms.iter().map(|v| v.flows.iter().any(|f| f.is_latency_sensitive())).collect();
+        Ok(SimEnv {
+            scenario,
+            cfg,
+            spec,
+            factory,
+            eng: None,
+            prev: Snapshot::default(),
+            episode: None,
+            steps: 0,
+            noise: stream(0, Purpose::ObsNoise, 0, 0),
+            sensitive,
+        })
+    }
+
+    pub fn scenario(&self) -> &Scenario {
+        &self.scenario
+    }
+
+    pub fn config(&self) -> &SimConfig {
+        &self.cfg
+    }
+
+    /// Simulated time since reset, ns.
+    pub fn now_ns(&self) -> u64 {
+        self.eng.as_ref().map_or(0, |e| e.now)
+    }
+
+    /// Packets offered, completed, dropped and in flight since reset: `offered = completed +
+    /// dropped + in_flight` always holds.
+    pub fn conservation(&self) -> Option<Conservation> {
+        let e = self.eng.as_ref()?;
+        Some(Conservation {
+            offered: e.totals.offered,
+            completed: e.totals.completed,
+            dropped: e.totals.dropped,
+            in_flight: e.in_flight(),
+        })
+    }
+
+    fn engine(&mut self) -> Result<&mut Engine, EnvError> {
+        self.eng.as_mut().ok_or_else(|| EnvError::Action("step before reset".into()))
+    }
+
+    fn apply(&mut self, action: &CoalescingSettings) -> Result<CoalescingSettings, EnvError> {
+        let mut s = action.clone();
+        if s.vms.len() != self.spec.vms {
+            return Err(EnvError::Action(format!(
+                "settings for {} VMs, but scenario `{}` has {}",
+                s.vms.len(),
+                self.scenario.name,
+                self.spec.vms
+            )));
+        }
+        self.cfg.action_space.clamp(&mut s);
+        self.engine()?.apply(&s).map_err(EnvError::Unsupported)?;
+        Ok(s)
+    }
+
+    /// Runs one interval and turns its counters into an observation and ground truth.
+    fn interval(&mut self) -> (Observation, IntervalTruth) {
+        let interval_ns = self.spec.interval_ns;
+        let eng = self.eng.as_mut().expect("reset before stepping");
+        let t_end = eng.now + interval_ns;
+        eng.run_until(t_end);
+        let vms = eng.vms();
+        let n_cpus = eng.host_cpus() + vms;
+        let cur = Snapshot {
+            stages: (0..3 + 7 * vms).map(|i| eng.counters(i)).collect(),
+            vms: eng.vm_ctr.clone(),
+            offered: eng.totals.offered,
+            completed: eng.totals.completed,
+            completed_bytes: eng.totals.completed_bytes,
+            dropped: eng.totals.dropped,
+            cpu: eng.totals.cpu,
+            busy: (0..n_cpus).map(|i| eng.cpu_busy(i)).collect(),
+        };
+        let prev = std::mem::replace(&mut self.prev, cur);
+        let cur = &self.prev;
+        let dt = interval_ns as f64 / 1e9;
+        let d = |i: usize| -> StageCounters {
+            let (a, b) = (cur.stages[i], prev.stages.get(i).copied().unwrap_or_default());
+            StageCounters {
+                admitted: a.admitted - b.admitted,
+                admitted_bytes: a.admitted_bytes - b.admitted_bytes,
+                drops: a.drops - b.drops,
+                notifications: a.notifications - b.notifications,
+                done: a.done - b.done,
+                done_bytes: a.done_bytes - b.done_bytes,
+            }
+        };
+        let rate = |x: u64| x as f64 / dt;
+        let eng = self.eng.as_mut().expect("reset");
+        let knobs = |l: LayerId, dir: Direction| Some(eng.knobs(l, dir));
+
+        let (nrx, ntx, ntxc) = (d(NIC_RX), d(NIC_TX), d(NIC_TXC));
+        let nic = InterfaceObs {
+            rx_pps: rate(nrx.admitted),
+            tx_pps: rate(ntx.done),
+            rx_bytes_per_s: rate(nrx.admitted_bytes),
+            tx_bytes_per_s: rate(ntx.done_bytes),
+            rx_irq_per_s: Some(rate(nrx.notifications)),
+            tx_irq_per_s: Some(rate(ntxc.notifications)),
+            drops_per_s: rate(nrx.drops),
+            rx_knobs: knobs(LayerId::Nic, Direction::Rx),
+            tx_knobs: knobs(LayerId::Nic, Direction::Tx),
+        };
+        let mut backends = Vec::with_capacity(vms);
+        let mut guests = Vec::with_capacity(vms);
+        let busy = |i: usize| {
+            let (a, b) = (cur.busy[i], prev.busy.get(i).copied().unwrap_or_default());
+            (a.0 - b.0, a.1 - b.1)
+        };
+        let host_cpus = eng.host_cpus();
+        for v in 0..vms {
+            let (brx, frx, srx, stx, ftx, btx, ftxc) = (
+                d(be_rx(v)),
+                d(fe_rx(v)),
+                d(sock_rx(v)),
+                d(sock_tx(v)),
+                d(fe_tx(v)),
+                d(be_tx(v)),
+                d(fe_txc(v)),
+            );
+            backends.push(InterfaceObs {
+                rx_pps: rate(frx.admitted),
+                tx_pps: rate(btx.done),
+                rx_bytes_per_s: rate(frx.admitted_bytes),
+                tx_bytes_per_s: rate(btx.done_bytes),
+                // The hypervisor cannot count a backend's notifications (irqfd / event channels).
+                rx_irq_per_s: None,
+                tx_irq_per_s: None,
+                drops_per_s: rate(brx.drops + frx.drops),
+                rx_knobs: knobs(LayerId::Backend(v), Direction::Rx),
+                tx_knobs: knobs(LayerId::Backend(v), Direction::Tx),
+            });
+            let (irq, thr) = busy(host_cpus + v);
+            guests.push(GuestObs {
+                frontend: InterfaceObs {
+                    rx_pps: rate(frx.done),
+                    tx_pps: rate(ftx.admitted),
+                    rx_bytes_per_s: rate(frx.done_bytes),
+                    tx_bytes_per_s: rate(ftx.admitted_bytes),
+                    rx_irq_per_s: Some(rate(frx.notifications)),
+                    tx_irq_per_s: Some(rate(ftxc.notifications)),
+                    drops_per_s: rate(srx.drops + stx.drops),
+                    rx_knobs: knobs(LayerId::Frontend(v), Direction::Rx),
+                    tx_knobs: knobs(LayerId::Frontend(v), Direction::Tx),
+                },
+                cpu: CpuObs { irq: irq as f64 / interval_ns as f64, other: thr as f64 / interval_ns as f64 },
+                probe: None,
+            });
+        }
+        let (mut hi, mut ht) = (0, 0);
+        for i in 0..host_cpus {
+            let (a, b) = busy(i);
+            hi += a;
+            ht += b;
+        }
+        let denom = (host_cpus as u64 * interval_ns) as f64;
+        let mut host = HostObs {
+            nic,
+            backends,
+            cpu: CpuObs { irq: hi as f64 / denom, other: ht as f64 / denom },
+            probe: None,
+        };
+
+        // Latency: ground truth from the interval histograms, then probes.
+        let mut vm_truth = Vec::with_capacity(vms);
+        let ep = self.episode.as_mut();
+        let mut ep_hists = ep.map(|e| &mut e.vm_hist);
+        for v in 0..vms {
+            let (a, b) = (cur.vms[v], prev.vms.get(v).copied().unwrap_or_default());
+            let count = a.lat_count - b.lat_count;
+            let sum = a.lat_sum_ns - b.lat_sum_ns;
+            let h = &mut eng.vm_hist[v];
+            vm_truth.push(VmTruth {
+                latency_sensitive: self.sensitive[v],
+                latency: latency_stats(h, count, sum),
+                completed: a.completed - b.completed,
+                dropped: a.dropped - b.dropped,
+            });
+            if let Some(eh) = ep_hists.as_mut() {
+                eh[v].add(&*h).expect("same histogram bounds");
+            }
+            h.reset();
+            let g = &mut eng.guest_probe[v];
+            if self.cfg.probe.guest() && !g.is_empty() {
+                guests[v].probe = Some(probe_obs(g));
+            }
+            g.reset();
+        }
+        if self.cfg.probe.host() && !eng.host_probe.is_empty() {
+            host.probe = Some(probe_obs(&eng.host_probe));
+        }
+        eng.host_probe.reset();
+
+        let truth = IntervalTruth {
+            interval_ns,
+            offered: cur.offered - prev.offered,
+            completed: cur.completed - prev.completed,
+            dropped: cur.dropped - prev.dropped,
+            in_flight: eng.in_flight(),
+            completed_bytes: cur.completed_bytes - prev.completed_bytes,
+            cpu: cur.cpu.minus(&prev.cpu),
+            vms: vm_truth,
+        };
+        let mut obs = Observation { interval_ns, host, guests };
+        if self.cfg.obs_noise > 0.0 {
+            self.add_noise(&mut obs);
+        }
+        (obs, truth)
+    }
+
+    fn add_noise(&mut self, o: &mut Observation) {
+        let s = self.cfg.obs_noise;
+        let rng = &mut self.noise;
+        let mut jitter = |x: &mut f64| *x *= (s * rng.normal()).exp();
+        let mut iface = |i: &mut InterfaceObs| {
+            jitter(&mut i.rx_pps);
+            jitter(&mut i.tx_pps);
+            jitter(&mut i.rx_bytes_per_s);
+            jitter(&mut i.tx_bytes_per_s);
+            jitter(&mut i.drops_per_s);
+            if let Some(x) = i.rx_irq_per_s.as_mut() {
+                jitter(x);
+            }
+            if let Some(x) = i.tx_irq_per_s.as_mut() {
+                jitter(x);
+            }
+        };
+        iface(&mut o.host.nic);
+        o.host.backends.iter_mut().for_each(&mut iface);
+        o.guests.iter_mut().for_each(|g| iface(&mut g.frontend));
+    }
+}
+
+fn latency_stats(h: &Histogram<u64>, count: u64, sum_ns: u128) -> LatencyStats {
+    if count == 0 || h.is_empty() {
+        return LatencyStats::default();
+    }
+    let us = |x: u64| x as f64 / 1000.0;
+    LatencyStats {
+        count,
+        mean_us: sum_ns as f64 / count as f64 / 1000.0,
+        p50_us: us(h.value_at_quantile(0.5)),
+        p99_us: us(h.value_at_quantile(0.99)),
+        p999_us: us(h.value_at_quantile(0.999)),
+        max_us: us(h.max()),
+    }
+}
+
+fn probe_obs(h: &Histogram<u64>) -> ProbeObs {
+    ProbeObs {
+        p50_us: h.value_at_quantile(0.5) as f64 / 1000.0,
+        p99_us: h.value_at_quantile(0.99) as f64 / 1000.0,
+        samples: h.len(),
+    }
+}
+
+impl Env for SimEnv {
+    fn spec(&self) -> &EnvSpec {
+        &self.spec
+    }
+
+    fn reset(&mut self, seed: u64) -> Result<(Observation, Info), EnvError> {
+        let probe = ProbeCfg { every: self.cfg.probe_every, noise: self.cfg.probe_noise };
+        self.eng = Some(Engine::new(&self.scenario, seed, self.factory.clone(), probe));
+        self.noise = stream(seed, Purpose::ObsNoise, 0, 0);
+        self.prev = Snapshot::default();
+        self.episode = None;
+        self.steps = 0;
+        let init = self.cfg.initial.clone().unwrap_or_else(|| CoalescingSettings::per_packet(self.spec.vms));
+        let applied = self.apply(&init)?;
+        let (obs, truth) = self.interval();
+        let vms = self.spec.vms;
+        self.episode = Some(Episode {
+            totals: IntervalTruth { vms: vec![VmTruth::default(); vms], ..Default::default() },
+            vm_hist: (0..vms).map(|_| new_hist()).collect(),
+            intervals: 0,
+            slo_violations: 0,
+            duration_ns: 0,
+        });
+        let info = Info {
+            time_ns: self.now_ns(),
+            applied: Some(applied),
+            reward_terms: self.cfg.reward.terms(&truth),
+            truth: Some(truth),
+            warnings: Vec::new(),
+        };
+        Ok((obs, info))
+    }
+
+    fn step(&mut self, action: &CoalescingSettings) -> Result<Step, EnvError> {
+        let applied = self.apply(action)?;
+        let (obs, truth) = self.interval();
+        self.steps += 1;
+        let terms = self.cfg.reward.terms(&truth);
+        let slo = self.cfg.reward.slo_p99_us;
+        if let Some(ep) = self.episode.as_mut() {
+            ep.totals.add(&truth);
+            ep.intervals += 1;
+            ep.duration_ns += truth.interval_ns;
+            ep.slo_violations += u64::from(truth.slo_violated(slo));
+        }
+        Ok(Step {
+            obs,
+            reward: terms.total() as f32,
+            terminated: false,
+            truncated: self.steps >= self.cfg.episode_steps,
+            info: Info {
+                time_ns: self.now_ns(),
+                applied: Some(applied),
+                truth: Some(truth),
+                reward_terms: terms,
+                warnings: Vec::new(),
+            },
+        })
+    }
+
+    fn episode_summary(&self) -> Option<EpisodeSummary> {
+        let ep = self.episode.as_ref()?;
+        let vms = self.spec.vms;
+        let any = self.sensitive.iter().any(|&s| s);
+        let mut all = new_hist();
+        let mut vm_latency = Vec::with_capacity(vms);
+        let (mut count, mut sum) = (0u64, 0f64);
+        for v in 0..vms {
+            let h = &ep.vm_hist[v];
+            let n = h.len();
+            // Exact means are not kept per episode; the histogram mean is within its 1% buckets.
+            let st = if n == 0 {
+                LatencyStats::default()
+            } else {
+                LatencyStats {
+                    count: n,
+                    mean_us: h.mean() / 1000.0,
+                    p50_us: h.value_at_quantile(0.5) as f64 / 1000.0,
+                    p99_us: h.value_at_quantile(0.99) as f64 / 1000.0,
+                    p999_us: h.value_at_quantile(0.999) as f64 / 1000.0,
+                    max_us: h.max() as f64 / 1000.0,
+                }
+            };
+            if !any || self.sensitive[v] {
+                all.add(h).expect("same histogram bounds");
+                count += n;
+                sum += h.mean() * n as f64;
+            }
+            vm_latency.push(st);
+        }
+        let latency = if count == 0 {
+            LatencyStats::default()
+        } else {
+            LatencyStats {
+                count,
+                mean_us: sum / count as f64 / 1000.0,
+                p50_us: all.value_at_quantile(0.5) as f64 / 1000.0,
+                p99_us: all.value_at_quantile(0.99) as f64 / 1000.0,
+                p999_us: all.value_at_quantile(0.999) as f64 / 1000.0,
+                max_us: all.max() as f64 / 1000.0,
+            }
+        };
+        Some(EpisodeSummary {
+            duration_ns: ep.duration_ns,
+            totals: ep.totals.clone(),
+            latency,
+            vm_latency,
+            intervals: ep.intervals,
+            slo_violations: ep.slo_violations,
+        })
+    }
+}

@@ -1,0 +1,242 @@
+//! Random streams and traffic sources.
+//!
+//! Every source owns generators derived from `(seed, stream id)` alone, so adding a VM or a flow
+//! never perturbs the draws of the others.
+
+use rand::{Rng, SeedableRng};
+use rand_pcg::Pcg64Mcg;
+
+use super::scenario::{Arrivals, SizeDist};
+
+/// One step of SplitMix64: a strong 64-bit mixer used to derive stream seeds.
+pub(crate) fn splitmix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// Purposes of random streams; part of the stream id.
+#[derive(Debug, Clone, Copy)]
+#[repr(u64)]
+pub(crate) enum Purpose {
+    Arrivals = 1,
+    Sizes = 2,
+    ResponseSizes = 3,
+    Service = 4,
+    Probe = 5,
+    ObsNoise = 6,
+}
+
+/// A generator for `(seed, purpose, a, b)`, e.g. `(seed, Arrivals, vm, flow)`.
+pub(crate) fn stream(seed: u64, purpose: Purpose, a: u64, b: u64) -> Rng64 {
+    let k = splitmix64(splitmix64(splitmix64(seed) ^ (purpose as u64)) ^ (a << 20 | b));
+    Rng64(Pcg64Mcg::seed_from_u64(k))
+}
+
+/// The simulator's generator, with the few draws it needs.
+#[derive(Debug, Clone)]
+pub(crate) struct Rng64(Pcg64Mcg);
+
+impl Rng64 {
+    /// Uniform in `[0, 1)` with 53 random bits.
+    #[inline]
+    pub fn unit(&mut self) -> f64 {
+        (self.0.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+    }
+
+    /// Exponential with mean 1.
+    #[inline]
+    pub fn exp1(&mut self) -> f64 {
+        -(1.0 - self.unit()).ln()
+    }
+
+    /// Standard normal (Box–Muller; one of the pair is discarded for simplicity).
+    pub fn normal(&mut self) -> f64 {
+        let u1 = 1.0 - self.unit();
+        let u2 = self.unit();
+        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+    }
+}
+
+/// Draws frame sizes.
+#[derive(Debug, Clone)]
+pub(crate) struct Sizer {
+    dist: SizeDist,
+    rng: Rng64,
+}
+
+impl Sizer {
+    pub fn new(dist: SizeDist, rng: Rng64) -> Self {
+        Sizer { dist, rng }
+    }
+
+    #[inline]
+    pub fn draw(&mut self) -> u32 {
+        match &self.dist {
+            SizeDist::Fixed { bytes } => *bytes,
+            SizeDist::Bimodal { small, large, p_small } => {
+                if self.rng.unit() < *p_small {
+                    *small
+                } else {
+                    *large
+                }
+            }
+            SizeDist::Imix => match (self.rng.unit() * 12.0) as u32 {
+                0..=6 => 64,
+                7..=10 => 576,
+                _ => 1500,
+            },
+        }
+    }
+}
+
+/// An arrival process that yields successive arrival times, nanoseconds.
+#[derive(Debug, Clone)]
+pub(crate) struct ArrivalGen {
+    process: Arrivals,
+    rng: Rng64,
+    /// Time of the next arrival, ns, kept in f64 so that rounding never accumulates.
+    t: f64,
+    max_rate: f64,
+    /// On/off state and the time it ends.
+    on: bool,
+    switch_at: f64,
+}
+
+const NS: f64 = 1e9;
+
+impl ArrivalGen {
+    pub fn new(process: Arrivals, rng: Rng64) -> Self {
+        let max_rate = process.max_rate();
+        let mut g = ArrivalGen { process, rng, t: 0.0, max_rate, on: true, switch_at: f64::INFINITY };
+        match g.process {
+            Arrivals::OnOff { mean_on_ms, .. } => {
+                // Start in the on state, for an exponential (memoryless) share of an on period.
+                g.switch_at = g.rng.exp1() * mean_on_ms * 1e6;
+                g.advance();
+            }
+            Arrivals::Constant { rate_pps } if rate_pps > 0.0 => {
+                // A random phase, so that constant sources of several VMs do not align.
+                g.t = g.rng.unit() * NS / rate_pps;
+            }
+            _ => g.advance(),
+        }
+        g
+    }
+
+    /// The next arrival time in ns (`u64::MAX` when the source has stopped).
+    #[inline]
+    pub fn peek(&self) -> u64 {
+        if self.t.is_finite() { self.t as u64 } else { u64::MAX }
+    }
+
+    /// Moves to the arrival after the current one.
+    #[inline]
+    pub fn advance(&mut self) {
+        self.t = self.next_after(self.t);
+    }
+
+    fn next_after(&mut self, t: f64) -> f64 {
+        match self.process {
+            Arrivals::Poisson { rate_pps } => {
+                if rate_pps <= 0.0 {
+                    f64::INFINITY
+                } else {
+                    t + self.rng.exp1() * NS / rate_pps
+                }
+            }
+            Arrivals::Constant { rate_pps } => {
+                if rate_pps <= 0.0 {
+                    f64::INFINITY
+                } else {
+                    t + NS / rate_pps
+                }
+            }
+            Arrivals::OnOff { on_rate_pps, off_rate_pps, mean_on_ms, mean_off_ms } => {
+                let mut t = t;
+                loop {
+                    let rate = if self.on { on_rate_pps } else { off_rate_pps };
+                    let cand = if rate > 0.0 { t + self.rng.exp1() * NS / rate } else { f64::INFINITY };
+                    if cand < self.switch_at {
+                        return cand;
+                    }
+                    // Memoryless: restart the draw from the switch.
+                    t = self.switch_at;
+                    self.on = !self.on;
+                    let mean_ms = if self.on { mean_on_ms } else { mean_off_ms };
+                    self.switch_at = t + self.rng.exp1() * mean_ms * 1e6;
+                }
+            }
+            Arrivals::Ramp { .. } | Arrivals::Diurnal { .. } | Arrivals::Trace { .. } => {
+                // Thinning (Lewis & Shedler 1979): candidates at the maximum rate, each kept with
+                // probability rate(t) / max_rate.
+                if self.max_rate <= 0.0 {
+                    return f64::INFINITY;
+                }
+                let mut t = t;
+                for _ in 0..1_000_000 {
+                    t += self.rng.exp1() * NS / self.max_rate;
+                    if self.rng.unit() * self.max_rate < self.process.rate_at(t / NS) {
+                        return t;
+                    }
+                }
+                // A rate that stays ~0 for a long stretch: keep looking later.
+                t
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mean_rate(p: Arrivals, n: usize) -> f64 {
+        let mut g = ArrivalGen::new(p, stream(7, Purpose::Arrivals, 0, 0));
+        let t0 = g.peek();
+        for _ in 0..n {
+            g.advance();
+        }
+        n as f64 * 1e9 / (g.peek() - t0) as f64
+    }
+
+    #[test]
+    fn processes_have_their_mean_rates() {
+        let r = mean_rate(Arrivals::Poisson { rate_pps: 1e5 }, 200_000);
+        assert!((r / 1e5 - 1.0).abs() < 0.01, "poisson {r}");
+        let r = mean_rate(Arrivals::Constant { rate_pps: 1e5 }, 1000);
+        assert!((r / 1e5 - 1.0).abs() < 1e-6, "constant {r}");
+        let p = Arrivals::OnOff { on_rate_pps: 2e5, off_rate_pps: 0.0, mean_on_ms: 1.0, mean_off_ms: 1.0 };
+        let r = mean_rate(p, 400_000);
+        assert!((r / 1e5 - 1.0).abs() < 0.05, "on-off {r}");
+    }
+
+    #[test]
+    fn streams_are_independent_and_reproducible() {
+        let mut a = stream(1, Purpose::Arrivals, 0, 0);
+        let mut b = stream(1, Purpose::Arrivals, 0, 0);
+        let mut c = stream(1, Purpose::Arrivals, 1, 0);
+        let (x, y, z) = (a.unit(), b.unit(), c.unit());
+        assert_eq!(x.to_bits(), y.to_bits());
+        assert_ne!(x.to_bits(), z.to_bits());
+    }
+
+    #[test]
+    fn thinning_follows_a_ramp() {
+        let p = Arrivals::Ramp { from_pps: 0.0, to_pps: 2e5, over_s: 1.0 };
+        let mut g = ArrivalGen::new(p, stream(3, Purpose::Arrivals, 0, 0));
+        let (mut first_half, mut second_half) = (0u64, 0u64);
+        while g.peek() < 1_000_000_000 {
+            if g.peek() < 500_000_000 {
+                first_half += 1;
+            } else {
+                second_half += 1;
+            }
+            g.advance();
+        }
+        // ∫ rate: 25k in the first half second, 75k in the second.
+        assert!((first_half as f64 / 25_000.0 - 1.0).abs() < 0.03, "{first_half}");
+        assert!((second_half as f64 / 75_000.0 - 1.0).abs() < 0.03, "{second_half}");
+    }
+}

@@ -1,0 +1,1183 @@
+//! The discrete-event core.
+//!
+//! # Model
+//! Packets flow through *stages*. A stage is a bounded queue of packets (a ring or a buffer) whose
+//! items are handed to a CPU as *jobs*. Knob-driven stages notify with ethtool semantics: a
+//! notification fires when `frames` items are pending or `usecs` after the first pending item,
+//! whichever comes first (`usecs = 0`: at once). Worker stages (backend threads, the sending
+//! application) take whatever is pending whenever they are idle, up to a budget, as a thread does.
+//!
+//! ```text
+//! rx:  wire ─► NicRx ─► BeRx[v] ─► FeRx[v] ─► SockRx[v] ─► application (stream) / response ─┐
+//!      (L1 rx knob,     (worker,    (L2 rx knob, (L3 rx knob,                                   │
+//!       host irq)        host thr.)  vCPU irq)    vCPU process)                                 │
+//! tx:  application ─► SockTx[v] ─► FeTx[v] ─► BeTx[v] ─► NicTx ─► wire            ◄───────────┘
+//!      (bulk tx)      (worker,     (L3 tx knob: (worker,   (serialised at line rate)
+//!                      vCPU proc.)  kick, vCPU)  host thr.)
+//! completions: BeTx ─► FeTxc[v] (L2 tx knob, vCPU irq) frees FeTx ring slots;
+//!              wire ─► NicTxc   (L1 tx knob, host irq) frees NIC tx ring slots.
+//! ```
+//! Each CPU serves two priority classes with preemptive resume: interrupt work (the notification
+//! jobs of knob-driven stages) runs before thread work (workers, the stack and the application).
+//! When interrupt work saturates a CPU, thread work starves, queues fill and packets drop: receive
+//! livelock emerges rather than being scripted. Receive-side queues drop when full; transmit-side
+//! queues back-pressure (a full ring stalls its sender), so tx-completion knobs add latency only
+//! through back-pressure.
+//!
+//! # Performance
+//! A packet is 16 bytes in a preallocated `VecDeque`; a batch moves as a run of them. Arrivals are
+//! not heap events: the loop compares the next source time, the next wire arrival and the heap top.
+//! The event loop allocates nothing in steady state.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
+use std::sync::Arc;
+
+use hdrhistogram::Histogram;
+
+use super::arrivals::{ArrivalGen, Purpose, Rng64, Sizer, stream};
+use super::scenario::{FlowKind, Scenario, ServiceDist};
+use crate::controller::{ControllerFactory, DriverSample, LayerController};
+use crate::info::CpuBreakdown;
+use crate::settings::{Adaptive, CoalescingSettings, Direction, Knobs, LayerId, Moderation};
+
+/// A packet: its origin time and what it belongs to.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Pkt {
+    /// Arrival at the NIC (rx, request-response) or the application's send (bulk tx), ns.
+    pub t0: u64,
+    pub bytes: u16,
+    pub vm: u8,
+    pub flow: u8,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    NicRx,
+    NicTx,
+    NicTxc,
+    BeRx(usize),
+    FeRx(usize),
+    SockRx(usize),
+    SockTx(usize),
+    FeTx(usize),
+    BeTx(usize),
+    FeTxc(usize),
+}
+
+/// Stage indices: three host stages, then seven per VM.
+pub(crate) const NIC_RX: usize = 0;
+pub(crate) const NIC_TX: usize = 1;
+pub(crate) const NIC_TXC: usize = 2;
+const PER_VM: usize = 7;
+#[inline]
+pub(crate) fn be_rx(v: usize) -> usize {
+    3 + PER_VM * v
+}
+#[inline]
+pub(crate) fn fe_rx(v: usize) -> usize {
+    4 + PER_VM * v
+}
+#[inline]
+pub(crate) fn sock_rx(v: usize) -> usize {
+    5 + PER_VM * v
+}
+#[inline]
+pub(crate) fn sock_tx(v: usize) -> usize {
+    6 + PER_VM * v
+}
+#[inline]
+pub(crate) fn fe_tx(v: usize) -> usize {
+    7 + PER_VM * v
+}
+#[inline]
+pub(crate) fn be_tx(v: usize) -> usize {
+    8 + PER_VM * v
+}
+#[inline]
+pub(crate) fn fe_txc(v: usize) -> usize {
+    9 + PER_VM * v
+}
+
+/// The knob-governed stage of each (layer, direction), per the table in SIMULATOR.md.
+pub(crate) fn knob_stage(layer: LayerId, dir: Direction) -> usize {
+    match (layer, dir) {
+        (LayerId::Nic, Direction::Rx) => NIC_RX,
+        (LayerId::Nic, Direction::Tx) => NIC_TXC,
+        (LayerId::Backend(v), Direction::Rx) => fe_rx(v),
+        (LayerId::Backend(v), Direction::Tx) => fe_txc(v),
+        (LayerId::Frontend(v), Direction::Rx) => sock_rx(v),
+        (LayerId::Frontend(v), Direction::Tx) => fe_tx(v),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Prio {
+    /// Hard/soft interrupt context.
+    Irq,
+    /// Threads: backend workers, guest stack and application.
+    Thread,
+}
+
+/// Which CPU-accounting bucket a stage's work goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Bucket {
+    Nic,
+    Backend,
+    Frontend,
+    Stack,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Trigger {
+    /// ethtool knobs.
+    Knobs(Knobs),
+    /// A worker: one job at a time, taking up to `budget` pending items when it starts.
+    Worker { budget: u32 },
+    /// The NIC's transmit wire.
+    Wire,
+}
+
+#[derive(Debug)]
+struct Controller {
+    mode: Adaptive,
+    ctl: Box<dyn LayerController>,
+}
+
+/// Cumulative counters of a stage.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct StageCounters {
+    /// Items admitted.
+    pub admitted: u64,
+    pub admitted_bytes: u64,
+    pub drops: u64,
+    /// Notifications (knob stages) or jobs (workers).
+    pub notifications: u64,
+    /// Items whose job completed.
+    pub done: u64,
+    pub done_bytes: u64,
+}
+
+#[derive(Debug)]
+struct Stage {
+    kind: Kind,
+    q: VecDeque<Pkt>,
+    /// Items at the front of `q` already in a job.
+    in_jobs: usize,
+    /// Slots still owned by items that left `q` (awaiting a completion).
+    held: usize,
+    /// Slots reserved by upstream jobs in flight towards this stage.
+    reserved: usize,
+    cap: usize,
+    trigger: Trigger,
+    controller: Option<Controller>,
+    pending: u32,
+    pending_bytes: u64,
+    first_pending_ns: u64,
+    timer_gen: u32,
+    timer_armed: bool,
+    jobs_out: u32,
+    /// A worker found idle by a kick pays `wake_ns` on its next job.
+    wake_due: bool,
+    cpu: usize,
+    prio: Prio,
+    bucket: Bucket,
+    notify_ns: u64,
+    per_pkt_ns: u64,
+    per_byte_ps: u64,
+    wake_ns: u64,
+    /// Driver-sample counters for adaptive controllers (they wrap at kernel widths).
+    ctr_pkts: u64,
+    ctr_bytes: u64,
+    c: StageCounters,
+}
+
+impl Stage {
+    fn new(kind: Kind, cap: usize, trigger: Trigger, cpu: usize, prio: Prio, bucket: Bucket) -> Stage {
+        Stage {
+            kind,
+            q: VecDeque::with_capacity(cap.min(1 << 16)),
+            in_jobs: 0,
+            held: 0,
+            reserved: 0,
+            cap,
+            trigger,
+            controller: None,
+            pending: 0,
+            pending_bytes: 0,
+            first_pending_ns: 0,
+            timer_gen: 0,
+            timer_armed: false,
+            jobs_out: 0,
+            wake_due: false,
+            cpu,
+            prio,
+            bucket,
+            notify_ns: 0,
+            per_pkt_ns: 0,
+            per_byte_ps: 0,
+            wake_ns: 0,
+            ctr_pkts: 0,
+            ctr_bytes: 0,
+            c: StageCounters::default(),
+        }
+    }
+
+    #[inline]
+    fn free(&self) -> usize {
+        self.cap.saturating_sub(self.q.len() + self.held + self.reserved)
+    }
+
+    fn knobs(&self) -> Option<Knobs> {
+        match self.trigger {
+            Trigger::Knobs(k) => Some(k),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Job {
+    stage: u32,
+    /// Items; for a worker, set when the job starts.
+    k: u32,
+    claimed: bool,
+    remaining_ns: u64,
+    notify_ns: u64,
+    packet_ns: u64,
+    app_ns: u64,
+}
+
+#[derive(Debug)]
+struct Cpu {
+    irq: VecDeque<Job>,
+    thread: VecDeque<Job>,
+    running: Option<(Job, Prio, u64)>,
+    /// Start of the running job's current accounting segment.
+    seg_start: u64,
+    epoch: u32,
+    /// Halt wake-up latency (vCPUs only).
+    wake_ns: u64,
+    waking: bool,
+    idle_since: u64,
+    busy_irq_ns: u64,
+    busy_thread_ns: u64,
+}
+
+impl Cpu {
+    fn new(wake_ns: u64) -> Cpu {
+        Cpu {
+            irq: VecDeque::with_capacity(1024),
+            thread: VecDeque::with_capacity(1024),
+            running: None,
+            seg_start: 0,
+            epoch: 0,
+            wake_ns,
+            waking: false,
+            idle_since: 0,
+            busy_irq_ns: 0,
+            busy_thread_ns: 0,
+        }
+    }
+
+    fn account(&mut self, now: u64) {
+        if let Some((_, prio, _)) = self.running {
+            let d = now - self.seg_start;
+            match prio {
+                Prio::Irq => self.busy_irq_ns += d,
+                Prio::Thread => self.busy_thread_ns += d,
+            }
+        }
+        self.seg_start = now;
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum EvKind {
+    Timer { stage: u32, epoch: u32 },
+    CpuDone { cpu: u32, epoch: u32 },
+    WireDone,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Event {
+    t: u64,
+    seq: u64,
+    kind: EvKind,
+}
+
+/// A traffic source: a flow's arrivals.
+#[derive(Debug)]
+struct Source {
+    vm: u8,
+    flow: u8,
+    /// Rx sources arrive on the wire; bulk-tx sources start at the application.
+    rx: bool,
+    arrivals: ArrivalGen,
+    sizes: Sizer,
+}
+
+#[derive(Debug)]
+struct FlowInfo {
+    app_ns: u64,
+    /// Recorded in the VM's latency population.
+    counted: bool,
+    responses: Option<Sizer>,
+}
+
+/// Cumulative per-VM counters.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct VmCounters {
+    pub completed: u64,
+    pub dropped: u64,
+    pub lat_count: u64,
+    pub lat_sum_ns: u128,
+    pub lat_max_ns: u64,
+}
+
+/// Cumulative counters of the whole host.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Totals {
+    pub offered: u64,
+    pub completed: u64,
+    pub completed_bytes: u64,
+    pub dropped: u64,
+    /// Arrivals dropped at the upstream switch (the wire was saturated).
+    pub switch_drops: u64,
+    pub cpu: CpuBreakdown,
+}
+
+/// Probe configuration: every `every`-th latency sample is seen by the probes.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ProbeCfg {
+    pub every: u64,
+    /// Relative measurement noise of a probe sample (lognormal sigma).
+    pub noise: f64,
+}
+
+/// Latency histograms kept per VM and interval, in nanoseconds.
+pub(crate) fn new_hist() -> Histogram<u64> {
+    // 1 ns .. 100 s at 2 significant digits (1% resolution).
+    Histogram::new_with_bounds(1, 100_000_000_000, 2).expect("static histogram bounds")
+}
+
+/// The simulated host.
+#[derive(Debug)]
+pub(crate) struct Engine {
+    pub now: u64,
+    heap: BinaryHeap<Reverse<Event>>,
+    seq: u64,
+    stages: Vec<Stage>,
+    cpus: Vec<Cpu>,
+    /// Index of the first vCPU in `cpus` (host cores come first).
+    vcpu0: usize,
+    sources: Vec<Source>,
+    next_src: usize,
+    next_src_t: u64,
+    flows: Vec<Vec<FlowInfo>>,
+    vms: usize,
+    /// Packets on the rx wire and in the switch, with their NIC arrival times.
+    wire_rx: VecDeque<(u64, Pkt)>,
+    wire_rx_free_ps: u64,
+    wire_tx_free_ps: u64,
+    wire_tx_busy: bool,
+    ps_per_byte: f64,
+    switch_buffer: usize,
+    service: ServiceDist,
+    service_rng: Rng64,
+    probe_rng: Rng64,
+    factory: Option<Arc<dyn ControllerFactory>>,
+    pub totals: Totals,
+    pub vm_ctr: Vec<VmCounters>,
+    /// Interval latency histograms per VM; the caller drains them.
+    pub vm_hist: Vec<Histogram<u64>>,
+    pub guest_probe: Vec<Histogram<u64>>,
+    pub host_probe: Histogram<u64>,
+    probe: ProbeCfg,
+    vm_samples: Vec<u64>,
+    host_samples: u64,
+}
+
+fn ns(us: f64) -> u64 {
+    (us * 1000.0).round().max(0.0) as u64
+}
+
+impl Engine {
+    pub fn new(
+        sc: &Scenario,
+        seed: u64,
+        factory: Option<Arc<dyn ControllerFactory>>,
+        probe: ProbeCfg,
+    ) -> Engine {
+        let h = &sc.host;
+        let c = &sc.costs;
+        let vms = sc.vms.len();
+        let mut stages = Vec::with_capacity(3 + PER_VM * vms);
+        let nic = h.nic_cpu;
+        let pp = Knobs::PER_PACKET;
+        let mut s = Stage::new(Kind::NicRx, h.nic_rx_ring, Trigger::Knobs(pp), nic, Prio::Irq, Bucket::Nic);
+        s.notify_ns = ns(c.nic_irq_us);
+        s.per_pkt_ns = ns(c.nic_per_packet_us);
+        stages.push(s);
+        stages.push(Stage::new(Kind::NicTx, h.nic_tx_ring, Trigger::Wire, nic, Prio::Irq, Bucket::Nic));
+        let mut s = Stage::new(Kind::NicTxc, usize::MAX, Trigger::Knobs(pp), nic, Prio::Irq, Bucket::Nic);
+        s.notify_ns = ns(c.nic_irq_us);
+        s.per_pkt_ns = ns(c.nic_per_packet_us);
+        stages.push(s);
+        let vcpu0 = h.cpus;
+        for (v, vm) in sc.vms.iter().enumerate() {
+            let vc = vcpu0 + v;
+            let hc = vm.backend_cpu;
+            let budget = h.worker_batch;
+            let mut s = Stage::new(
+                Kind::BeRx(v),
+                vm.backend_queue,
+                Trigger::Worker { budget },
+                hc,
+                Prio::Thread,
+                Bucket::Backend,
+            );
+            s.per_pkt_ns = ns(c.backend_per_packet(h.backend));
+            stages.push(s);
+            let mut s =
+                Stage::new(Kind::FeRx(v), vm.ring, Trigger::Knobs(pp), vc, Prio::Irq, Bucket::Frontend);
+            s.notify_ns = ns(c.virq(h.posted_interrupts));
+            s.per_pkt_ns = ns(c.frontend_per_packet_us);
+            stages.push(s);
+            let mut s = Stage::new(
+                Kind::SockRx(v),
+                vm.socket_buffer,
+                Trigger::Knobs(pp),
+                vc,
+                Prio::Thread,
+                Bucket::Stack,
+            );
+            s.notify_ns = ns(c.app_wakeup_us);
+            s.per_pkt_ns = ns(c.stack_per_packet_us);
+            s.per_byte_ps = ns(c.stack_per_byte_ns);
+            stages.push(s);
+            let mut s = Stage::new(
+                Kind::SockTx(v),
+                vm.socket_buffer,
+                Trigger::Worker { budget },
+                vc,
+                Prio::Thread,
+                Bucket::Stack,
+            );
+            s.per_pkt_ns = ns(c.stack_per_packet_us);
+            s.per_byte_ps = ns(c.stack_per_byte_ns);
+            stages.push(s);
+            let mut s =
+                Stage::new(Kind::FeTx(v), vm.ring, Trigger::Knobs(pp), vc, Prio::Irq, Bucket::Frontend);
+            s.notify_ns = ns(c.kick_us);
+            stages.push(s);
+            let mut s = Stage::new(
+                Kind::BeTx(v),
+                usize::MAX,
+                Trigger::Worker { budget },
+                hc,
+                Prio::Thread,
+                Bucket::Backend,
+            );
+            s.per_pkt_ns = ns(c.backend_per_packet(h.backend));
+            s.wake_ns = ns(c.backend_wakeup_us);
+            stages.push(s);
+            let mut s =
+                Stage::new(Kind::FeTxc(v), usize::MAX, Trigger::Knobs(pp), vc, Prio::Irq, Bucket::Frontend);
+            s.notify_ns = ns(c.virq(h.posted_interrupts));
+            s.per_pkt_ns = ns(c.frontend_per_packet_us);
+            stages.push(s);
+        }
+        let mut cpus: Vec<Cpu> = (0..h.cpus).map(|_| Cpu::new(0)).collect();
+        cpus.extend((0..vms).map(|_| Cpu::new(ns(c.vcpu_wakeup_us))));
+
+        let mut sources = Vec::new();
+        let mut flows = Vec::with_capacity(vms);
+        for (v, vm) in sc.vms.iter().enumerate() {
+            let any_sensitive = vm.flows.iter().any(|f| f.is_latency_sensitive());
+            let mut fl = Vec::new();
+            for (f, flow) in vm.flows.iter().enumerate() {
+                let (vu, fu) = (v as u64, f as u64);
+                sources.push(Source {
+                    vm: v as u8,
+                    flow: f as u8,
+                    rx: flow.kind != FlowKind::BulkTx,
+                    arrivals: ArrivalGen::new(flow.arrivals.clone(), stream(seed, Purpose::Arrivals, vu, fu)),
+                    sizes: Sizer::new(flow.size.clone(), stream(seed, Purpose::Sizes, vu, fu)),
+                });
+                fl.push(FlowInfo {
+                    app_ns: ns(flow.app_us),
+                    counted: flow.is_latency_sensitive() || !any_sensitive,
+                    responses: (flow.kind == FlowKind::RequestResponse).then(|| {
+                        Sizer::new(
+                            flow.response_size.clone().unwrap_or(flow.size.clone()),
+                            stream(seed, Purpose::ResponseSizes, vu, fu),
+                        )
+                    }),
+                });
+            }
+            flows.push(fl);
+        }
+        let mut e = Engine {
+            now: 0,
+            heap: BinaryHeap::with_capacity(4096),
+            seq: 0,
+            stages,
+            cpus,
+            vcpu0,
+            sources,
+            next_src: 0,
+            next_src_t: u64::MAX,
+            flows,
+            vms,
+            wire_rx: VecDeque::with_capacity(h.switch_buffer + 1),
+            wire_rx_free_ps: 0,
+            wire_tx_free_ps: 0,
+            wire_tx_busy: false,
+            // Picoseconds per byte on the wire: 8 bits / (Gbit/s) = 8000 / Gbps ps.
+            ps_per_byte: 8000.0 / h.line_rate_gbps,
+            switch_buffer: h.switch_buffer,
+            service: c.service,
+            service_rng: stream(seed, Purpose::Service, 0, 0),
+            probe_rng: stream(seed, Purpose::Probe, 0, 0),
+            factory,
+            totals: Totals::default(),
+            vm_ctr: vec![VmCounters::default(); vms],
+            vm_hist: (0..vms).map(|_| new_hist()).collect(),
+            guest_probe: (0..vms).map(|_| new_hist()).collect(),
+            host_probe: new_hist(),
+            probe,
+            vm_samples: vec![0; vms],
+            host_samples: 0,
+        };
+        e.pick_next_source();
+        e
+    }
+
+    pub fn vms(&self) -> usize {
+        self.vms
+    }
+
+    // ---------------------------------------------------------------- settings
+
+    /// Applies new settings; adaptive controllers persist while their mode stays the same.
+    pub fn apply(&mut self, s: &CoalescingSettings) -> Result<(), String> {
+        if s.vms.len() != self.vms {
+            return Err(format!("settings for {} VMs on a host with {}", s.vms.len(), self.vms));
+        }
+        for layer in LayerId::all(self.vms) {
+            let ls = *s.layer(layer);
+            for dir in Direction::BOTH {
+                self.apply_one(layer, dir, ls.get(dir))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn apply_one(&mut self, layer: LayerId, dir: Direction, m: Moderation) -> Result<(), String> {
+        let si = knob_stage(layer, dir);
+        let knobs = match m {
+            Moderation::Fixed(k) => {
+                self.stages[si].controller = None;
+                k
+            }
+            Moderation::Adaptive(mode) => {
+                let keep = self.stages[si].controller.as_ref().is_some_and(|c| c.mode == mode);
+                if keep {
+                    // The controller keeps its state and its current knobs.
+                    return Ok(());
+                }
+                let f = self.factory.as_ref().ok_or_else(|| {
+                    format!(
+                        "{layer} {}: adaptive mode `{}` needs a controller factory",
+                        dir.name(),
+                        mode.name()
+                    )
+                })?;
+                let ctl = f.create(mode, layer, dir).ok_or_else(|| {
+                    format!("{layer} {}: no implementation of adaptive mode `{}`", dir.name(), mode.name())
+                })?;
+                let k = ctl.initial();
+                self.stages[si].controller = Some(Controller { mode, ctl });
+                k
+            }
+        };
+        self.set_knobs(si, knobs);
+        Ok(())
+    }
+
+    /// Changes a stage's knobs, honouring items already pending under the old ones.
+    fn set_knobs(&mut self, si: usize, k: Knobs) {
+        let st = &mut self.stages[si];
+        if st.knobs() == Some(k) {
+            return;
+        }
+        st.trigger = Trigger::Knobs(k);
+        if st.pending == 0 {
+            return;
+        }
+        let deadline = st.first_pending_ns + u64::from(k.usecs) * 1000;
+        if k.usecs == 0 || (k.frames > 0 && st.pending >= k.frames) || deadline <= self.now {
+            self.fire(si);
+        } else {
+            let st = &mut self.stages[si];
+            st.timer_armed = true;
+            st.timer_gen = st.timer_gen.wrapping_add(1);
+            let epoch = st.timer_gen;
+            self.push_event(deadline, EvKind::Timer { stage: si as u32, epoch });
+        }
+    }
+
+    /// Knobs in force for (layer, direction).
+    pub fn knobs(&self, layer: LayerId, dir: Direction) -> Knobs {
+        self.stages[knob_stage(layer, dir)].knobs().unwrap_or(Knobs::PER_PACKET)
+    }
+
+    pub(crate) fn counters(&self, stage: usize) -> StageCounters {
+        self.stages[stage].c
+    }
+
+    /// Busy time of CPU `i` (host cores first, then one vCPU per VM): (irq, thread), ns.
+    pub fn cpu_busy(&mut self, i: usize) -> (u64, u64) {
+        let now = self.now;
+        let c = &mut self.cpus[i];
+        c.account(now);
+        (c.busy_irq_ns, c.busy_thread_ns)
+    }
+
+    pub fn host_cpus(&self) -> usize {
+        self.vcpu0
+    }
+
+    /// Packets anywhere inside the host (including the wire and the switch).
+    pub fn in_flight(&self) -> u64 {
+        let queued: usize = self.stages.iter().map(|s| s.q.len()).sum();
+        (queued + self.wire_rx.len()) as u64
+    }
+
+    // ---------------------------------------------------------------- event loop
+
+    #[inline]
+    fn push_event(&mut self, t: u64, kind: EvKind) {
+        self.seq += 1;
+        self.heap.push(Reverse(Event { t, seq: self.seq, kind }));
+    }
+
+    fn pick_next_source(&mut self) {
+        let mut best = (u64::MAX, 0);
+        for (i, s) in self.sources.iter().enumerate() {
+            let t = s.arrivals.peek();
+            if t < best.0 {
+                best = (t, i);
+            }
+        }
+        self.next_src_t = best.0;
+        self.next_src = best.1;
+    }
+
+    /// Runs every event up to and including `t_end`, then sets the clock to `t_end`.
+    pub fn run_until(&mut self, t_end: u64) {
+        loop {
+            let t_heap = self.heap.peek().map_or(u64::MAX, |e| e.0.t);
+            let t_wire = self.wire_rx.front().map_or(u64::MAX, |x| x.0);
+            let t_src = self.next_src_t;
+            let t = t_heap.min(t_wire).min(t_src);
+            if t > t_end {
+                break;
+            }
+            self.now = t;
+            // Fixed order for simultaneous events: heap (by sequence), wire, sources.
+            if t_heap == t {
+                let Reverse(ev) = self.heap.pop().expect("peeked");
+                self.handle(ev.kind);
+            } else if t_wire == t {
+                let (_, p) = self.wire_rx.pop_front().expect("peeked");
+                self.admit(NIC_RX, p);
+            } else {
+                self.generate();
+            }
+        }
+        self.now = t_end;
+    }
+
+    fn handle(&mut self, ev: EvKind) {
+        match ev {
+            EvKind::Timer { stage, epoch } => {
+                let st = &self.stages[stage as usize];
+                if st.timer_armed && st.timer_gen == epoch && st.pending > 0 {
+                    self.fire(stage as usize);
+                }
+            }
+            EvKind::CpuDone { cpu, epoch } => {
+                if self.cpus[cpu as usize].epoch == epoch {
+                    self.cpu_done(cpu as usize);
+                }
+            }
+            EvKind::WireDone => self.wire_done(),
+        }
+    }
+
+    /// The next source emits a packet.
+    fn generate(&mut self) {
+        let i = self.next_src;
+        let now = self.now;
+        let src = &mut self.sources[i];
+        let bytes = src.sizes.draw();
+        let p = Pkt { t0: now, bytes: bytes as u16, vm: src.vm, flow: src.flow };
+        let rx = src.rx;
+        src.arrivals.advance();
+        self.pick_next_source();
+        self.totals.offered += 1;
+        if rx {
+            // The upstream switch feeds the wire at line rate; it drops when its buffer is full.
+            if self.wire_rx.len() >= self.switch_buffer {
+                self.totals.dropped += 1;
+                self.totals.switch_drops += 1;
+                self.vm_ctr[p.vm as usize].dropped += 1;
+                return;
+            }
+            let start = self.wire_rx_free_ps.max(now * 1000);
+            let done = start + self.wire_ps(bytes);
+            self.wire_rx_free_ps = done;
+            // Arrival at the NIC when the last bit is in, rounded up to the next nanosecond.
+            let t_nic = done.div_ceil(1000);
+            self.wire_rx.push_back((t_nic, Pkt { t0: t_nic, ..p }));
+        } else {
+            self.admit(sock_tx(p.vm as usize), p);
+        }
+    }
+
+    /// Wire time of a frame: the frame plus 20 bytes of preamble and inter-frame gap.
+    #[inline]
+    fn wire_ps(&self, bytes: u32) -> u64 {
+        (f64::from(bytes.max(64) + 20) * self.ps_per_byte).round() as u64
+    }
+
+    /// Puts a packet into a stage's queue, or drops it when the queue is full.
+    fn admit(&mut self, si: usize, p: Pkt) {
+        let st = &mut self.stages[si];
+        if st.free() == 0 {
+            st.c.drops += 1;
+            self.totals.dropped += 1;
+            self.vm_ctr[p.vm as usize].dropped += 1;
+            return;
+        }
+        st.q.push_back(p);
+        st.c.admitted += 1;
+        st.c.admitted_bytes += u64::from(p.bytes);
+        self.on_items(si, 1, u64::from(p.bytes));
+    }
+
+    /// Items became pending at a stage (packets admitted, or completions counted).
+    fn on_items(&mut self, si: usize, k: u32, bytes: u64) {
+        let now = self.now;
+        let st = &mut self.stages[si];
+        if st.pending == 0 {
+            st.first_pending_ns = now;
+        }
+        st.pending += k;
+        st.pending_bytes += bytes;
+        match st.trigger {
+            Trigger::Knobs(kn) => {
+                if kn.usecs == 0 || (kn.frames > 0 && st.pending >= kn.frames) {
+                    self.fire(si);
+                } else if !st.timer_armed {
+                    st.timer_armed = true;
+                    st.timer_gen = st.timer_gen.wrapping_add(1);
+                    let epoch = st.timer_gen;
+                    self.push_event(
+                        now + u64::from(kn.usecs) * 1000,
+                        EvKind::Timer { stage: si as u32, epoch },
+                    );
+                }
+            }
+            Trigger::Worker { .. } => self.kick_worker(si),
+            Trigger::Wire => {
+                if !self.wire_tx_busy {
+                    self.wire_start();
+                }
+            }
+        }
+    }
+
+    /// Free slots downstream of a back-pressured stage (`usize::MAX` where drops are used).
+    fn downstream_free(&self, si: usize) -> usize {
+        match self.stages[si].kind {
+            Kind::SockTx(v) => self.stages[fe_tx(v)].free(),
+            Kind::BeTx(_) => self.stages[NIC_TX].free(),
+            _ => usize::MAX,
+        }
+    }
+
+    fn downstream_of(&self, si: usize) -> Option<usize> {
+        match self.stages[si].kind {
+            Kind::SockTx(v) => Some(fe_tx(v)),
+            Kind::BeTx(_) => Some(NIC_TX),
+            _ => None,
+        }
+    }
+
+    /// A notification fires (knob stages) or a worker is woken (worker stages).
+    fn fire(&mut self, si: usize) {
+        let now = self.now;
+        let st = &mut self.stages[si];
+        st.c.notifications += 1;
+        st.jobs_out += 1;
+        let job = match st.trigger {
+            Trigger::Knobs(_) => {
+                let k = st.pending;
+                let bytes = st.pending_bytes;
+                st.pending = 0;
+                st.pending_bytes = 0;
+                st.timer_armed = false;
+                st.timer_gen = st.timer_gen.wrapping_add(1);
+                st.ctr_pkts += u64::from(k);
+                st.ctr_bytes += bytes;
+                let first = st.in_jobs;
+                if !matches!(st.kind, Kind::NicTxc | Kind::FeTxc(_)) {
+                    st.in_jobs += k as usize;
+                }
+                let mut job = self.cost(si, k, bytes, first, 0);
+                job.claimed = true;
+                // The adaptive algorithm sees the sample after every notification, as a driver
+                // calls net_dim after each poll.
+                let st = &mut self.stages[si];
+                if let Some(c) = st.controller.as_mut() {
+                    let sample = DriverSample {
+                        time_ns: now,
+                        event_ctr: st.c.notifications as u16,
+                        pkt_ctr: st.ctr_pkts as u32,
+                        byte_ctr: st.ctr_bytes as u32,
+                    };
+                    if let Some(k) = c.ctl.on_notification(&sample) {
+                        st.trigger = Trigger::Knobs(k);
+                    }
+                }
+                job
+            }
+            Trigger::Worker { .. } => Job {
+                stage: si as u32,
+                k: 0,
+                claimed: false,
+                remaining_ns: 0,
+                notify_ns: 0,
+                packet_ns: 0,
+                app_ns: 0,
+            },
+            Trigger::Wire => unreachable!("the wire has no notifications"),
+        };
+        let (cpu, prio) = (self.stages[si].cpu, self.stages[si].prio);
+        self.cpu_push(cpu, job, prio);
+    }
+
+    /// The CPU cost of a job of `k` items (`bytes` in all) starting at queue index `first`.
+    fn cost(&mut self, si: usize, k: u32, bytes: u64, first: usize, wake_ns: u64) -> Job {
+        let st = &self.stages[si];
+        let notify_ns = st.notify_ns + wake_ns;
+        let per_pkt = match self.service {
+            ServiceDist::Deterministic => u64::from(k) * st.per_pkt_ns,
+            ServiceDist::Exponential => {
+                let mean = st.per_pkt_ns as f64;
+                let mut sum = 0.0;
+                for _ in 0..k {
+                    sum += self.service_rng.exp1() * mean;
+                }
+                sum.round() as u64
+            }
+        };
+        let st = &self.stages[si];
+        let packet_ns = per_pkt + (bytes * st.per_byte_ps + 500) / 1000;
+        let mut app_ns = 0;
+        if let Kind::SockRx(v) = st.kind {
+            let fl = &self.flows[v];
+            for p in st.q.range(first..first + k as usize) {
+                app_ns += fl[p.flow as usize].app_ns;
+            }
+        }
+        Job {
+            stage: si as u32,
+            k,
+            claimed: true,
+            remaining_ns: notify_ns + packet_ns + app_ns,
+            notify_ns,
+            packet_ns,
+            app_ns,
+        }
+    }
+
+    /// A worker job starts: it takes what is pending now, up to its budget and what fits
+    /// downstream.
+    fn claim(&mut self, job: &mut Job) {
+        let si = job.stage as usize;
+        let free = self.downstream_free(si);
+        let st = &mut self.stages[si];
+        let Trigger::Worker { budget } = st.trigger else { unreachable!("only workers claim") };
+        let k = st.pending.min(budget).min(free.min(u32::MAX as usize) as u32);
+        let first = st.in_jobs;
+        let bytes: u64 = st.q.range(first..first + k as usize).map(|p| u64::from(p.bytes)).sum();
+        st.pending -= k;
+        st.pending_bytes -= bytes;
+        st.in_jobs += k as usize;
+        st.ctr_pkts += u64::from(k);
+        st.ctr_bytes += bytes;
+        let wake = if st.wake_due && k > 0 { st.wake_ns } else { 0 };
+        st.wake_due = false;
+        if let Some(d) = self.downstream_of(si) {
+            self.stages[d].reserved += k as usize;
+        }
+        *job =
+            if k == 0 { Job { k: 0, claimed: true, ..*job } } else { self.cost(si, k, bytes, first, wake) };
+    }
+
+    fn cpu_push(&mut self, ci: usize, job: Job, prio: Prio) {
+        let now = self.now;
+        let cpu = &mut self.cpus[ci];
+        match prio {
+            Prio::Irq => cpu.irq.push_back(job),
+            Prio::Thread => cpu.thread.push_back(job),
+        }
+        if cpu.waking {
+            return;
+        }
+        match cpu.running {
+            None => {
+                if cpu.wake_ns > 0 && cpu.idle_since < now {
+                    // A halted vCPU: the job waits for the wake-up.
+                    cpu.waking = true;
+                    cpu.epoch = cpu.epoch.wrapping_add(1);
+                    let epoch = cpu.epoch;
+                    let t = now + cpu.wake_ns;
+                    self.push_event(t, EvKind::CpuDone { cpu: ci as u32, epoch });
+                } else {
+                    self.cpu_start_next(ci);
+                }
+            }
+            Some((run, Prio::Thread, end)) if prio == Prio::Irq => {
+                // Interrupts preempt threads; the thread resumes later where it stopped.
+                cpu.account(now);
+                let rest = Job { remaining_ns: end - now, ..run };
+                cpu.thread.push_front(rest);
+                cpu.running = None;
+                self.cpu_start_next(ci);
+            }
+            Some(_) => {}
+        }
+    }
+
+    fn cpu_start_next(&mut self, ci: usize) {
+        let now = self.now;
+        loop {
+            let cpu = &mut self.cpus[ci];
+            let (mut job, prio) = if let Some(j) = cpu.irq.pop_front() {
+                (j, Prio::Irq)
+            } else if let Some(j) = cpu.thread.pop_front() {
+                (j, Prio::Thread)
+            } else {
+                cpu.running = None;
+                cpu.idle_since = now;
+                return;
+            };
+            if !job.claimed {
+                self.claim(&mut job);
+                if job.k == 0 {
+                    // Nothing to do after all (the queue was drained or downstream is full).
+                    self.job_done(job);
+                    continue;
+                }
+            }
+            let cpu = &mut self.cpus[ci];
+            let end = now + job.remaining_ns;
+            cpu.seg_start = now;
+            cpu.running = Some((job, prio, end));
+            cpu.epoch = cpu.epoch.wrapping_add(1);
+            let epoch = cpu.epoch;
+            self.push_event(end, EvKind::CpuDone { cpu: ci as u32, epoch });
+            return;
+        }
+    }
+
+    fn cpu_done(&mut self, ci: usize) {
+        let now = self.now;
+        let cpu = &mut self.cpus[ci];
+        if cpu.waking {
+            cpu.waking = false;
+            self.cpu_start_next(ci);
+            return;
+        }
+        cpu.account(now);
+        let Some((job, _, _)) = cpu.running.take() else { return };
+        cpu.idle_since = now;
+        self.account_job(&job);
+        self.job_done(job);
+        if self.cpus[ci].running.is_none() && !self.cpus[ci].waking {
+            self.cpu_start_next(ci);
+        }
+    }
+
+    fn account_job(&mut self, job: &Job) {
+        let cpu = &mut self.totals.cpu;
+        let b = match self.stages[job.stage as usize].bucket {
+            Bucket::Nic => &mut cpu.nic,
+            Bucket::Backend => &mut cpu.backend,
+            Bucket::Frontend => &mut cpu.frontend,
+            Bucket::Stack => &mut cpu.stack,
+        };
+        b.notify_ns += job.notify_ns;
+        b.packet_ns += job.packet_ns;
+        cpu.app_ns += job.app_ns;
+    }
+
+    /// Moves a finished job's items on.
+    fn job_done(&mut self, job: Job) {
+        let si = job.stage as usize;
+        let k = job.k as usize;
+        let st = &mut self.stages[si];
+        st.jobs_out -= 1;
+        st.c.done += k as u64;
+        let kind = st.kind;
+        match kind {
+            Kind::NicTxc => {
+                self.stages[NIC_TX].held -= k;
+                for v in 0..self.vms {
+                    self.kick_worker(be_tx(v));
+                }
+            }
+            Kind::FeTxc(v) => {
+                self.stages[fe_tx(v)].held -= k;
+                self.kick_worker(sock_tx(v));
+            }
+            _ => {
+                st.in_jobs -= k;
+                for _ in 0..k {
+                    let p = self.stages[si].q.pop_front().expect("job items are queued");
+                    self.stages[si].c.done_bytes += u64::from(p.bytes);
+                    self.route(kind, p);
+                }
+                if let Kind::FeTx(v) = kind {
+                    self.stages[si].held += k;
+                    let b = be_tx(v);
+                    if self.stages[b].jobs_out == 0 && self.stages[b].pending as usize == k {
+                        // The kick found the backend worker idle: it must be woken.
+                        self.stages[b].wake_due = true;
+                    }
+                    self.kick_worker(b);
+                }
+            }
+        }
+        if matches!(self.stages[si].trigger, Trigger::Worker { .. }) {
+            self.kick_worker(si);
+        }
+    }
+
+    /// A worker with pending items and room downstream starts a job if it has none.
+    fn kick_worker(&mut self, si: usize) {
+        let st = &self.stages[si];
+        if st.jobs_out == 0 && st.pending > 0 && self.downstream_free(si) > 0 {
+            self.fire(si);
+        }
+    }
+
+    /// Where a packet goes when its job at a stage of kind `from` completes.
+    fn route(&mut self, from: Kind, p: Pkt) {
+        let v = p.vm as usize;
+        match from {
+            Kind::NicRx => self.admit(be_rx(v), p),
+            Kind::BeRx(_) => self.admit(fe_rx(v), p),
+            Kind::FeRx(_) => self.admit(sock_rx(v), p),
+            Kind::SockRx(_) => {
+                self.totals.completed += 1;
+                self.totals.completed_bytes += u64::from(p.bytes);
+                self.vm_ctr[v].completed += 1;
+                let fl = &mut self.flows[v][p.flow as usize];
+                if let Some(sz) = fl.responses.as_mut() {
+                    // The application answers: the response keeps the request's origin time.
+                    let bytes = sz.draw() as u16;
+                    self.totals.offered += 1;
+                    self.admit(sock_tx(v), Pkt { bytes, ..p });
+                } else {
+                    self.record_latency(p);
+                }
+            }
+            Kind::SockTx(_) => {
+                let d = &mut self.stages[fe_tx(v)];
+                d.reserved -= 1;
+                self.admit(fe_tx(v), p);
+            }
+            Kind::FeTx(_) => {
+                // Slots stay owned by the frontend ring until the tx completion.
+                let b = &mut self.stages[be_tx(v)];
+                b.q.push_back(p);
+                b.c.admitted += 1;
+                b.c.admitted_bytes += u64::from(p.bytes);
+                b.pending += 1;
+                b.pending_bytes += u64::from(p.bytes);
+            }
+            Kind::BeTx(_) => {
+                self.stages[NIC_TX].reserved -= 1;
+                self.admit(NIC_TX, p);
+                self.on_items(fe_txc(v), 1, u64::from(p.bytes));
+            }
+            Kind::NicTx | Kind::NicTxc | Kind::FeTxc(_) => unreachable!("no packets leave {from:?}"),
+        }
+    }
+
+    fn wire_start(&mut self) {
+        let Some(p) = self.stages[NIC_TX].q.front().copied() else { return };
+        self.wire_tx_busy = true;
+        let start = self.wire_tx_free_ps.max(self.now * 1000);
+        let done = start + self.wire_ps(u32::from(p.bytes));
+        self.wire_tx_free_ps = done;
+        self.push_event(done.div_ceil(1000), EvKind::WireDone);
+    }
+
+    fn wire_done(&mut self) {
+        self.wire_tx_busy = false;
+        let st = &mut self.stages[NIC_TX];
+        let p = st.q.pop_front().expect("a frame was on the wire");
+        st.held += 1;
+        st.c.done += 1;
+        st.c.done_bytes += u64::from(p.bytes);
+        self.totals.completed += 1;
+        self.totals.completed_bytes += u64::from(p.bytes);
+        let v = p.vm as usize;
+        self.vm_ctr[v].completed += 1;
+        self.record_latency(p);
+        self.on_items(NIC_TXC, 1, u64::from(p.bytes));
+        if !self.stages[NIC_TX].q.is_empty() {
+            self.wire_start();
+        }
+    }
+
+    fn record_latency(&mut self, p: Pkt) {
+        let v = p.vm as usize;
+        if !self.flows[v][p.flow as usize].counted {
+            return;
+        }
+        let lat = self.now - p.t0;
+        let c = &mut self.vm_ctr[v];
+        c.lat_count += 1;
+        c.lat_sum_ns += u128::from(lat);
+        c.lat_max_ns = c.lat_max_ns.max(lat);
+        let l = lat.max(1);
+        self.vm_hist[v].saturating_record(l);
+        // Probes see a sample of the traffic, with measurement noise.
+        self.vm_samples[v] += 1;
+        if self.vm_samples[v].is_multiple_of(self.probe.every) {
+            let m = self.probe_sample(l);
+            self.guest_probe[v].saturating_record(m);
+        }
+        self.host_samples += 1;
+        if self.host_samples.is_multiple_of(self.probe.every) {
+            let m = self.probe_sample(l);
+            self.host_probe.saturating_record(m);
+        }
+    }
+
+    fn probe_sample(&mut self, l: u64) -> u64 {
+        if self.probe.noise > 0.0 {
+            ((l as f64) * (self.probe.noise * self.probe_rng.normal()).exp()).max(1.0) as u64
+        } else {
+            l
+        }
+    }
+}

@@ -1,0 +1,695 @@
+//! Scenarios: one simulated host, read from TOML.
+//!
+//! A scenario fixes the host (cores, rings, line rate, backend kind), the costs (defaults from
+//! SIMULATOR.md, each overridable) and the VMs with their traffic. Files live under
+//! `experiments/scenarios/`; every key is documented in `experiments/scenarios/README.md`.
+//! Unknown keys are errors, and every error names the file, the key and what to do.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::env::EnvError;
+
+/// One simulated host.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    /// Short name, used in reports.
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub host: HostConfig,
+    #[serde(default)]
+    pub costs: Costs,
+    /// The VMs sharing the NIC; at least one.
+    #[serde(rename = "vm")]
+    pub vms: Vec<VmConfig>,
+}
+
+/// The hypervisor and its NIC.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HostConfig {
+    /// Host (driver-domain) cores that run the NIC driver and the backends.
+    pub cpus: usize,
+    /// Core that takes the NIC's interrupts.
+    pub nic_cpu: usize,
+    /// Wire speed, Gbit/s, both directions.
+    pub line_rate_gbps: f64,
+    /// NIC rx and tx descriptor rings.
+    pub nic_rx_ring: usize,
+    pub nic_tx_ring: usize,
+    /// Packets the upstream switch port buffers when arrivals exceed the line rate; beyond it
+    /// arrivals are dropped before the NIC.
+    pub switch_buffer: usize,
+    /// Most packets a backend worker or the sending application moves per run (NAPI weight /
+    /// vhost batch).
+    pub worker_batch: u32,
+    /// Backend kind: sets the default backend per-packet cost.
+    pub backend: BackendKind,
+    /// Whether virtual interrupts are posted (APICv / posted interrupts: no VM exit).
+    pub posted_interrupts: bool,
+}
+
+impl Default for HostConfig {
+    fn default() -> Self {
+        HostConfig {
+            cpus: 2,
+            nic_cpu: 0,
+            line_rate_gbps: 10.0,
+            nic_rx_ring: 512,
+            nic_tx_ring: 512,
+            switch_buffer: 1024,
+            worker_batch: 64,
+            backend: BackendKind::Vhost,
+            posted_interrupts: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// Xen netback: grant copies, 2.0 µs per packet.
+    Xen,
+    /// vhost-net: 0.8 µs per packet.
+    Vhost,
+}
+
+/// How per-packet costs are drawn.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceDist {
+    /// Every packet costs exactly the configured mean (the default).
+    #[default]
+    Deterministic,
+    /// Exponentially distributed with the configured mean (for queueing validation).
+    Exponential,
+}
+
+/// CPU costs at a 3 GHz reference core, microseconds unless the name says otherwise. Defaults and
+/// their sources are in SIMULATOR.md; `None` means "the default for this host".
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Costs {
+    /// L1 hardware interrupt + NAPI schedule, host (Tsafrir 2007).
+    pub nic_irq_us: f64,
+    /// L1 driver per packet, rx and tx (Brouer's 10 GbE budget analyses).
+    pub nic_per_packet_us: f64,
+    /// Backend per packet: grant copy (Xen, 2.0) or vhost copy + bridge (0.8) (Apparao 2006,
+    /// Menon 2006). Default by `host.backend`.
+    pub backend_per_packet_us: Option<f64>,
+    /// Virtual interrupt into the guest without posted interrupts: two VM exits.
+    pub virq_us: f64,
+    /// Virtual interrupt with posted interrupts (APICv, no exit).
+    pub virq_posted_us: f64,
+    /// Guest tx kick (ioeventfd / event channel), on the vCPU.
+    pub kick_us: f64,
+    /// Backend worker wake-up when a kick finds it idle, on the host.
+    pub backend_wakeup_us: f64,
+    /// Frontend driver per packet (virtio-net / netfront), rx and tx completion.
+    pub frontend_per_packet_us: f64,
+    /// Guest stack per packet (copy-dominated, Cai 2021) ...
+    pub stack_per_packet_us: f64,
+    /// ... plus this per byte, nanoseconds.
+    pub stack_per_byte_ns: f64,
+    /// Waking the application for a delivery batch (try_to_wake_up + context switch).
+    pub app_wakeup_us: f64,
+    /// Latency before a halted vCPU runs again when a notification arrives (IPI, scheduling,
+    /// VM entry; the reason KVM has halt-polling). Latency only: no guest CPU time.
+    pub vcpu_wakeup_us: f64,
+    /// Distribution of per-packet costs.
+    pub service: ServiceDist,
+}
+
+impl Default for Costs {
+    fn default() -> Self {
+        Costs {
+            nic_irq_us: 1.0,
+            nic_per_packet_us: 0.3,
+            backend_per_packet_us: None,
+            virq_us: 2.5,
+            virq_posted_us: 0.4,
+            kick_us: 1.0,
+            backend_wakeup_us: 3.0,
+            frontend_per_packet_us: 0.7,
+            stack_per_packet_us: 1.0,
+            stack_per_byte_ns: 0.1,
+            app_wakeup_us: 0.5,
+            vcpu_wakeup_us: 8.0,
+            service: ServiceDist::Deterministic,
+        }
+    }
+}
+
+impl Costs {
+    pub fn backend_per_packet(&self, kind: BackendKind) -> f64 {
+        self.backend_per_packet_us.unwrap_or(match kind {
+            BackendKind::Xen => 2.0,
+            BackendKind::Vhost => 0.8,
+        })
+    }
+
+    pub fn virq(&self, posted: bool) -> f64 {
+        if posted { self.virq_posted_us } else { self.virq_us }
+    }
+
+    /// These costs with every virtualization cost set to zero: what the same host would spend
+    /// natively. Used for calibration.
+    pub fn native(&self) -> Costs {
+        Costs {
+            backend_per_packet_us: Some(0.0),
+            virq_us: 0.0,
+            virq_posted_us: 0.0,
+            kick_us: 0.0,
+            backend_wakeup_us: 0.0,
+            frontend_per_packet_us: 0.0,
+            vcpu_wakeup_us: 0.0,
+            ..self.clone()
+        }
+    }
+}
+
+/// One VM: its rings, its cores and its traffic.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    pub name: String,
+    /// Host core that runs this VM's backend worker.
+    #[serde(default = "d_backend_cpu")]
+    pub backend_cpu: usize,
+    /// Backend and frontend rings (entries).
+    #[serde(default = "d_ring")]
+    pub ring: usize,
+    /// Backend input queue (the tap / vif queue), packets.
+    #[serde(default = "d_ring")]
+    pub backend_queue: usize,
+    /// Guest socket buffers, rx and tx, packets.
+    #[serde(default = "d_socket")]
+    pub socket_buffer: usize,
+    /// The applications' flows; at least one.
+    #[serde(rename = "flow")]
+    pub flows: Vec<FlowConfig>,
+}
+
+fn d_backend_cpu() -> usize {
+    1
+}
+fn d_ring() -> usize {
+    256
+}
+fn d_socket() -> usize {
+    1024
+}
+
+/// What a flow's application does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FlowKind {
+    /// Bulk receive: packets arrive on the wire and are delivered to the application.
+    Stream,
+    /// Bulk transmit: the application sends packets out of the wire.
+    BulkTx,
+    /// Requests arrive on the wire; each costs application time and produces a response on the
+    /// tx path. Latency is the round trip from the request's arrival at the NIC to the response
+    /// leaving it.
+    RequestResponse,
+}
+
+/// One application flow of a VM.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlowConfig {
+    pub kind: FlowKind,
+    /// Arrivals of data packets (stream), requests (request-response) or sends (bulk-tx).
+    pub arrivals: Arrivals,
+    /// Frame sizes of those packets.
+    #[serde(default = "d_size")]
+    pub size: SizeDist,
+    /// Response frame sizes (request-response only).
+    #[serde(default)]
+    pub response_size: Option<SizeDist>,
+    /// Application time per packet or request, µs.
+    #[serde(default)]
+    pub app_us: f64,
+    /// Whether the SLO holds this flow's latency; default: request-response only.
+    #[serde(default)]
+    pub latency_sensitive: Option<bool>,
+}
+
+fn d_size() -> SizeDist {
+    SizeDist::Fixed { bytes: 1500 }
+}
+
+impl FlowConfig {
+    pub fn is_latency_sensitive(&self) -> bool {
+        self.latency_sensitive.unwrap_or(self.kind == FlowKind::RequestResponse)
+    }
+}
+
+/// An arrival process. Rates are packets (or requests) per second.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "process", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Arrivals {
+    Poisson {
+        rate_pps: f64,
+    },
+    Constant {
+        rate_pps: f64,
+    },
+    /// Two-state Markov-modulated Poisson process: exponential on and off periods.
+    OnOff {
+        on_rate_pps: f64,
+        #[serde(default)]
+        off_rate_pps: f64,
+        mean_on_ms: f64,
+        mean_off_ms: f64,
+    },
+    /// Poisson with a rate that moves linearly from `from_pps` to `to_pps` over `over_s`, then
+    /// stays.
+    Ramp {
+        from_pps: f64,
+        to_pps: f64,
+        over_s: f64,
+    },
+    /// Poisson with rate `mean_pps · (1 + amplitude · sin(2π (t / period_s + phase)))`.
+    Diurnal {
+        mean_pps: f64,
+        amplitude: f64,
+        period_s: f64,
+        #[serde(default)]
+        phase: f64,
+    },
+    /// Poisson with a piecewise-constant rate replayed from a CSV file with the header
+    /// `time_s,rate_pps` (path relative to the scenario file), scaled by `scale`; it loops.
+    Trace {
+        path: PathBuf,
+        #[serde(default = "one")]
+        scale: f64,
+        /// Filled in when the scenario is loaded.
+        #[serde(skip)]
+        points: Vec<(f64, f64)>,
+    },
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+impl Arrivals {
+    /// The rate at time `t_s` (seconds since reset); for on/off, the long-run mean.
+    pub fn rate_at(&self, t_s: f64) -> f64 {
+        match self {
+            Arrivals::Poisson { rate_pps } | Arrivals::Constant { rate_pps } => *rate_pps,
+            Arrivals::OnOff { on_rate_pps, off_rate_pps, mean_on_ms, mean_off_ms } => {
+                (on_rate_pps * mean_on_ms + off_rate_pps * mean_off_ms) / (mean_on_ms + mean_off_ms)
+            }
+            Arrivals::Ramp { from_pps, to_pps, over_s } => {
+                let u = if *over_s > 0.0 { (t_s / over_s).clamp(0.0, 1.0) } else { 1.0 };
+                from_pps + (to_pps - from_pps) * u
+            }
+            Arrivals::Diurnal { mean_pps, amplitude, period_s, phase } => {
+                mean_pps * (1.0 + amplitude * (std::f64::consts::TAU * (t_s / period_s + phase)).sin())
+            }
+            Arrivals::Trace { scale, points, .. } => trace_rate(points, t_s) * scale,
+        }
+    }
+
+    /// The largest rate the process ever takes (the thinning bound).
+    pub fn max_rate(&self) -> f64 {
+        match self {
+            Arrivals::Poisson { rate_pps } | Arrivals::Constant { rate_pps } => *rate_pps,
+            Arrivals::OnOff { on_rate_pps, off_rate_pps, .. } => on_rate_pps.max(*off_rate_pps),
+            Arrivals::Ramp { from_pps, to_pps, .. } => from_pps.max(*to_pps),
+            Arrivals::Diurnal { mean_pps, amplitude, .. } => mean_pps * (1.0 + amplitude.abs()),
+            Arrivals::Trace { scale, points, .. } => points.iter().map(|p| p.1).fold(0.0, f64::max) * scale,
+        }
+    }
+
+    /// Multiplies every rate by `k` (domain randomisation, load sweeps).
+    pub fn scale_rate(&mut self, k: f64) {
+        match self {
+            Arrivals::Poisson { rate_pps } | Arrivals::Constant { rate_pps } => *rate_pps *= k,
+            Arrivals::OnOff { on_rate_pps, off_rate_pps, .. } => {
+                *on_rate_pps *= k;
+                *off_rate_pps *= k;
+            }
+            Arrivals::Ramp { from_pps, to_pps, .. } => {
+                *from_pps *= k;
+                *to_pps *= k;
+            }
+            Arrivals::Diurnal { mean_pps, .. } => *mean_pps *= k,
+            Arrivals::Trace { scale, .. } => *scale *= k,
+        }
+    }
+}
+
+/// The rate of a looping piecewise-constant trace at `t_s`.
+fn trace_rate(points: &[(f64, f64)], t_s: f64) -> f64 {
+    let Some(last) = points.last() else { return 0.0 };
+    // The trace loops with the period of its last time stamp (or is constant if that is 0).
+    let t = if last.0 > 0.0 { t_s % last.0 } else { 0.0 };
+    let i = points.partition_point(|p| p.0 <= t);
+    points[i.saturating_sub(1)].1
+}
+
+/// Frame sizes in bytes (Ethernet frame with FCS: 64..=1518 for standard MTU).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "dist", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum SizeDist {
+    Fixed {
+        bytes: u32,
+    },
+    Bimodal {
+        small: u32,
+        large: u32,
+        p_small: f64,
+    },
+    /// Simple IMIX: 64, 576 and 1500 bytes in the ratio 7 : 4 : 1.
+    Imix,
+}
+
+impl SizeDist {
+    pub fn mean(&self) -> f64 {
+        match self {
+            SizeDist::Fixed { bytes } => f64::from(*bytes),
+            SizeDist::Bimodal { small, large, p_small } => {
+                p_small * f64::from(*small) + (1.0 - p_small) * f64::from(*large)
+            }
+            SizeDist::Imix => (7.0 * 64.0 + 4.0 * 576.0 + 1500.0) / 12.0,
+        }
+    }
+}
+
+/// Largest frame the simulator carries (jumbo frames).
+pub const MAX_FRAME: u32 = 9018;
+
+fn err(path: &Path, message: impl Into<String>) -> EnvError {
+    EnvError::Config { path: path.to_path_buf(), message: message.into() }
+}
+
+impl Scenario {
+    /// Reads and validates a scenario file; trace paths are resolved against its directory.
+    pub fn load(path: impl AsRef<Path>) -> Result<Scenario, EnvError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| EnvError::Io {
+            context: format!("cannot read scenario {}", path.display()),
+            source: e,
+        })?;
+        Self::from_toml(&text, path)
+    }
+
+    /// Parses and validates scenario text; `path` names it in errors and anchors trace paths.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Scenario, EnvError> {
+        let mut s: Scenario = toml::from_str(text).map_err(|e| {
+            err(path, format!("{}\n(see experiments/scenarios/README.md for every key)", e.message().trim()))
+                .with_span(text, e.span())
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for (vi, vm) in s.vms.iter_mut().enumerate() {
+            for (fi, flow) in vm.flows.iter_mut().enumerate() {
+                if let Arrivals::Trace { path: tp, points, .. } = &mut flow.arrivals {
+                    let full = if tp.is_absolute() { tp.clone() } else { base.join(&tp) };
+                    *points = load_trace(&full).map_err(|m| {
+                        err(path, format!("vm[{vi}].flow[{fi}].arrivals.path = {}: {m}", tp.display()))
+                    })?;
+                }
+            }
+        }
+        s.validate().map_err(|m| err(path, m))?;
+        Ok(s)
+    }
+
+    /// Checks values that parse but make no sense; the message names the key and the fix.
+    pub fn validate(&self) -> Result<(), String> {
+        let h = &self.host;
+        if self.vms.is_empty() {
+            return Err("no [[vm]] table: a scenario needs at least one VM".into());
+        }
+        if self.vms.len() > 64 {
+            return Err(format!("{} VMs: at most 64 are supported", self.vms.len()));
+        }
+        if h.worker_batch == 0 {
+            return Err("host.worker_batch = 0: a worker must move at least one packet per run".into());
+        }
+        if h.cpus == 0 {
+            return Err("host.cpus = 0: the host needs at least one core".into());
+        }
+        if h.nic_cpu >= h.cpus {
+            return Err(format!(
+                "host.nic_cpu = {} but host.cpus = {}: use 0..{}",
+                h.nic_cpu, h.cpus, h.cpus
+            ));
+        }
+        if !(h.line_rate_gbps.is_finite() && h.line_rate_gbps > 0.0) {
+            return Err(format!("host.line_rate_gbps = {}: must be a positive number", h.line_rate_gbps));
+        }
+        for (k, v) in [
+            ("host.nic_rx_ring", h.nic_rx_ring),
+            ("host.nic_tx_ring", h.nic_tx_ring),
+            ("host.switch_buffer", h.switch_buffer),
+        ] {
+            if v == 0 {
+                return Err(format!("{k} = 0: rings and buffers need at least one entry"));
+            }
+        }
+        let c = &self.costs;
+        for (k, v) in [
+            ("nic_irq_us", c.nic_irq_us),
+            ("nic_per_packet_us", c.nic_per_packet_us),
+            ("backend_per_packet_us", c.backend_per_packet(h.backend)),
+            ("virq_us", c.virq_us),
+            ("virq_posted_us", c.virq_posted_us),
+            ("kick_us", c.kick_us),
+            ("backend_wakeup_us", c.backend_wakeup_us),
+            ("frontend_per_packet_us", c.frontend_per_packet_us),
+            ("stack_per_packet_us", c.stack_per_packet_us),
+            ("stack_per_byte_ns", c.stack_per_byte_ns),
+            ("app_wakeup_us", c.app_wakeup_us),
+            ("vcpu_wakeup_us", c.vcpu_wakeup_us),
+        ] {
+            if !(v.is_finite() && (0.0..=1e6).contains(&v)) {
+                return Err(format!("costs.{k} = {v}: must be a number of microseconds in [0, 1e6]"));
+            }
+        }
+        for (vi, vm) in self.vms.iter().enumerate() {
+            let at = format!("vm[{vi}] ({})", vm.name);
+            if vm.backend_cpu >= h.cpus {
+                return Err(format!(
+                    "{at}.backend_cpu = {} but host.cpus = {}: use 0..{} or add host cores",
+                    vm.backend_cpu, h.cpus, h.cpus
+                ));
+            }
+            for (k, v) in
+                [("ring", vm.ring), ("backend_queue", vm.backend_queue), ("socket_buffer", vm.socket_buffer)]
+            {
+                if v == 0 {
+                    return Err(format!("{at}.{k} = 0: needs at least one entry"));
+                }
+            }
+            if vm.flows.is_empty() {
+                return Err(format!("{at} has no [[vm.flow]]: add at least one flow"));
+            }
+            if vm.flows.len() > 255 {
+                return Err(format!("{at} has {} flows: at most 255", vm.flows.len()));
+            }
+            for (fi, f) in vm.flows.iter().enumerate() {
+                let at = format!("{at}.flow[{fi}]");
+                check_arrivals(&f.arrivals).map_err(|m| format!("{at}.arrivals: {m}"))?;
+                check_size(&f.size).map_err(|m| format!("{at}.size: {m}"))?;
+                if let Some(r) = &f.response_size {
+                    if f.kind != FlowKind::RequestResponse {
+                        return Err(format!("{at}.response_size is only for kind = \"request-response\""));
+                    }
+                    check_size(r).map_err(|m| format!("{at}.response_size: {m}"))?;
+                }
+                if !(f.app_us.is_finite() && f.app_us >= 0.0) {
+                    return Err(format!("{at}.app_us = {}: must be >= 0", f.app_us));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Mean offered packet rate of the whole host at time `t_s` (both directions, requests and
+    /// responses).
+    pub fn offered_pps_at(&self, t_s: f64) -> f64 {
+        self.vms
+            .iter()
+            .flat_map(|v| &v.flows)
+            .map(|f| f.arrivals.rate_at(t_s) * if f.kind == FlowKind::RequestResponse { 2.0 } else { 1.0 })
+            .sum()
+    }
+}
+
+fn check_arrivals(a: &Arrivals) -> Result<(), String> {
+    let bad = |k: &str, v: f64| Err(format!("{k} = {v}: must be a finite number >= 0"));
+    let rate_ok = |v: f64| v.is_finite() && (0.0..=1e9).contains(&v);
+    match a {
+        Arrivals::Poisson { rate_pps } | Arrivals::Constant { rate_pps } => {
+            if !rate_ok(*rate_pps) {
+                return bad("rate_pps", *rate_pps);
+            }
+        }
+        Arrivals::OnOff { on_rate_pps, off_rate_pps, mean_on_ms, mean_off_ms } => {
+            for (k, v) in [("on_rate_pps", *on_rate_pps), ("off_rate_pps", *off_rate_pps)] {
+                if !rate_ok(v) {
+                    return bad(k, v);
+                }
+            }
+            for (k, v) in [("mean_on_ms", *mean_on_ms), ("mean_off_ms", *mean_off_ms)] {
+                if !(v.is_finite() && v > 0.0) {
+                    return Err(format!("{k} = {v}: must be a positive number of milliseconds"));
+                }
+            }
+        }
+        Arrivals::Ramp { from_pps, to_pps, over_s } => {
+            for (k, v) in [("from_pps", *from_pps), ("to_pps", *to_pps)] {
+                if !rate_ok(v) {
+                    return bad(k, v);
+                }
+            }
+            if !(over_s.is_finite() && *over_s >= 0.0) {
+                return bad("over_s", *over_s);
+            }
+        }
+        Arrivals::Diurnal { mean_pps, amplitude, period_s, phase } => {
+            if !rate_ok(*mean_pps) {
+                return bad("mean_pps", *mean_pps);
+            }
+            if !(0.0..=1.0).contains(amplitude) {
+                return Err(format!("amplitude = {amplitude}: must be in [0, 1] so the rate stays >= 0"));
+            }
+            if !(period_s.is_finite() && *period_s > 0.0) {
+                return Err(format!("period_s = {period_s}: must be a positive number of seconds"));
+            }
+            if !phase.is_finite() {
+                return bad("phase", *phase);
+            }
+        }
+        Arrivals::Trace { scale, points, .. } => {
+            if !(scale.is_finite() && *scale >= 0.0) {
+                return bad("scale", *scale);
+            }
+            if points.is_empty() {
+                return Err("the trace has no rows".into());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn check_size(s: &SizeDist) -> Result<(), String> {
+    let ok = |b: u32| (64..=MAX_FRAME).contains(&b);
+    match s {
+        SizeDist::Fixed { bytes } if !ok(*bytes) => {
+            Err(format!("bytes = {bytes}: frames are 64..={MAX_FRAME} bytes (FCS included)"))
+        }
+        SizeDist::Bimodal { small, large, p_small } => {
+            if !ok(*small) || !ok(*large) {
+                return Err(format!("small = {small}, large = {large}: frames are 64..={MAX_FRAME} bytes"));
+            }
+            if !(0.0..=1.0).contains(p_small) {
+                return Err(format!("p_small = {p_small}: a probability in [0, 1]"));
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Reads a `time_s,rate_pps` CSV: times strictly increasing from 0, rates >= 0.
+fn load_trace(path: &Path) -> Result<Vec<(f64, f64)>, String> {
+    let mut rd = csv::Reader::from_path(path).map_err(|e| format!("cannot read the trace: {e}"))?;
+    let headers = rd.headers().map_err(|e| e.to_string())?.clone();
+    if headers.len() != 2 || &headers[0] != "time_s" || &headers[1] != "rate_pps" {
+        return Err(format!("header is {:?}; the trace needs the header `time_s,rate_pps`", headers));
+    }
+    let mut pts: Vec<(f64, f64)> = Vec::new();
+    for (i, row) in rd.records().enumerate() {
+        let row = row.map_err(|e| format!("row {}: {e}", i + 2))?;
+        let parse = |j: usize| -> Result<f64, String> {
+            row[j].trim().parse::<f64>().map_err(|_| format!("row {}: `{}` is not a number", i + 2, &row[j]))
+        };
+        let (t, r) = (parse(0)?, parse(1)?);
+        if !(r.is_finite() && r >= 0.0) {
+            return Err(format!("row {}: rate_pps = {r} must be >= 0", i + 2));
+        }
+        if pts.last().is_some_and(|p| t <= p.0) || (pts.is_empty() && t != 0.0) || !t.is_finite() {
+            return Err(format!("row {}: time_s = {t}: times must start at 0 and increase", i + 2));
+        }
+        pts.push((t, r));
+    }
+    Ok(pts)
+}
+
+trait WithSpan {
+    fn with_span(self, text: &str, span: Option<std::ops::Range<usize>>) -> Self;
+}
+
+impl WithSpan for EnvError {
+    /// Adds "line L, column C" to a config error from the byte span TOML reported.
+    fn with_span(self, text: &str, span: Option<std::ops::Range<usize>>) -> Self {
+        match (self, span) {
+            (EnvError::Config { path, message }, Some(sp)) => {
+                let before = &text[..sp.start.min(text.len())];
+                let line = before.matches('\n').count() + 1;
+                let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+                EnvError::Config { path, message: format!("line {line}, column {col}: {message}") }
+            }
+            (e, _) => e,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = r#"
+name = "t"
+[[vm]]
+name = "a"
+[[vm.flow]]
+kind = "stream"
+arrivals = { process = "poisson", rate_pps = 1000 }
+"#;
+
+    #[test]
+    fn minimal_scenario_takes_defaults() {
+        let s = Scenario::from_toml(MIN, Path::new("t.toml")).unwrap();
+        assert_eq!(s.host.nic_rx_ring, 512);
+        assert_eq!(s.vms[0].ring, 256);
+        assert_eq!(s.costs.backend_per_packet(s.host.backend), 0.8);
+        assert!(!s.vms[0].flows[0].is_latency_sensitive());
+    }
+
+    #[test]
+    fn unknown_key_names_file_key_and_line() {
+        let bad = MIN.replace("rate_pps = 1000", "rat_pps = 1000");
+        let e = Scenario::from_toml(&bad, Path::new("x/bad.toml")).unwrap_err().to_string();
+        assert!(e.contains("x/bad.toml"), "{e}");
+        assert!(e.contains("rat_pps"), "{e}");
+        assert!(e.contains("line 7"), "{e}");
+    }
+
+    #[test]
+    fn semantic_errors_name_the_key_and_fix() {
+        let bad = MIN.replace("name = \"a\"", "name = \"a\"\nbackend_cpu = 5");
+        let e = Scenario::from_toml(&bad, Path::new("s.toml")).unwrap_err().to_string();
+        assert!(e.contains("vm[0] (a).backend_cpu = 5") && e.contains("host.cpus = 2"), "{e}");
+        let bad = MIN.replace("rate_pps = 1000", "rate_pps = -3");
+        let e = Scenario::from_toml(&bad, Path::new("s.toml")).unwrap_err().to_string();
+        assert!(e.contains("vm[0] (a).flow[0].arrivals: rate_pps = -3"), "{e}");
+    }
+
+    #[test]
+    fn trace_rate_is_piecewise_constant_and_loops() {
+        let pts = vec![(0.0, 10.0), (1.0, 20.0), (2.0, 0.0)];
+        assert_eq!(trace_rate(&pts, 0.5), 10.0);
+        assert_eq!(trace_rate(&pts, 1.0), 20.0);
+        assert_eq!(trace_rate(&pts, 2.5), 10.0);
+    }
+}
