@@ -7,6 +7,9 @@
 //!
 //! A policy never does I/O and cannot fail at run time; loading is where errors live.
 
+pub mod baselines;
+pub mod best_static;
+
 use moderato_env::{CoalescingSettings, Observation};
 
 /// Decides the coalescing settings of every layer from one observation.
