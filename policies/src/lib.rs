@@ -9,6 +9,7 @@
 
 pub mod baselines;
 pub mod best_static;
+pub mod learned;
 
 use moderato_env::{CoalescingSettings, Observation};
 
@@ -44,8 +45,14 @@ impl<P: Policy + ?Sized> Policy for Box<P> {
 
 /// What a policy reads from observations, so that a host that cannot provide it refuses the policy
 /// at start rather than feeding it zeros.
+///
+/// Feature names come from `moderato_env::{HOST_FEATURES, BACKEND_FEATURES}` (the `host` side:
+/// what `deploy --role host` must provide) and `moderato_env::GUEST_FEATURES` (the `guest` side).
+/// A side a policy does not read on is empty.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Requirements {
-    /// Feature names (from `moderato_env::{HOST,BACKEND,GUEST}_FEATURES`) the policy reads.
-    pub features: Vec<String>,
+    /// Host-side features read when deployed on the hypervisor.
+    pub host: Vec<String>,
+    /// Guest-side features read when deployed inside a VM.
+    pub guest: Vec<String>,
 }

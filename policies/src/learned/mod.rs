@@ -1,0 +1,334 @@
+//! The learned policy: burn actor networks, the frozen-model format and its loader.
+//!
+//! A frozen model is a directory:
+//! - `actor.bpk`: the actors' weights in burn's native (burnpack) format;
+//! - `model.json`: [`ModelMeta`] — format version, feature names and normalisation statistics,
+//!   action space, network config, the control interval and probes it was trained with, and
+//!   provenance (experiment config and its hash, source revision, timesteps, evaluation summary,
+//!   SHA-256 of the weights).
+//!
+//! [`LearnedPolicy::load`] checks all of it and fails with a sentence naming what does not match.
+//! Inference is deterministic: the Gaussian's mean, on a device without autodiff.
+
+pub mod features;
+pub mod net;
+
+use std::path::{Path, PathBuf};
+
+use burn::module::Module;
+use burn::store::ModuleRecord;
+use burn::tensor::Device;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use moderato_env::{
+    ActionSpace, BACKEND_FEATURES, CoalescingSettings, EnvSpec, GUEST_FEATURES, HOST_FEATURES, KNOBS_PER_LAYER,
+    LayerId, LayerKind, Observation, VmSettings, feature_names,
+};
+
+pub use features::{FeatureBatch, Normalizer, RunningStats};
+pub use net::{Activation, Actor, BatchTensors, Means, Mlp, NetConfig};
+
+use crate::{Policy, Requirements};
+
+/// Version of the frozen-model format this build reads and writes.
+pub const FORMAT_VERSION: u32 = 1;
+pub const META_FILE: &str = "model.json";
+pub const WEIGHTS_FILE: &str = "actor.bpk";
+
+/// Feature names, per group, in network input order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeatureNames {
+    pub host: Vec<String>,
+    pub backend: Vec<String>,
+    pub guest: Vec<String>,
+}
+
+impl FeatureNames {
+    /// The names this build's environments produce.
+    pub fn current() -> Self {
+        FeatureNames {
+            host: feature_names(HOST_FEATURES),
+            backend: feature_names(BACKEND_FEATURES),
+            guest: feature_names(GUEST_FEATURES),
+        }
+    }
+}
+
+/// Which latency probes the model saw in training; it needs them at deploy time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Probes {
+    pub host: bool,
+    pub guest: bool,
+}
+
+/// Where the model came from.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Provenance {
+    pub experiment: String,
+    /// The resolved experiment config (TOML) and its SHA-256.
+    pub config_toml: String,
+    pub config_sha256: String,
+    /// `git describe --always --dirty` of the source that trained it, or "unknown".
+    pub source_revision: String,
+    pub seed: u64,
+    pub timesteps: u64,
+    /// Seconds since the Unix epoch.
+    pub created_unix: u64,
+    /// The evaluation against baselines at the end of training (Markdown), if any.
+    #[serde(default)]
+    pub evaluation: Option<String>,
+    pub weights_sha256: String,
+}
+
+/// `model.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelMeta {
+    pub format_version: u32,
+    pub features: FeatureNames,
+    pub normalizer: Normalizer,
+    pub action_space: ActionSpace,
+    pub network: NetConfig,
+    /// The control interval it was trained with, µs.
+    pub interval_us: u64,
+    pub probes: Probes,
+    pub provenance: Provenance,
+}
+
+/// Why a model could not be loaded or does not fit.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("{path}: {message}")]
+    Io { path: PathBuf, message: String },
+    #[error("{path}: not a valid model.json: {message}")]
+    Meta { path: PathBuf, message: String },
+    #[error(
+        "{path}: format version {found}, but this build reads version {FORMAT_VERSION}; re-export the model with this build (moderato export)"
+    )]
+    Version { path: PathBuf, found: u32 },
+    #[error("{path}: the model was trained on other {group} features: {diff}; retrain it for this build")]
+    Features { path: PathBuf, group: &'static str, diff: String },
+    #[error("{path}: corrupt weights: SHA-256 is {found}, model.json says {expected}; copy the model again")]
+    Checksum { path: PathBuf, found: String, expected: String },
+    #[error("{path}: cannot load the weights: {message}")]
+    Weights { path: PathBuf, message: String },
+    #[error("{path}: {message}")]
+    Mismatch { path: PathBuf, message: String },
+}
+
+fn diff_names(model: &[String], env: &[String]) -> Option<String> {
+    if model == env {
+        return None;
+    }
+    let missing: Vec<&String> = model.iter().filter(|n| !env.contains(n)).collect();
+    let extra: Vec<&String> = env.iter().filter(|n| !model.contains(n)).collect();
+    Some(if missing.is_empty() && extra.is_empty() {
+        "same names in another order".into()
+    } else {
+        format!("the model has {missing:?} that this build lacks, this build has {extra:?} that the model lacks")
+    })
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// A frozen actor acting on observations.
+#[derive(Debug)]
+pub struct LearnedPolicy {
+    name: String,
+    dir: PathBuf,
+    meta: ModelMeta,
+    actor: Actor,
+    device: Device,
+}
+
+impl LearnedPolicy {
+    /// A policy from an actor in memory (during training and evaluation).
+    pub fn new(name: impl Into<String>, actor: Actor, meta: ModelMeta, device: Device) -> Self {
+        LearnedPolicy { name: name.into(), dir: PathBuf::new(), actor: actor.valid(), meta, device }
+    }
+
+    /// Loads and checks a frozen model directory.
+    pub fn load(dir: &Path, device: &Device) -> Result<LearnedPolicy, ModelError> {
+        let meta_path = dir.join(META_FILE);
+        let text = std::fs::read_to_string(&meta_path).map_err(|e| ModelError::Io {
+            path: meta_path.clone(),
+            message: format!("{e} (a model directory holds {META_FILE} and {WEIGHTS_FILE})"),
+        })?;
+        // Read the version first, so that an old format gets the version error, not a field one.
+        let version = serde_json::from_str::<serde_json::Value>(&text)
+            .map_err(|e| ModelError::Meta { path: meta_path.clone(), message: e.to_string() })?
+            .get("format_version")
+            .and_then(|v| v.as_u64())
+            .ok_or_else(|| ModelError::Meta { path: meta_path.clone(), message: "no format_version".into() })?;
+        if version != u64::from(FORMAT_VERSION) {
+            return Err(ModelError::Version { path: meta_path, found: version as u32 });
+        }
+        let meta: ModelMeta = serde_json::from_str(&text)
+            .map_err(|e| ModelError::Meta { path: meta_path.clone(), message: e.to_string() })?;
+        let cur = FeatureNames::current();
+        for (group, m, e) in [
+            ("host", &meta.features.host, &cur.host),
+            ("backend", &meta.features.backend, &cur.backend),
+            ("guest", &meta.features.guest, &cur.guest),
+        ] {
+            if let Some(diff) = diff_names(m, e) {
+                return Err(ModelError::Features { path: meta_path, group, diff });
+            }
+        }
+        let norm_ok = [
+            (&meta.normalizer.host, HOST_FEATURES.len()),
+            (&meta.normalizer.backend, BACKEND_FEATURES.len()),
+            (&meta.normalizer.guest, GUEST_FEATURES.len()),
+        ]
+        .iter()
+        .all(|(s, n)| s.mean.len() == *n && s.var.len() == *n && s.var.iter().all(|v| v.is_finite() && *v >= 0.0));
+        if !norm_ok {
+            return Err(ModelError::Mismatch {
+                path: meta_path,
+                message: "normalizer statistics do not match the feature lists".into(),
+            });
+        }
+        meta.network.validate().map_err(|m| ModelError::Mismatch { path: meta_path.clone(), message: m })?;
+        let w_path = dir.join(WEIGHTS_FILE);
+        let bytes = std::fs::read(&w_path)
+            .map_err(|e| ModelError::Io { path: w_path.clone(), message: e.to_string() })?;
+        let found = sha256_hex(&bytes);
+        if found != meta.provenance.weights_sha256 {
+            return Err(ModelError::Checksum { path: w_path, found, expected: meta.provenance.weights_sha256 });
+        }
+        let record = ModuleRecord::from_bytes(burn::tensor::Bytes::from_bytes_vec(bytes))
+            .map_err(|e| ModelError::Weights { path: w_path.clone(), message: format!("{e:?}") })?;
+        let actor = Actor::new(&meta.network, 0, device)
+            .try_load_record(record)
+            .map_err(|e| ModelError::Weights { path: w_path.clone(), message: format!("{e:?}") })?;
+        let name = format!("model:{}", dir.file_name().map_or_else(|| "model".into(), |f| f.to_string_lossy()));
+        Ok(LearnedPolicy { name, dir: dir.to_path_buf(), meta, actor: actor.valid(), device: device.clone() })
+    }
+
+    /// Writes `actor` and `meta` (whose `weights_sha256` is filled in) into `dir`.
+    pub fn save(dir: &Path, actor: Actor, mut meta: ModelMeta) -> Result<ModelMeta, ModelError> {
+        let io = |path: &Path, e: &dyn std::fmt::Display| ModelError::Io { path: path.to_path_buf(), message: e.to_string() };
+        std::fs::create_dir_all(dir).map_err(|e| io(dir, &e))?;
+        let w_path = dir.join(WEIGHTS_FILE);
+        let bytes = actor
+            .into_record()
+            .into_bytes()
+            .map_err(|e| ModelError::Weights { path: w_path.clone(), message: format!("{e:?}") })?;
+        meta.provenance.weights_sha256 = sha256_hex(&bytes);
+        meta.format_version = FORMAT_VERSION;
+        std::fs::write(&w_path, &bytes[..]).map_err(|e| io(&w_path, &e))?;
+        let m_path = dir.join(META_FILE);
+        let json = serde_json::to_string_pretty(&meta).map_err(|e| io(&m_path, &e))?;
+        std::fs::write(&m_path, json).map_err(|e| io(&m_path, &e))?;
+        Ok(meta)
+    }
+
+    pub fn meta(&self) -> &ModelMeta {
+        &self.meta
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Checks that the model fits an environment: action space and probes.
+    pub fn check_spec(&self, spec: &EnvSpec) -> Result<(), ModelError> {
+        let path = self.dir.join(META_FILE);
+        if spec.action_space != self.meta.action_space {
+            return Err(ModelError::Mismatch {
+                path,
+                message: format!(
+                    "action space differs: the model decodes to {:?}, the environment bounds knobs at {:?}; \
+                     evaluate or deploy with the model's bounds",
+                    self.meta.action_space, spec.action_space
+                ),
+            });
+        }
+        for (needed, have, side) in
+            [(self.meta.probes.host, spec.host_probe, "host"), (self.meta.probes.guest, spec.guest_probe, "guest")]
+        {
+            if needed && !have {
+                return Err(ModelError::Mismatch {
+                    path,
+                    message: format!(
+                        "the model was trained with a {side} latency probe and this environment has none; \
+                         configure one (or use a model trained without it)"
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks that the model can act for `vms` VMs (the actors share weights across VMs).
+    pub fn check_vms(&self, vms: usize) -> Result<(), ModelError> {
+        if vms == 0 || vms > 64 {
+            return Err(ModelError::Mismatch {
+                path: self.dir.clone(),
+                message: format!("{vms} VMs: the model acts for 1..=64"),
+            });
+        }
+        Ok(())
+    }
+
+    /// Mean actions for a batch of observations (all with `vms` VMs or fewer, padded).
+    pub fn mean_actions(&self, batch: &FeatureBatch) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let x = batch.normalized(&self.meta.normalizer).tensors(&self.device);
+        let m = self.actor.means(&x);
+        let v = |t: burn::tensor::TensorData| t.convert::<f32>().try_into_vec::<f32>().unwrap_or_default();
+        (v(m.nic.into_data()), v(m.backend.into_data()), v(m.frontend.into_data()))
+    }
+}
+
+/// Decodes mean actions of one observation (row 0 of a batch padded to `vms`) into settings.
+pub fn decode_means(
+    space: &ActionSpace,
+    vms: usize,
+    nic: &[f32],
+    backend: &[f32],
+    frontend: &[f32],
+) -> CoalescingSettings {
+    let k = KNOBS_PER_LAYER;
+    let mut s = CoalescingSettings {
+        nic: space.decode_layer(LayerKind::Nic, &nic[..k]),
+        vms: Vec::with_capacity(vms),
+    };
+    for v in 0..vms {
+        s.vms.push(VmSettings {
+            backend: space.decode_layer(LayerKind::Backend, &backend[v * k..(v + 1) * k]),
+            frontend: space.decode_layer(LayerKind::Frontend, &frontend[v * k..(v + 1) * k]),
+        });
+    }
+    debug_assert!(LayerId::all(vms).count() == 1 + 2 * vms);
+    s
+}
+
+impl Policy for LearnedPolicy {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn act(&mut self, obs: &Observation) -> CoalescingSettings {
+        let vms = obs.guests.len();
+        let mut b = FeatureBatch::new(vms);
+        b.push(obs, &self.meta.action_space);
+        let (nic, be, fe) = self.mean_actions(&b);
+        decode_means(&self.meta.action_space, vms, &nic, &be, &fe)
+    }
+
+    fn requirements(&self) -> Requirements {
+        let keep = |names: &[String], probe: bool| -> Vec<String> {
+            names.iter().filter(|n| probe || !n.contains(".probe_")).cloned().collect()
+        };
+        let f = &self.meta.features;
+        let mut host = keep(&f.host, self.meta.probes.host);
+        host.extend(keep(&f.backend, true));
+        Requirements { host, guest: keep(&f.guest, self.meta.probes.guest) }
+    }
+}

@@ -1,0 +1,239 @@
+//! The actor networks (burn modules) and the batch layout they read.
+//!
+//! The actor is two actors trained together (ARCHITECTURE.md): a host actor (the NIC head reads
+//! the host's features and the mean of the backends'; the backend head, shared across VMs, reads
+//! the host's features, its VM's backend features and the backends' mean) and a guest actor (one
+//! VM's guest features → its frontend's knobs, shared across VMs). Each head outputs the mean of
+//! a Gaussian over four values in `[-1, 1]` space; the log standard deviations are
+//! state-independent parameters. At deploy time each side needs only its own features.
+
+use burn::module::{Module, Param};
+use burn::nn::{Linear, LinearConfig};
+use burn::tensor::{Device, Tensor, TensorData};
+use rand::{Rng, SeedableRng};
+use rand_pcg::Pcg64Mcg;
+use serde::{Deserialize, Serialize};
+
+use moderato_env::{BACKEND_FEATURES, GUEST_FEATURES, HOST_FEATURES, KNOBS_PER_LAYER};
+
+/// Hidden-layer activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Activation {
+    #[default]
+    Tanh,
+    Relu,
+}
+
+/// Sizes and activation of every MLP (actor heads and critic).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    /// Hidden layer widths.
+    #[serde(default = "d_hidden")]
+    pub hidden: Vec<usize>,
+    #[serde(default)]
+    pub activation: Activation,
+    /// Initial log standard deviation of the Gaussian policy.
+    #[serde(default = "d_log_std")]
+    pub init_log_std: f64,
+}
+
+fn d_hidden() -> Vec<usize> {
+    vec![64, 64]
+}
+fn d_log_std() -> f64 {
+    -0.5
+}
+
+impl Default for NetConfig {
+    fn default() -> Self {
+        NetConfig { hidden: d_hidden(), activation: Activation::Tanh, init_log_std: d_log_std() }
+    }
+}
+
+impl NetConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.hidden.is_empty() || self.hidden.iter().any(|&h| h == 0 || h > 4096) {
+            return Err(format!("network.hidden = {:?}: one or more widths in 1..=4096", self.hidden));
+        }
+        if !(self.init_log_std.is_finite() && (-5.0..=2.0).contains(&self.init_log_std)) {
+            return Err(format!("network.init_log_std = {}: use a value in [-5, 2]", self.init_log_std));
+        }
+        Ok(())
+    }
+}
+
+/// Orthogonal initialisation (Saxe et al. 2014) with gain `gain`, as CleanRL's `layer_init`,
+/// from our own generator so that a seed fixes every weight. Bias is zero.
+fn orthogonal(rng: &mut Pcg64Mcg, rows: usize, cols: usize, gain: f64) -> Vec<f32> {
+    // Gram–Schmidt on the longer side's vectors of a Gaussian matrix.
+    let (n, m) = if rows >= cols { (cols, rows) } else { (rows, cols) };
+    let mut normal = || {
+        let u1 = 1.0 - (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        let u2 = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+    };
+    // n orthonormal vectors of length m.
+    let mut q: Vec<Vec<f64>> = Vec::with_capacity(n);
+    while q.len() < n {
+        let mut v: Vec<f64> = (0..m).map(|_| normal()).collect();
+        for u in &q {
+            let d: f64 = v.iter().zip(u).map(|(a, b)| a * b).sum();
+            v.iter_mut().zip(u).for_each(|(a, b)| *a -= d * b);
+        }
+        let norm = v.iter().map(|a| a * a).sum::<f64>().sqrt();
+        if norm > 1e-8 {
+            q.push(v.into_iter().map(|a| a / norm).collect());
+        }
+    }
+    // Row-major [rows, cols].
+    let mut w = vec![0f32; rows * cols];
+    for r in 0..rows {
+        for c in 0..cols {
+            let x = if rows >= cols { q[c][r] } else { q[r][c] };
+            w[r * cols + c] = (gain * x) as f32;
+        }
+    }
+    w
+}
+
+fn linear(rng: &mut Pcg64Mcg, d_in: usize, d_out: usize, gain: f64, device: &Device) -> Linear {
+    let mut l = LinearConfig::new(d_in, d_out).init(device);
+    let w = orthogonal(rng, d_in, d_out, gain);
+    l.weight = Param::from_tensor(Tensor::from_data(TensorData::new(w, [d_in, d_out]), device));
+    l.bias = Some(Param::from_tensor(Tensor::zeros([d_out], device)));
+    l
+}
+
+/// A multilayer perceptron.
+#[derive(Module, Debug)]
+pub struct Mlp {
+    pub hidden: Vec<Linear>,
+    pub out: Linear,
+    #[module(skip)]
+    pub activation: Activation,
+}
+
+impl Mlp {
+    /// Hidden layers with gain √2, the output layer with `out_gain` (CleanRL: 0.01 for actor
+    /// means, 1 for the critic).
+    pub fn new(cfg: &NetConfig, d_in: usize, d_out: usize, out_gain: f64, rng: &mut Pcg64Mcg, device: &Device) -> Mlp {
+        let mut hidden = Vec::with_capacity(cfg.hidden.len());
+        let mut d = d_in;
+        for &h in &cfg.hidden {
+            hidden.push(linear(rng, d, h, std::f64::consts::SQRT_2, device));
+            d = h;
+        }
+        Mlp { hidden, out: linear(rng, d, d_out, out_gain, device), activation: cfg.activation }
+    }
+
+    /// `[batch, d_in] → [batch, d_out]`.
+    pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        let mut x = x;
+        for l in &self.hidden {
+            x = l.forward(x); // [batch, h]
+            x = match self.activation {
+                Activation::Tanh => x.tanh(),
+                Activation::Relu => burn::tensor::activation::relu(x),
+            };
+        }
+        self.out.forward(x) // [batch, d_out]
+    }
+}
+
+/// Input widths of the three heads.
+pub const NIC_IN: usize = HOST_FEATURES.len() + BACKEND_FEATURES.len();
+pub const BACKEND_IN: usize = HOST_FEATURES.len() + 2 * BACKEND_FEATURES.len();
+pub const GUEST_IN: usize = GUEST_FEATURES.len();
+
+/// Both actors.
+#[derive(Module, Debug)]
+pub struct Actor {
+    pub nic: Mlp,
+    pub backend: Mlp,
+    pub guest: Mlp,
+    /// State-independent log standard deviations, four per head.
+    pub log_std_nic: Param<Tensor<1>>,
+    pub log_std_backend: Param<Tensor<1>>,
+    pub log_std_frontend: Param<Tensor<1>>,
+}
+
+/// The Gaussian means of one batch.
+#[derive(Debug, Clone)]
+pub struct Means {
+    /// `[batch, 4]`
+    pub nic: Tensor<2>,
+    /// `[batch, vms, 4]`
+    pub backend: Tensor<3>,
+    /// `[batch, vms, 4]`
+    pub frontend: Tensor<3>,
+}
+
+/// A batch of (normalised) features in tensors.
+#[derive(Debug, Clone)]
+pub struct BatchTensors {
+    /// `[batch, HOST]`
+    pub host: Tensor<2>,
+    /// `[batch, vms, BACKEND]`
+    pub backend: Tensor<3>,
+    /// `[batch, vms, GUEST]`
+    pub guest: Tensor<3>,
+    /// `[batch, vms]`: 1 for a VM that exists, 0 for padding.
+    pub mask: Tensor<2>,
+}
+
+impl BatchTensors {
+    /// Mean over existing VMs of `x`: `[batch, vms, d] → [batch, d]`.
+    pub fn vm_mean(&self, x: Tensor<3>) -> Tensor<2> {
+        let [b, _, d] = x.dims();
+        let m = self.mask.clone().unsqueeze_dim::<3>(2); // [batch, vms, 1]
+        let sum = (x * m.clone()).sum_dim(1).reshape([b, d]); // [batch, d]
+        let n = m.sum_dim(1).reshape([b, 1]).clamp_min(1.0); // [batch, 1]
+        sum / n
+    }
+
+    /// Max over existing VMs of `x`: `[batch, vms, d] → [batch, d]`.
+    pub fn vm_max(&self, x: Tensor<3>) -> Tensor<2> {
+        let [b, _, d] = x.dims();
+        let m = self.mask.clone().unsqueeze_dim::<3>(2); // [batch, vms, 1]
+        // Padding gets a large negative offset so it never wins the max.
+        let x = x + (m - 1.0) * 1e6;
+        x.max_dim(1).reshape([b, d])
+    }
+}
+
+impl Actor {
+    pub fn new(cfg: &NetConfig, seed: u64, device: &Device) -> Actor {
+        let mut rng = Pcg64Mcg::seed_from_u64(seed);
+        let k = KNOBS_PER_LAYER;
+        let log_std = |device: &Device| {
+            Param::from_tensor(Tensor::from_data(TensorData::new(vec![cfg.init_log_std as f32; k], [k]), device))
+        };
+        Actor {
+            nic: Mlp::new(cfg, NIC_IN, k, 0.01, &mut rng, device),
+            backend: Mlp::new(cfg, BACKEND_IN, k, 0.01, &mut rng, device),
+            guest: Mlp::new(cfg, GUEST_IN, k, 0.01, &mut rng, device),
+            log_std_nic: log_std(device),
+            log_std_backend: log_std(device),
+            log_std_frontend: log_std(device),
+        }
+    }
+
+    /// The Gaussian means for a batch.
+    pub fn means(&self, x: &BatchTensors) -> Means {
+        let [b, v, _] = x.backend.dims();
+        let mean_b = x.vm_mean(x.backend.clone()); // [batch, BACKEND]
+        let nic_in = Tensor::cat(vec![x.host.clone(), mean_b.clone()], 1); // [batch, NIC_IN]
+        let nic = self.nic.forward(nic_in); // [batch, 4]
+        let h = HOST_FEATURES.len();
+        let bf = BACKEND_FEATURES.len();
+        let host_v = x.host.clone().unsqueeze_dim::<3>(1).expand([b, v, h]); // [batch, vms, HOST]
+        let mean_v = mean_b.unsqueeze_dim::<3>(1).expand([b, v, bf]); // [batch, vms, BACKEND]
+        let be_in = Tensor::cat(vec![host_v, x.backend.clone(), mean_v], 2).reshape([b * v, BACKEND_IN]);
+        let backend = self.backend.forward(be_in).reshape([b, v, KNOBS_PER_LAYER]); // [batch, vms, 4]
+        let g_in = x.guest.clone().reshape([b * v, GUEST_IN]);
+        let frontend = self.guest.forward(g_in).reshape([b, v, KNOBS_PER_LAYER]); // [batch, vms, 4]
+        Means { nic, backend, frontend }
+    }
+}

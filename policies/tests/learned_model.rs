@@ -1,0 +1,121 @@
+//! The frozen-model format: save → load → identical actions, and every way a model can fail to
+//! fit is refused with a sentence that names it.
+
+use std::path::Path;
+
+use burn::tensor::Device;
+use moderato_env::sim::{Scenario, SimConfig, SimEnv};
+use moderato_env::{ActionSpace, Env, KnobBounds};
+use moderato_policies::Policy;
+use moderato_policies::learned::{
+    Actor, FeatureNames, LearnedPolicy, ModelMeta, NetConfig, Normalizer, Probes, Provenance, FORMAT_VERSION,
+    META_FILE, WEIGHTS_FILE,
+};
+
+fn meta() -> ModelMeta {
+    ModelMeta {
+        format_version: FORMAT_VERSION,
+        features: FeatureNames::current(),
+        normalizer: Normalizer::default(),
+        action_space: ActionSpace::default(),
+        network: NetConfig::default(),
+        interval_us: 10_000,
+        probes: Probes { host: true, guest: true },
+        provenance: Provenance { experiment: "test".into(), ..Default::default() },
+    }
+}
+
+fn observations() -> Vec<moderato_env::Observation> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../experiments/scenarios");
+    let mut out = Vec::new();
+    for f in ["mixed-host.toml", "rr-latency.toml"] {
+        let s = Scenario::load(dir.join(f)).unwrap();
+        let cfg = SimConfig { interval_us: 2000, episode_steps: 3, ..SimConfig::default() };
+        let mut env = SimEnv::new(s, cfg, None).unwrap();
+        out.push(env.reset(5).unwrap().0);
+    }
+    out
+}
+
+fn saved(dir: &Path) -> LearnedPolicy {
+    let device = Device::flex();
+    let actor = Actor::new(&NetConfig::default(), 17, &device);
+    let mut m = meta();
+    // Non-trivial statistics, so that normalisation is exercised.
+    m.normalizer.host.mean.iter_mut().enumerate().for_each(|(i, x)| *x = i as f64 * 0.1);
+    let m = LearnedPolicy::save(dir, actor.clone(), m).unwrap();
+    LearnedPolicy::new("in-memory", actor, m, device)
+}
+
+#[test]
+fn save_then_load_gives_identical_actions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut before = saved(tmp.path());
+    let mut after = LearnedPolicy::load(tmp.path(), &Device::flex()).unwrap();
+    for o in observations() {
+        assert_eq!(before.act(&o), after.act(&o));
+        // Deterministic: the mean action, twice the same.
+        assert_eq!(after.act(&o), after.act(&o));
+    }
+    let r = after.requirements();
+    assert!(r.host.iter().any(|n| n == "host.probe_p99_ln"));
+    assert!(r.guest.iter().any(|n| n == "guest.probe_p99_ln"));
+}
+
+#[test]
+fn a_truncated_weights_file_is_refused_not_half_loaded() {
+    let tmp = tempfile::tempdir().unwrap();
+    saved(tmp.path());
+    let w = tmp.path().join(WEIGHTS_FILE);
+    let bytes = std::fs::read(&w).unwrap();
+    std::fs::write(&w, &bytes[..bytes.len() / 2]).unwrap();
+    let e = LearnedPolicy::load(tmp.path(), &Device::flex()).unwrap_err().to_string();
+    assert!(e.contains("corrupt weights") && e.contains(WEIGHTS_FILE), "{e}");
+}
+
+#[test]
+fn weights_that_do_not_fit_the_network_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    saved(tmp.path());
+    // Claim a different network in model.json (and a matching checksum): loading must fail.
+    let p = tmp.path().join(META_FILE);
+    let mut m: ModelMeta = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    m.network.hidden = vec![32];
+    std::fs::write(&p, serde_json::to_string(&m).unwrap()).unwrap();
+    let e = LearnedPolicy::load(tmp.path(), &Device::flex()).unwrap_err().to_string();
+    assert!(e.contains("cannot load the weights"), "{e}");
+}
+
+#[test]
+fn other_features_or_version_or_action_space_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    saved(tmp.path());
+    let p = tmp.path().join(META_FILE);
+    let original = std::fs::read_to_string(&p).unwrap();
+
+    let mut m: ModelMeta = serde_json::from_str(&original).unwrap();
+    m.features.guest[0] = "frontend.rx_mpps".into();
+    std::fs::write(&p, serde_json::to_string(&m).unwrap()).unwrap();
+    let e = LearnedPolicy::load(tmp.path(), &Device::flex()).unwrap_err().to_string();
+    assert!(e.contains("guest features") && e.contains("frontend.rx_mpps"), "{e}");
+
+    let mut v: serde_json::Value = serde_json::from_str(&original).unwrap();
+    v["format_version"] = 99.into();
+    std::fs::write(&p, v.to_string()).unwrap();
+    let e = LearnedPolicy::load(tmp.path(), &Device::flex()).unwrap_err().to_string();
+    assert!(e.contains("format version 99"), "{e}");
+
+    std::fs::write(&p, &original).unwrap();
+    let pol = LearnedPolicy::load(tmp.path(), &Device::flex()).unwrap();
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../experiments/scenarios");
+    let s = Scenario::load(dir.join("rr-latency.toml")).unwrap();
+    let mut cfg = SimConfig::default();
+    cfg.action_space.nic = KnobBounds { usecs_max: 100, frames_max: 64 };
+    let env = SimEnv::new(s.clone(), cfg, None).unwrap();
+    let e = pol.check_spec(env.spec()).unwrap_err().to_string();
+    assert!(e.contains("action space differs"), "{e}");
+    let cfg = SimConfig { probe: moderato_env::sim::ProbeMode::None, ..SimConfig::default() };
+    let env = SimEnv::new(s, cfg, None).unwrap();
+    let e = pol.check_spec(env.spec()).unwrap_err().to_string();
+    assert!(e.contains("latency probe"), "{e}");
+}
