@@ -407,3 +407,22 @@ fn settings_for_the_wrong_number_of_vms_are_refused() {
     let e = env.step(&dim).unwrap_err().to_string();
     assert!(e.contains("nic rx") && e.contains("dim"), "{e}");
 }
+
+#[test]
+fn closed_loop_clients_obey_the_interactive_response_time_law() {
+    // N clients with mean think time Z: throughput X = N / (R + Z) (Denning & Buzen 1978), where
+    // R is the mean time from a request's generation to its response leaving the NIC. Requests
+    // take one wire serialisation (128 B: 0.12 µs at 10 Gbit/s) before their NIC arrival starts R.
+    for (clients, think_us) in [(4u32, 100.0), (16, 400.0)] {
+        let mut f = flow(FlowKind::RequestResponse, Arrivals::ClosedLoop { clients, think_us, timeout_us: 10_000.0 }, 128);
+        f.app_us = 5.0;
+        let sc = scenario(HostConfig::default(), Costs::default(), vec![vm(vec![f])]);
+        let r = run(sc, cfg(100_000, 22), &CoalescingSettings::per_packet(1), 81, 2);
+        // Each transaction completes two packets (request delivered, response sent).
+        let x = r.throughput_pps() / 2.0;
+        let rtt = r.mean_latency_us() + 0.12;
+        let n = x * (rtt + think_us) * 1e-6;
+        // 1%: the only error is clients in flight across the measurement's two edges.
+        assert!(rel(n, f64::from(clients)) < 0.01, "N={clients}, Z={think_us}: X(R+Z) = {n}");
+    }
+}

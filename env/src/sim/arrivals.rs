@@ -168,6 +168,8 @@ impl ArrivalGen {
                     self.switch_at = t + self.rng.exp1() * mean_ms * 1e6;
                 }
             }
+            // Closed-loop clients are driven by responses, not by this generator.
+            Arrivals::ClosedLoop { .. } => f64::INFINITY,
             Arrivals::Ramp { .. } | Arrivals::Diurnal { .. } | Arrivals::Trace { .. } => {
                 // Thinning (Lewis & Shedler 1979): candidates at the maximum rate, each kept with
                 // probability rate(t) / max_rate.

@@ -36,7 +36,7 @@ use std::sync::Arc;
 use hdrhistogram::Histogram;
 
 use super::arrivals::{ArrivalGen, Purpose, Rng64, Sizer, stream};
-use super::scenario::{FlowKind, Scenario, ServiceDist};
+use super::scenario::{Arrivals, FlowKind, Scenario, ServiceDist};
 use crate::controller::{ControllerFactory, DriverSample, LayerController};
 use crate::info::CpuBreakdown;
 use crate::settings::{Adaptive, CoalescingSettings, Direction, Knobs, LayerId, Moderation};
@@ -295,6 +295,8 @@ impl Cpu {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum EvKind {
     Timer { stage: u32, epoch: u32 },
+    /// A closed-loop client sends its next request.
+    Client { vm: u32, flow: u32 },
     CpuDone { cpu: u32, epoch: u32 },
     WireDone,
 }
@@ -317,8 +319,19 @@ struct Source {
     sizes: Sizer,
 }
 
+/// The client pool of a closed-loop flow.
+#[derive(Debug)]
+struct Clients {
+    think_ns: f64,
+    timeout_ns: u64,
+    rng: Rng64,
+}
+
 #[derive(Debug)]
 struct FlowInfo {
+    /// Index of the flow's source in `Engine::sources` (its sizes).
+    src: usize,
+    clients: Option<Clients>,
     app_ns: u64,
     /// Recorded in the VM's latency population.
     counted: bool,
@@ -505,7 +518,17 @@ impl Engine {
                     arrivals: ArrivalGen::new(flow.arrivals.clone(), stream(seed, Purpose::Arrivals, vu, fu)),
                     sizes: Sizer::new(flow.size.clone(), stream(seed, Purpose::Sizes, vu, fu)),
                 });
+                let clients = match flow.arrivals {
+                    Arrivals::ClosedLoop { think_us, timeout_us, .. } => Some(Clients {
+                        think_ns: think_us * 1000.0,
+                        timeout_ns: (timeout_us * 1000.0) as u64,
+                        rng: stream(seed, Purpose::Arrivals, vu, fu),
+                    }),
+                    _ => None,
+                };
                 fl.push(FlowInfo {
+                    src: sources.len() - 1,
+                    clients,
                     app_ns: ns(flow.app_us),
                     counted: flow.is_latency_sensitive() || !any_sensitive,
                     responses: (flow.kind == FlowKind::RequestResponse).then(|| {
@@ -551,7 +574,36 @@ impl Engine {
             host_samples: 0,
         };
         e.pick_next_source();
+        // Every closed-loop client starts after one think time.
+        for (v, vm) in sc.vms.iter().enumerate() {
+            for (f, flow) in vm.flows.iter().enumerate() {
+                if let Arrivals::ClosedLoop { clients, .. } = flow.arrivals {
+                    for _ in 0..clients {
+                        e.client_after_think(v, f);
+                    }
+                }
+            }
+        }
         e
+    }
+
+    /// Schedules the next request of a closed-loop client of flow (v, f) one think time from now.
+    fn client_after_think(&mut self, v: usize, f: usize) {
+        let c = self.flows[v][f].clients.as_mut().expect("closed-loop flow");
+        let t = self.now + (c.rng.exp1() * c.think_ns) as u64;
+        self.push_event(t, EvKind::Client { vm: v as u32, flow: f as u32 });
+    }
+
+    /// A packet of flow (v, f) was dropped: a closed-loop client retries after its timeout.
+    #[inline]
+    fn on_drop(&mut self, p: Pkt) {
+        let (v, f) = (p.vm as usize, p.flow as usize);
+        self.totals.dropped += 1;
+        self.vm_ctr[v].dropped += 1;
+        if let Some(c) = self.flows[v][f].clients.as_ref() {
+            let t = self.now + c.timeout_ns;
+            self.push_event(t, EvKind::Client { vm: v as u32, flow: f as u32 });
+        }
     }
 
     pub fn vms(&self) -> usize {
@@ -714,26 +766,35 @@ impl Engine {
                 }
             }
             EvKind::WireDone => self.wire_done(),
+            EvKind::Client { vm, flow } => {
+                let src = self.flows[vm as usize][flow as usize].src;
+                self.emit(src);
+            }
         }
     }
 
     /// The next source emits a packet.
     fn generate(&mut self) {
         let i = self.next_src;
+        let src = &mut self.sources[i];
+        src.arrivals.advance();
+        self.pick_next_source();
+        self.emit(i);
+    }
+
+    /// Source `i` emits one packet now: onto the rx wire, or into its VM's send queue.
+    fn emit(&mut self, i: usize) {
         let now = self.now;
         let src = &mut self.sources[i];
         let bytes = src.sizes.draw();
         let p = Pkt { t0: now, bytes: bytes as u16, vm: src.vm, flow: src.flow };
         let rx = src.rx;
-        src.arrivals.advance();
-        self.pick_next_source();
         self.totals.offered += 1;
         if rx {
             // The upstream switch feeds the wire at line rate; it drops when its buffer is full.
             if self.wire_rx.len() >= self.switch_buffer {
-                self.totals.dropped += 1;
                 self.totals.switch_drops += 1;
-                self.vm_ctr[p.vm as usize].dropped += 1;
+                self.on_drop(p);
                 return;
             }
             let start = self.wire_rx_free_ps.max(now * 1000);
@@ -758,8 +819,7 @@ impl Engine {
         let st = &mut self.stages[si];
         if st.free() == 0 {
             st.c.drops += 1;
-            self.totals.dropped += 1;
-            self.vm_ctr[p.vm as usize].dropped += 1;
+            self.on_drop(p);
             return;
         }
         st.q.push_back(p);
@@ -1142,6 +1202,10 @@ impl Engine {
         let v = p.vm as usize;
         self.vm_ctr[v].completed += 1;
         self.record_latency(p);
+        if self.flows[v][p.flow as usize].clients.is_some() {
+            // The response reached its client, which thinks and asks again.
+            self.client_after_think(v, p.flow as usize);
+        }
         self.on_items(NIC_TXC, 1, u64::from(p.bytes));
         if !self.stages[NIC_TX].q.is_empty() {
             self.wire_start();

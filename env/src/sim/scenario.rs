@@ -282,6 +282,17 @@ pub enum Arrivals {
         #[serde(default)]
         phase: f64,
     },
+    /// Closed loop (request-response only): `clients` clients, each sending its next request an
+    /// exponential think time (mean `think_us`) after its previous response left the NIC, as
+    /// netperf TCP_RR or a memcached client pool does. A client whose request or response is
+    /// dropped retries after `timeout_us`. Throughput then depends on latency.
+    ClosedLoop {
+        clients: u32,
+        #[serde(default)]
+        think_us: f64,
+        #[serde(default = "d_timeout")]
+        timeout_us: f64,
+    },
     /// Poisson with a piecewise-constant rate replayed from a CSV file with the header
     /// `time_s,rate_pps` (path relative to the scenario file), scaled by `scale`; it loops.
     Trace {
@@ -296,6 +307,10 @@ pub enum Arrivals {
 
 fn one() -> f64 {
     1.0
+}
+
+fn d_timeout() -> f64 {
+    10_000.0
 }
 
 impl Arrivals {
@@ -314,6 +329,8 @@ impl Arrivals {
                 mean_pps * (1.0 + amplitude * (std::f64::consts::TAU * (t_s / period_s + phase)).sin())
             }
             Arrivals::Trace { scale, points, .. } => trace_rate(points, t_s) * scale,
+            // The rate the clients would reach with zero latency: an upper bound.
+            Arrivals::ClosedLoop { clients, think_us, .. } => f64::from(*clients) * 1e6 / think_us.max(1.0),
         }
     }
 
@@ -325,6 +342,7 @@ impl Arrivals {
             Arrivals::Ramp { from_pps, to_pps, .. } => from_pps.max(*to_pps),
             Arrivals::Diurnal { mean_pps, amplitude, .. } => mean_pps * (1.0 + amplitude.abs()),
             Arrivals::Trace { scale, points, .. } => points.iter().map(|p| p.1).fold(0.0, f64::max) * scale,
+            Arrivals::ClosedLoop { .. } => self.rate_at(0.0),
         }
     }
 
@@ -342,6 +360,8 @@ impl Arrivals {
             }
             Arrivals::Diurnal { mean_pps, .. } => *mean_pps *= k,
             Arrivals::Trace { scale, .. } => *scale *= k,
+            // More load from a closed loop means more clients.
+            Arrivals::ClosedLoop { clients, .. } => *clients = ((f64::from(*clients) * k).round() as u32).max(1),
         }
     }
 }
@@ -498,6 +518,11 @@ impl Scenario {
             for (fi, f) in vm.flows.iter().enumerate() {
                 let at = format!("{at}.flow[{fi}]");
                 check_arrivals(&f.arrivals).map_err(|m| format!("{at}.arrivals: {m}"))?;
+                if matches!(f.arrivals, Arrivals::ClosedLoop { .. }) && f.kind != FlowKind::RequestResponse {
+                    return Err(format!(
+                        "{at}.arrivals: process = \"closed-loop\" needs kind = \"request-response\" (clients wait for responses)"
+                    ));
+                }
                 check_size(&f.size).map_err(|m| format!("{at}.size: {m}"))?;
                 if let Some(r) = &f.response_size {
                     if f.kind != FlowKind::RequestResponse {
@@ -567,6 +592,17 @@ fn check_arrivals(a: &Arrivals) -> Result<(), String> {
             }
             if !phase.is_finite() {
                 return bad("phase", *phase);
+            }
+        }
+        Arrivals::ClosedLoop { clients, think_us, timeout_us } => {
+            if *clients == 0 || *clients > 100_000 {
+                return Err(format!("clients = {clients}: use 1..=100000"));
+            }
+            if !(think_us.is_finite() && *think_us >= 0.0) {
+                return bad("think_us", *think_us);
+            }
+            if !(timeout_us.is_finite() && *timeout_us >= 1.0) {
+                return Err(format!("timeout_us = {timeout_us}: a retry timeout of at least 1 µs"));
             }
         }
         Arrivals::Trace { scale, points, .. } => {
