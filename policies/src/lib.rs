@@ -7,6 +7,7 @@
 //!
 //! A policy never does I/O and cannot fail at run time; loading is where errors live.
 
+pub mod adaptive;
 pub mod baselines;
 pub mod best_static;
 pub mod learned;
