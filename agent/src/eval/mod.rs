@@ -1,0 +1,329 @@
+//! Evaluation: every policy × scenario × seed in the simulator, aggregated over seeds, written as
+//! a table, CSV, JSON and plots.
+//!
+//! The same path evaluates baselines and learned models: a policy is a policy. `best-static` is
+//! the exception only in that its setting is first searched for in hindsight, per scenario and
+//! seed (and cached), then run like any fixed setting.
+
+pub mod plot;
+pub mod report;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use anyhow::{Context, Result, bail};
+use moderato_env::sim::{Scenario, SimConfig, SimEnv};
+use moderato_env::{Env, EpisodeSummary};
+use moderato_policies::Policy;
+use moderato_policies::baselines::StaticSpec;
+use moderato_policies::best_static::{self, Found, Score};
+use serde::{Deserialize, Serialize};
+
+pub use report::{Aggregate, Stat, aggregate, write_outputs};
+
+use crate::resolve::{PolicySource, controller_factory, resolve};
+
+/// An evaluation suite, read from TOML.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalConfig {
+    /// Names the output directory `runs/eval-<name>-<time>`.
+    pub name: String,
+    /// Scenario files, relative to this config file.
+    pub scenarios: Vec<PathBuf>,
+    /// Baseline names (`per-packet`, `static:<preset>`, `dim`, `itr`, `best-static`, ...) and
+    /// frozen-model directories (relative to this config file, or absolute).
+    pub policies: Vec<String>,
+    /// At least three seeds: results are means and 95% intervals over them.
+    #[serde(default = "d_seeds")]
+    pub seeds: Vec<u64>,
+    /// The control loop: interval, episode length, reward weights and SLO, probes.
+    #[serde(default)]
+    pub sim: SimConfig,
+    /// Named static knob sets, usable as `static:<name>`.
+    #[serde(default, rename = "static")]
+    pub statics: BTreeMap<String, StaticSpec>,
+    /// Worker threads (0: one per core).
+    #[serde(default)]
+    pub threads: usize,
+}
+
+fn d_seeds() -> Vec<u64> {
+    vec![1, 2, 3]
+}
+
+/// An eval config with its scenarios loaded and its policy names resolved.
+#[derive(Debug, Clone)]
+pub struct Suite {
+    pub config: EvalConfig,
+    pub path: PathBuf,
+    pub scenarios: Vec<Scenario>,
+    pub policies: Vec<PolicySource>,
+}
+
+impl EvalConfig {
+    pub fn load(path: &Path) -> Result<Suite> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read eval config {}", path.display()))?;
+        let config: EvalConfig = toml::from_str(&text).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: {}\n(an eval config has name, scenarios, policies, seeds, [sim], [static.<name>]; see experiments/eval/standard.toml)",
+                path.display(),
+                e
+            )
+        })?;
+        config.into_suite(path)
+    }
+
+    /// Validates and resolves everything against `path`'s directory.
+    pub fn into_suite(self, path: &Path) -> Result<Suite> {
+        let base = path.parent().unwrap_or(Path::new("."));
+        let at = path.display();
+        if self.scenarios.is_empty() {
+            bail!("{at}: `scenarios` is empty: list at least one scenario file");
+        }
+        if self.policies.is_empty() {
+            bail!("{at}: `policies` is empty: list baseline names or model directories");
+        }
+        if self.seeds.len() < 3 {
+            bail!(
+                "{at}: `seeds` has {} seed(s): give at least 3, results are intervals over seeds",
+                self.seeds.len()
+            );
+        }
+        let mut seeds = self.seeds.clone();
+        seeds.sort_unstable();
+        seeds.dedup();
+        if seeds.len() != self.seeds.len() {
+            bail!("{at}: `seeds` repeats a seed: {:?}", self.seeds);
+        }
+        self.sim.validate().map_err(|m| anyhow::anyhow!("{at}: [sim] {m}"))?;
+        let scenarios = self
+            .scenarios
+            .iter()
+            .map(|s| {
+                Scenario::load(base.join(s))
+                    .map_err(|e| anyhow::anyhow!("{at}: scenario {}: {e}", s.display()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let policies = self
+            .policies
+            .iter()
+            .map(|p| resolve(p, base, &self.statics).map_err(|e| anyhow::anyhow!("{at}: policies: {e}")))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Suite { config: self, path: path.to_path_buf(), scenarios, policies })
+    }
+}
+
+/// One episode's results.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Row {
+    pub scenario: String,
+    pub policy: String,
+    pub seed: u64,
+    pub cpu_us_per_packet: f64,
+    pub nic_cpu_us_per_packet: f64,
+    pub backend_cpu_us_per_packet: f64,
+    pub frontend_cpu_us_per_packet: f64,
+    pub stack_cpu_us_per_packet: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    pub mean_latency_us: f64,
+    /// Share of control intervals whose p99 exceeded the SLO.
+    pub slo_violation_rate: f64,
+    pub drop_rate: f64,
+    pub throughput_pps: f64,
+    /// Mean reward per step.
+    pub reward: f64,
+}
+
+impl Row {
+    pub fn from_summary(scenario: &str, policy: &str, seed: u64, s: &EpisodeSummary, reward: f64) -> Row {
+        let t = &s.totals;
+        let per = |ns: u64| if t.completed == 0 { 0.0 } else { ns as f64 / 1000.0 / t.completed as f64 };
+        Row {
+            scenario: scenario.to_string(),
+            policy: policy.to_string(),
+            seed,
+            cpu_us_per_packet: t.cpu_us_per_packet(),
+            nic_cpu_us_per_packet: per(t.cpu.nic.total_ns()),
+            backend_cpu_us_per_packet: per(t.cpu.backend.total_ns()),
+            frontend_cpu_us_per_packet: per(t.cpu.frontend.total_ns()),
+            stack_cpu_us_per_packet: per(t.cpu.stack.total_ns()),
+            p50_us: s.latency.p50_us,
+            p99_us: s.latency.p99_us,
+            p999_us: s.latency.p999_us,
+            mean_latency_us: s.latency.mean_us,
+            slo_violation_rate: if s.intervals == 0 {
+                0.0
+            } else {
+                s.slo_violations as f64 / s.intervals as f64
+            },
+            drop_rate: t.drop_fraction(),
+            throughput_pps: t.throughput_pps(),
+            reward,
+        }
+    }
+
+    pub fn score(&self) -> Score {
+        Score {
+            cpu_us_per_packet: self.cpu_us_per_packet,
+            slo_violation_rate: self.slo_violation_rate,
+            drop_fraction: self.drop_rate,
+        }
+    }
+}
+
+/// Runs one episode of `policy` on `scenario` and summarises it.
+pub fn run_episode(
+    scenario: &Scenario,
+    sim: &SimConfig,
+    policy: &mut dyn Policy,
+    seed: u64,
+) -> Result<(EpisodeSummary, f64)> {
+    let mut env = SimEnv::new(scenario.clone(), sim.clone(), Some(controller_factory()))?;
+    let (mut obs, _) = env.reset(seed)?;
+    policy.reset();
+    let (mut sum, mut n) = (0.0f64, 0u32);
+    loop {
+        let action = policy.act(&obs);
+        let st =
+            env.step(&action).with_context(|| format!("policy {} on {}", policy.name(), scenario.name))?;
+        sum += f64::from(st.reward);
+        n += 1;
+        obs = st.obs;
+        if st.terminated || st.truncated {
+            break;
+        }
+    }
+    let summary = env.episode_summary().context("the simulator keeps episode summaries")?;
+    Ok((summary, sum / f64::from(n.max(1))))
+}
+
+/// Where best-static results are cached, and whether to use the cache.
+#[derive(Debug, Clone)]
+pub struct Cache {
+    pub dir: Option<PathBuf>,
+}
+
+impl Cache {
+    fn path(&self, scenario: &Scenario, sim: &SimConfig, seed: u64) -> Option<PathBuf> {
+        use sha2::{Digest, Sha256};
+        let dir = self.dir.as_ref()?;
+        let key = serde_json::json!({
+            "v": 1,
+            "scenario": scenario,
+            "sim": sim,
+            "seed": seed,
+            "grid": best_static::GRID,
+            "passes": best_static::MAX_PASSES,
+            "max_drop": best_static::MAX_DROP_FRACTION,
+        });
+        let h = hex::encode(Sha256::digest(key.to_string().as_bytes()));
+        Some(dir.join("best-static").join(format!("{}-{}.json", scenario.name, &h[..16])))
+    }
+}
+
+/// The best fixed setting of `scenario` for `seed`, from the cache or a fresh search.
+pub fn best_static(scenario: &Scenario, sim: &SimConfig, seed: u64, cache: &Cache) -> Result<Found> {
+    let path = cache.path(scenario, sim, seed);
+    if let Some(p) = path.as_ref().filter(|p| p.exists()) {
+        let text = std::fs::read_to_string(p)?;
+        if let Ok(f) = serde_json::from_str::<Found>(&text) {
+            return Ok(f);
+        }
+        // A corrupt cache entry is recomputed, not trusted.
+    }
+    let found = best_static::search(scenario.vms.len(), |s| -> Result<Score> {
+        let mut p = moderato_policies::baselines::FixedPolicy::new("best-static", s.clone());
+        let (summary, reward) = run_episode(scenario, sim, &mut p, seed)?;
+        Ok(Row::from_summary(&scenario.name, "best-static", seed, &summary, reward).score())
+    })?;
+    if let Some(p) = path {
+        if let Some(d) = p.parent() {
+            std::fs::create_dir_all(d).with_context(|| format!("cannot create cache dir {}", d.display()))?;
+        }
+        let tmp = p.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_string_pretty(&found)?)?;
+        std::fs::rename(&tmp, &p)?;
+    }
+    Ok(found)
+}
+
+/// One unit of work.
+#[derive(Debug, Clone)]
+struct Job {
+    scenario: usize,
+    policy: usize,
+    seed: u64,
+}
+
+/// Runs the whole suite on `threads` workers (0: one per core) with a progress bar; rows come
+/// back in a fixed order (scenario, policy, seed), whatever the scheduling.
+pub fn run_suite(suite: &Suite, cache: &Cache, progress: bool) -> Result<Vec<Row>> {
+    let cfg = &suite.config;
+    let mut jobs = Vec::new();
+    for s in 0..suite.scenarios.len() {
+        for p in 0..suite.policies.len() {
+            for &seed in &cfg.seeds {
+                jobs.push(Job { scenario: s, policy: p, seed });
+            }
+        }
+    }
+    // Longest first: best-static searches run ~100 episodes each.
+    let mut order: Vec<usize> = (0..jobs.len()).collect();
+    order.sort_by_key(|&i| !matches!(suite.policies[jobs[i].policy], PolicySource::BestStatic));
+    let threads = if cfg.threads == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        cfg.threads
+    };
+    let bar = crate::progress::bar(jobs.len() as u64, "episodes", progress);
+    let next = AtomicUsize::new(0);
+    let results: Mutex<Vec<Option<Result<Row>>>> = Mutex::new((0..jobs.len()).map(|_| None).collect());
+    std::thread::scope(|sc| {
+        for _ in 0..threads.min(jobs.len()).max(1) {
+            sc.spawn(|| {
+                loop {
+                    let k = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(&i) = order.get(k) else { break };
+                    let r = run_job(suite, &jobs[i], cache);
+                    let failed = r.is_err();
+                    results.lock().expect("no worker panics while holding the lock")[i] = Some(r);
+                    bar.inc(1);
+                    if failed {
+                        // Let the other workers stop early too.
+                        next.store(usize::MAX / 2, Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+    });
+    bar.finish_and_clear();
+    let mut rows = Vec::with_capacity(jobs.len());
+    for r in results.into_inner().expect("workers are done") {
+        match r {
+            Some(r) => rows.push(r?),
+            None => bail!("evaluation stopped after an error"),
+        }
+    }
+    Ok(rows)
+}
+
+fn run_job(suite: &Suite, job: &Job, cache: &Cache) -> Result<Row> {
+    let sc = &suite.scenarios[job.scenario];
+    let sim = &suite.config.sim;
+    let source = &suite.policies[job.policy];
+    let mut policy: Box<dyn Policy> = match source {
+        PolicySource::BestStatic => {
+            let f = best_static(sc, sim, job.seed, cache)?;
+            Box::new(moderato_policies::baselines::FixedPolicy::new("best-static", f.settings))
+        }
+        other => other.instantiate(sc.vms.len())?,
+    };
+    let (summary, reward) = run_episode(sc, sim, policy.as_mut(), job.seed)?;
+    Ok(Row::from_summary(&sc.name, &source.label(), job.seed, &summary, reward))
+}

@@ -1,0 +1,16 @@
+//! # moderato-agent
+//!
+//! Everything that runs policies: PPO training from experiment configs, evaluation against
+//! baselines, the simulator front end, the live deploy loop, and the `moderato` command line.
+//! This crate alone enables autodiff and optimisers; the device is chosen here, at the edge.
+
+pub mod deploy;
+pub mod eval;
+pub mod progress;
+pub mod resolve;
+pub mod simulate;
+
+/// `YYYYmmdd-HHMMSS` in UTC, for run directory names.
+pub fn timestamp() -> String {
+    chrono::Utc::now().format("%Y%m%d-%H%M%S").to_string()
+}
