@@ -9,6 +9,7 @@ pub mod eval;
 pub mod progress;
 pub mod resolve;
 pub mod simulate;
+pub mod train;
 
 /// `YYYYmmdd-HHMMSS` in UTC, for run directory names.
 pub fn timestamp() -> String {

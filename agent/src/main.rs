@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-use moderato_agent::{eval, simulate};
+use moderato_agent::{eval, simulate, train};
 
 #[derive(Debug, Parser)]
 #[command(name = "moderato", version, about = "Learned interrupt moderation for virtualized hosts")]
@@ -21,6 +21,10 @@ enum Command {
     Simulate(simulate::SimulateArgs),
     /// Evaluate policies (baselines, best-static, frozen models) on a suite of scenarios.
     Eval(EvalArgs),
+    /// Train a policy with PPO from an experiment config, freeze it and evaluate it.
+    Train(train::TrainArgs),
+    /// Freeze the model of any training checkpoint.
+    Export(train::ExportArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -64,6 +68,8 @@ fn try_main() -> Result<()> {
     match cli.command {
         Command::Simulate(a) => simulate::run(a),
         Command::Eval(a) => run_eval(a),
+        Command::Train(a) => train::run(a),
+        Command::Export(a) => train::export(a),
     }
 }
 

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Result, anyhow};
-use moderato_env::ControllerFactory;
+use moderato_env::{ControllerFactory, EnvSpec};
 use moderato_policies::Policy;
 use moderato_policies::adaptive::AdaptiveFactory;
 use moderato_policies::baselines::{self, StaticSpec};
@@ -32,8 +32,8 @@ impl PolicySource {
         }
     }
 
-    /// A fresh policy for a host with `vms` VMs.
-    pub fn instantiate(&self, vms: usize) -> Result<Box<dyn Policy>> {
+    /// A fresh policy for an environment with this spec; a model is checked against it.
+    pub fn instantiate(&self, spec: &EnvSpec) -> Result<Box<dyn Policy>> {
         match self {
             PolicySource::Baseline { name, statics } => Ok(baselines::baseline(name, statics)?),
             PolicySource::BestStatic => {
@@ -41,7 +41,8 @@ impl PolicySource {
             }
             PolicySource::Model { dir, .. } => {
                 let p = LearnedPolicy::load(dir, &burn::tensor::Device::flex())?;
-                p.check_vms(vms)?;
+                p.check_vms(spec.vms)?;
+                p.check_spec(spec)?;
                 Ok(Box::new(p))
             }
         }

@@ -46,8 +46,8 @@ pub fn run(args: SimulateArgs) -> Result<()> {
         source != PolicySource::BestStatic,
         "best-static is found by `moderato eval`; simulate takes a fixed setting, a baseline or a model"
     );
-    let mut policy = source.instantiate(scenario.vms.len())?;
     let cfg = SimConfig { interval_us, episode_steps: steps, ..SimConfig::default() };
+    let mut policy = source.instantiate(&cfg.spec(scenario.vms.len()))?;
     let slo = cfg.reward.slo_p99_us;
     let mut env = SimEnv::new(scenario.clone(), cfg, Some(controller_factory()))?;
     let (mut obs, _) = env.reset(args.seed)?;

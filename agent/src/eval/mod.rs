@@ -322,7 +322,7 @@ fn run_job(suite: &Suite, job: &Job, cache: &Cache) -> Result<Row> {
             let f = best_static(sc, sim, job.seed, cache)?;
             Box::new(moderato_policies::baselines::FixedPolicy::new("best-static", f.settings))
         }
-        other => other.instantiate(sc.vms.len())?,
+        other => other.instantiate(&sim.spec(sc.vms.len()))?,
     };
     let (summary, reward) = run_episode(sc, sim, policy.as_mut(), job.seed)?;
     Ok(Row::from_summary(&sc.name, &source.label(), job.seed, &summary, reward))

@@ -91,6 +91,18 @@ impl Default for SimConfig {
 }
 
 impl SimConfig {
+    /// The [`EnvSpec`] of a simulator with `vms` VMs under this config.
+    pub fn spec(&self, vms: usize) -> EnvSpec {
+        EnvSpec {
+            vms,
+            action_space: self.action_space.clone(),
+            interval_ns: self.interval_us * 1000,
+            max_steps: Some(self.episode_steps),
+            host_probe: self.probe.host(),
+            guest_probe: self.probe.guest(),
+        }
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         if self.interval_us == 0 || self.interval_us > 60_000_000 {
             return Err(format!("interval_us = {}: use 1..=60000000", self.interval_us));
@@ -173,15 +185,7 @@ impl SimEnv {
                 scenario.vms.len()
             )));
         }
-        let vms = scenario.vms.len();
-        let spec = EnvSpec {
-            vms,
-            action_space: cfg.action_space.clone(),
-            interval_ns: cfg.interval_us * 1000,
-            max_steps: Some(cfg.episode_steps),
-            host_probe: cfg.probe.host(),
-            guest_probe: cfg.probe.guest(),
-        };
+        let spec = cfg.spec(scenario.vms.len());
         let sensitive =
             scenario.vms.iter().map(|v| v.flows.iter().any(|f| f.is_latency_sensitive())).collect();
         Ok(SimEnv {

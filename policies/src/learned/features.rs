@@ -176,8 +176,14 @@ impl FeatureBatch {
         let (b, v) = (self.rows, self.vms);
         BatchTensors {
             host: Tensor::from_data(TensorData::new(self.host.clone(), [b, HOST_FEATURES.len()]), device),
-            backend: Tensor::from_data(TensorData::new(self.backend.clone(), [b, v, BACKEND_FEATURES.len()]), device),
-            guest: Tensor::from_data(TensorData::new(self.guest.clone(), [b, v, GUEST_FEATURES.len()]), device),
+            backend: Tensor::from_data(
+                TensorData::new(self.backend.clone(), [b, v, BACKEND_FEATURES.len()]),
+                device,
+            ),
+            guest: Tensor::from_data(
+                TensorData::new(self.guest.clone(), [b, v, GUEST_FEATURES.len()]),
+                device,
+            ),
             mask: Tensor::from_data(TensorData::new(self.mask.clone(), [b, v]), device),
         }
     }

@@ -22,8 +22,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use moderato_env::{
-    ActionSpace, BACKEND_FEATURES, CoalescingSettings, EnvSpec, GUEST_FEATURES, HOST_FEATURES, KNOBS_PER_LAYER,
-    LayerId, LayerKind, Observation, VmSettings, feature_names,
+    ActionSpace, BACKEND_FEATURES, CoalescingSettings, EnvSpec, GUEST_FEATURES, HOST_FEATURES,
+    KNOBS_PER_LAYER, LayerId, LayerKind, Observation, VmSettings, feature_names,
 };
 
 pub use features::{FeatureBatch, Normalizer, RunningStats};
@@ -129,7 +129,9 @@ fn diff_names(model: &[String], env: &[String]) -> Option<String> {
     Some(if missing.is_empty() && extra.is_empty() {
         "same names in another order".into()
     } else {
-        format!("the model has {missing:?} that this build lacks, this build has {extra:?} that the model lacks")
+        format!(
+            "the model has {missing:?} that this build lacks, this build has {extra:?} that the model lacks"
+        )
     })
 }
 
@@ -165,7 +167,10 @@ impl LearnedPolicy {
             .map_err(|e| ModelError::Meta { path: meta_path.clone(), message: e.to_string() })?
             .get("format_version")
             .and_then(|v| v.as_u64())
-            .ok_or_else(|| ModelError::Meta { path: meta_path.clone(), message: "no format_version".into() })?;
+            .ok_or_else(|| ModelError::Meta {
+                path: meta_path.clone(),
+                message: "no format_version".into(),
+            })?;
         if version != u64::from(FORMAT_VERSION) {
             return Err(ModelError::Version { path: meta_path, found: version as u32 });
         }
@@ -187,7 +192,9 @@ impl LearnedPolicy {
             (&meta.normalizer.guest, GUEST_FEATURES.len()),
         ]
         .iter()
-        .all(|(s, n)| s.mean.len() == *n && s.var.len() == *n && s.var.iter().all(|v| v.is_finite() && *v >= 0.0));
+        .all(|(s, n)| {
+            s.mean.len() == *n && s.var.len() == *n && s.var.iter().all(|v| v.is_finite() && *v >= 0.0)
+        });
         if !norm_ok {
             return Err(ModelError::Mismatch {
                 path: meta_path,
@@ -200,20 +207,28 @@ impl LearnedPolicy {
             .map_err(|e| ModelError::Io { path: w_path.clone(), message: e.to_string() })?;
         let found = sha256_hex(&bytes);
         if found != meta.provenance.weights_sha256 {
-            return Err(ModelError::Checksum { path: w_path, found, expected: meta.provenance.weights_sha256 });
+            return Err(ModelError::Checksum {
+                path: w_path,
+                found,
+                expected: meta.provenance.weights_sha256,
+            });
         }
         let record = ModuleRecord::from_bytes(burn::tensor::Bytes::from_bytes_vec(bytes))
             .map_err(|e| ModelError::Weights { path: w_path.clone(), message: format!("{e:?}") })?;
         let actor = Actor::new(&meta.network, 0, device)
             .try_load_record(record)
             .map_err(|e| ModelError::Weights { path: w_path.clone(), message: format!("{e:?}") })?;
-        let name = format!("model:{}", dir.file_name().map_or_else(|| "model".into(), |f| f.to_string_lossy()));
+        let name =
+            format!("model:{}", dir.file_name().map_or_else(|| "model".into(), |f| f.to_string_lossy()));
         Ok(LearnedPolicy { name, dir: dir.to_path_buf(), meta, actor: actor.valid(), device: device.clone() })
     }
 
     /// Writes `actor` and `meta` (whose `weights_sha256` is filled in) into `dir`.
     pub fn save(dir: &Path, actor: Actor, mut meta: ModelMeta) -> Result<ModelMeta, ModelError> {
-        let io = |path: &Path, e: &dyn std::fmt::Display| ModelError::Io { path: path.to_path_buf(), message: e.to_string() };
+        let io = |path: &Path, e: &dyn std::fmt::Display| ModelError::Io {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        };
         std::fs::create_dir_all(dir).map_err(|e| io(dir, &e))?;
         let w_path = dir.join(WEIGHTS_FILE);
         let bytes = actor
@@ -250,9 +265,10 @@ impl LearnedPolicy {
                 ),
             });
         }
-        for (needed, have, side) in
-            [(self.meta.probes.host, spec.host_probe, "host"), (self.meta.probes.guest, spec.guest_probe, "guest")]
-        {
+        for (needed, have, side) in [
+            (self.meta.probes.host, spec.host_probe, "host"),
+            (self.meta.probes.guest, spec.guest_probe, "guest"),
+        ] {
             if needed && !have {
                 return Err(ModelError::Mismatch {
                     path,

@@ -37,6 +37,10 @@ pub struct NetConfig {
     /// Initial log standard deviation of the Gaussian policy.
     #[serde(default = "d_log_std")]
     pub init_log_std: f64,
+    /// Initial mean action (the actor heads' output bias), in `[-1, 1]` action space: −1 is
+    /// per-packet, so a negative value starts training on the low-latency side.
+    #[serde(default = "d_init_action")]
+    pub init_action_mean: f64,
 }
 
 fn d_hidden() -> Vec<usize> {
@@ -45,10 +49,18 @@ fn d_hidden() -> Vec<usize> {
 fn d_log_std() -> f64 {
     -0.5
 }
+fn d_init_action() -> f64 {
+    -0.5
+}
 
 impl Default for NetConfig {
     fn default() -> Self {
-        NetConfig { hidden: d_hidden(), activation: Activation::Tanh, init_log_std: d_log_std() }
+        NetConfig {
+            hidden: d_hidden(),
+            activation: Activation::Tanh,
+            init_log_std: d_log_std(),
+            init_action_mean: d_init_action(),
+        }
     }
 }
 
@@ -59,6 +71,9 @@ impl NetConfig {
         }
         if !(self.init_log_std.is_finite() && (-5.0..=2.0).contains(&self.init_log_std)) {
             return Err(format!("network.init_log_std = {}: use a value in [-5, 2]", self.init_log_std));
+        }
+        if !(self.init_action_mean.is_finite() && (-1.0..=1.0).contains(&self.init_action_mean)) {
+            return Err(format!("network.init_action_mean = {}: use a value in [-1, 1]", self.init_action_mean));
         }
         Ok(())
     }
@@ -118,7 +133,14 @@ pub struct Mlp {
 impl Mlp {
     /// Hidden layers with gain √2, the output layer with `out_gain` (CleanRL: 0.01 for actor
     /// means, 1 for the critic).
-    pub fn new(cfg: &NetConfig, d_in: usize, d_out: usize, out_gain: f64, rng: &mut Pcg64Mcg, device: &Device) -> Mlp {
+    pub fn new(
+        cfg: &NetConfig,
+        d_in: usize,
+        d_out: usize,
+        out_gain: f64,
+        rng: &mut Pcg64Mcg,
+        device: &Device,
+    ) -> Mlp {
         let mut hidden = Vec::with_capacity(cfg.hidden.len());
         let mut d = d_in;
         for &h in &cfg.hidden {
@@ -208,12 +230,23 @@ impl Actor {
         let mut rng = Pcg64Mcg::seed_from_u64(seed);
         let k = KNOBS_PER_LAYER;
         let log_std = |device: &Device| {
-            Param::from_tensor(Tensor::from_data(TensorData::new(vec![cfg.init_log_std as f32; k], [k]), device))
+            Param::from_tensor(Tensor::from_data(
+                TensorData::new(vec![cfg.init_log_std as f32; k], [k]),
+                device,
+            ))
+        };
+        let head = |rng: &mut Pcg64Mcg, d_in: usize| {
+            let mut m = Mlp::new(cfg, d_in, k, 0.01, rng, device);
+            m.out.bias = Some(Param::from_tensor(Tensor::from_data(
+                TensorData::new(vec![cfg.init_action_mean as f32; k], [k]),
+                device,
+            )));
+            m
         };
         Actor {
-            nic: Mlp::new(cfg, NIC_IN, k, 0.01, &mut rng, device),
-            backend: Mlp::new(cfg, BACKEND_IN, k, 0.01, &mut rng, device),
-            guest: Mlp::new(cfg, GUEST_IN, k, 0.01, &mut rng, device),
+            nic: head(&mut rng, NIC_IN),
+            backend: head(&mut rng, BACKEND_IN),
+            guest: head(&mut rng, GUEST_IN),
             log_std_nic: log_std(device),
             log_std_backend: log_std(device),
             log_std_frontend: log_std(device),

@@ -1,0 +1,311 @@
+//! Experiment configs: everything a training run needs, in one TOML file.
+//!
+//! Every key has one doc line here and in `experiments/example.toml`; the config key, the CLI
+//! override and the logged name are the same string (CleanRL's habit).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use moderato_env::sim::{Scenario, SimConfig};
+use moderato_policies::baselines::StaticSpec;
+use moderato_policies::learned::NetConfig;
+use serde::{Deserialize, Serialize};
+
+/// A training experiment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExperimentConfig {
+    /// Names the run directory `runs/<name>-<time>`.
+    pub name: String,
+    /// Seeds every random draw of the run (environments, exploration, initial weights).
+    #[serde(default = "d_seed")]
+    pub seed: u64,
+    /// Environment steps to train for, over all environments.
+    pub total_timesteps: u64,
+    /// Environments stepped in parallel.
+    #[serde(default = "d_num_envs")]
+    pub num_envs: usize,
+    /// Steps per environment per rollout; a multiple of `sim.episode_steps`, so that episodes end
+    /// exactly at rollout boundaries (which makes every checkpoint a clean resume point).
+    #[serde(default = "d_num_steps")]
+    pub num_steps: usize,
+    /// Worker threads stepping environments (0: one per core).
+    #[serde(default)]
+    pub threads: usize,
+    /// The scenarios episodes are drawn from, and how they are randomised.
+    pub suite: SuiteConfig,
+    /// The control loop: interval, episode length, reward weights and SLO, probes, action bounds.
+    #[serde(default)]
+    pub sim: SimConfig,
+    #[serde(default)]
+    pub ppo: PpoConfig,
+    #[serde(default)]
+    pub network: NetConfig,
+    #[serde(default)]
+    pub checkpoint: CheckpointConfig,
+    #[serde(default)]
+    pub evaluation: FinalEvalConfig,
+}
+
+fn d_seed() -> u64 {
+    1
+}
+fn d_num_envs() -> usize {
+    8
+}
+fn d_num_steps() -> usize {
+    128
+}
+
+/// Domain randomisation: each episode draws a scenario and perturbs it, so that the policy
+/// generalises rather than memorises.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SuiteConfig {
+    /// Scenario files, relative to the experiment file.
+    pub scenarios: Vec<PathBuf>,
+    /// Relative sampling weights, one per scenario (default: uniform).
+    #[serde(default)]
+    pub weights: Vec<f64>,
+    /// Each flow's arrival rate is multiplied by a log-uniform factor in this range.
+    #[serde(default = "d_rate_scale")]
+    pub rate_scale: [f64; 2],
+    /// Every CPU cost of the host is multiplied by one log-uniform factor in this range.
+    #[serde(default = "d_cost_scale")]
+    pub cost_scale: [f64; 2],
+}
+
+fn d_rate_scale() -> [f64; 2] {
+    [0.7, 1.3]
+}
+fn d_cost_scale() -> [f64; 2] {
+    [0.85, 1.15]
+}
+
+/// PPO hyperparameters (names as in CleanRL's `ppo_continuous_action.py`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PpoConfig {
+    /// Adam learning rate.
+    pub learning_rate: f64,
+    /// Anneal the learning rate linearly to 0 over the run.
+    pub anneal_lr: bool,
+    /// Discount factor.
+    pub gamma: f64,
+    /// GAE λ.
+    pub gae_lambda: f64,
+    /// Minibatches per epoch.
+    pub num_minibatches: usize,
+    /// Epochs over each rollout.
+    pub update_epochs: usize,
+    /// Normalise advantages per minibatch.
+    pub norm_adv: bool,
+    /// Surrogate clipping coefficient.
+    pub clip_coef: f64,
+    /// Clip the value loss around the old values.
+    pub clip_vloss: bool,
+    /// Entropy bonus coefficient.
+    pub ent_coef: f64,
+    /// Value loss coefficient.
+    pub vf_coef: f64,
+    /// Global gradient-norm clip.
+    pub max_grad_norm: f64,
+    /// Stop an update's epochs early when the approximate KL exceeds this (none: never).
+    pub target_kl: Option<f64>,
+    /// Scale rewards by a running estimate of the discounted return's standard deviation.
+    pub norm_reward: bool,
+}
+
+impl Default for PpoConfig {
+    fn default() -> Self {
+        PpoConfig {
+            learning_rate: 3e-4,
+            anneal_lr: true,
+            gamma: 0.99,
+            gae_lambda: 0.95,
+            num_minibatches: 4,
+            update_epochs: 10,
+            norm_adv: true,
+            clip_coef: 0.2,
+            clip_vloss: true,
+            ent_coef: 0.0,
+            vf_coef: 0.5,
+            max_grad_norm: 0.5,
+            target_kl: None,
+            norm_reward: true,
+        }
+    }
+}
+
+/// Checkpoint cadence.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointConfig {
+    /// Write a checkpoint every this many iterations (rollout + update); the last one is always
+    /// written.
+    pub every_iterations: u64,
+    /// Keep this many most recent checkpoints (0: all).
+    pub keep: usize,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        CheckpointConfig { every_iterations: 10, keep: 3 }
+    }
+}
+
+/// The evaluation that ends a run: the frozen model against baselines on the suite.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FinalEvalConfig {
+    /// Run it at all.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Baselines to compare with (the model is added).
+    #[serde(default = "d_eval_policies")]
+    pub policies: Vec<String>,
+    /// At least three seeds.
+    #[serde(default = "d_eval_seeds")]
+    pub seeds: Vec<u64>,
+    /// Named static knob sets, usable as `static:<name>`.
+    #[serde(default, rename = "static")]
+    pub statics: BTreeMap<String, StaticSpec>,
+}
+
+fn yes() -> bool {
+    true
+}
+fn d_eval_policies() -> Vec<String> {
+    ["per-packet", "static:mlx5", "static:moderate", "dim", "itr", "best-static"].map(String::from).to_vec()
+}
+fn d_eval_seeds() -> Vec<u64> {
+    vec![101, 102, 103]
+}
+
+impl Default for FinalEvalConfig {
+    fn default() -> Self {
+        FinalEvalConfig {
+            enabled: true,
+            policies: d_eval_policies(),
+            seeds: d_eval_seeds(),
+            statics: BTreeMap::new(),
+        }
+    }
+}
+
+/// A config with its scenarios loaded.
+#[derive(Debug, Clone)]
+pub struct Experiment {
+    pub config: ExperimentConfig,
+    /// The file it came from (relative paths resolve against its directory).
+    pub path: PathBuf,
+    pub scenarios: Vec<Scenario>,
+    /// The resolved config as TOML, as written into the run and the model.
+    pub toml: String,
+}
+
+impl ExperimentConfig {
+    pub fn load(path: &Path) -> Result<Experiment> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read experiment {}", path.display()))?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates; `path` names the file in errors and anchors relative paths.
+    pub fn parse(text: &str, path: &Path) -> Result<Experiment> {
+        let config: ExperimentConfig = toml::from_str(text).map_err(|e| {
+            anyhow::anyhow!("{}: {}\n(every key is documented in experiments/example.toml)", path.display(), e)
+        })?;
+        config.validate(path)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let scenarios = config
+            .suite
+            .scenarios
+            .iter()
+            .map(|s| {
+                Scenario::load(base.join(s))
+                    .map_err(|e| anyhow::anyhow!("{}: suite.scenarios: {}: {e}", path.display(), s.display()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let toml = toml::to_string(&config)?;
+        Ok(Experiment { config, path: path.to_path_buf(), scenarios, toml })
+    }
+
+    fn validate(&self, path: &Path) -> Result<()> {
+        let at = path.display();
+        let c = self;
+        if c.total_timesteps == 0 {
+            bail!("{at}: total_timesteps = 0: train for at least one step");
+        }
+        if c.num_envs == 0 || c.num_envs > 1024 {
+            bail!("{at}: num_envs = {}: use 1..=1024", c.num_envs);
+        }
+        c.sim.validate().map_err(|m| anyhow::anyhow!("{at}: [sim] {m}"))?;
+        let ep = c.sim.episode_steps as usize;
+        if c.num_steps == 0 || c.num_steps % ep != 0 {
+            bail!(
+                "{at}: num_steps = {} must be a positive multiple of sim.episode_steps = {ep}, so that \
+                 episodes end at rollout boundaries",
+                c.num_steps
+            );
+        }
+        let batch = c.num_envs * c.num_steps;
+        if c.ppo.num_minibatches == 0 || batch % c.ppo.num_minibatches != 0 {
+            bail!(
+                "{at}: ppo.num_minibatches = {} must divide num_envs × num_steps = {batch}",
+                c.ppo.num_minibatches
+            );
+        }
+        let p = &c.ppo;
+        for (k, v, lo, hi) in [
+            ("ppo.learning_rate", p.learning_rate, 0.0, 1.0),
+            ("ppo.gamma", p.gamma, 0.0, 1.0),
+            ("ppo.gae_lambda", p.gae_lambda, 0.0, 1.0),
+            ("ppo.clip_coef", p.clip_coef, 0.0, 10.0),
+            ("ppo.ent_coef", p.ent_coef, 0.0, 10.0),
+            ("ppo.vf_coef", p.vf_coef, 0.0, 100.0),
+            ("ppo.max_grad_norm", p.max_grad_norm, 0.0, 1e6),
+        ] {
+            if !(v.is_finite() && v >= lo && v <= hi) || (k == "ppo.learning_rate" && v == 0.0) {
+                bail!("{at}: {k} = {v}: use a value in ({lo}, {hi}]");
+            }
+        }
+        if p.update_epochs == 0 {
+            bail!("{at}: ppo.update_epochs = 0: use at least 1");
+        }
+        c.network.validate().map_err(|m| anyhow::anyhow!("{at}: {m}"))?;
+        let s = &c.suite;
+        if s.scenarios.is_empty() {
+            bail!("{at}: suite.scenarios is empty: list at least one scenario file");
+        }
+        if !s.weights.is_empty()
+            && (s.weights.len() != s.scenarios.len() || s.weights.iter().any(|w| !(w.is_finite() && *w >= 0.0)))
+        {
+            bail!(
+                "{at}: suite.weights must have one non-negative weight per scenario ({} scenarios, {} weights)",
+                s.scenarios.len(),
+                s.weights.len()
+            );
+        }
+        if !s.weights.is_empty() && s.weights.iter().sum::<f64>() <= 0.0 {
+            bail!("{at}: suite.weights sum to 0: give some scenario a positive weight");
+        }
+        for (k, r) in [("suite.rate_scale", s.rate_scale), ("suite.cost_scale", s.cost_scale)] {
+            if !(r[0] > 0.0 && r[0] <= r[1] && r[1].is_finite()) {
+                bail!("{at}: {k} = {r:?}: a range [low, high] with 0 < low <= high");
+            }
+        }
+        if c.checkpoint.every_iterations == 0 {
+            bail!("{at}: checkpoint.every_iterations = 0: use at least 1");
+        }
+        if c.evaluation.enabled && c.evaluation.seeds.len() < 3 {
+            bail!("{at}: evaluation.seeds has {} seed(s): give at least 3", c.evaluation.seeds.len());
+        }
+        Ok(())
+    }
+
+    /// Iterations (rollout + update) of the run.
+    pub fn iterations(&self) -> u64 {
+        self.total_timesteps.div_ceil((self.num_envs * self.num_steps) as u64)
+    }
+}

@@ -1,0 +1,306 @@
+//! `moderato train` and `moderato export`: PPO from an experiment config to a frozen model.
+//!
+//! A run writes `runs/<name>-<time>/`:
+//! - `config.toml`: the resolved experiment;
+//! - `tb/`: TensorBoard event files (`charts/*`, `losses/*`);
+//! - `checkpoints/iter-NNNNNN/`: model, optimiser and trainer state, every
+//!   `checkpoint.every_iterations` and at the end (written to a temporary directory and renamed, so
+//!   a kill never leaves a half checkpoint);
+//! - `model/`: the frozen model;
+//! - `eval/`: the evaluation of the model against the baselines on the suite.
+//!
+//! `--resume <run-dir>` continues from the newest checkpoint; since every iteration is a pure
+//! function of the checkpointed state and `(seed, iteration)`, nothing is lost.
+
+pub mod config;
+pub mod metrics;
+pub mod ppo;
+mod randomize;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use burn::module::Module;
+use burn::tensor::Device;
+use clap::Args;
+use moderato_policies::learned::{Actor, FeatureNames, LearnedPolicy, ModelMeta, Probes, Provenance};
+
+pub use config::{Experiment, ExperimentConfig};
+pub use ppo::{IterationStats, Model, TrainState, Trainer};
+
+use crate::eval;
+use metrics::{Metrics, TensorBoard};
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Experiment config (see experiments/example.toml).
+    pub experiment: PathBuf,
+    /// Continue the run in this directory from its newest checkpoint.
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    /// Run directory for a new run (default: runs/<name>-<time>).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Stop after this many iterations of this invocation (the run can be resumed).
+    #[arg(long)]
+    pub max_iterations: Option<u64>,
+    /// Skip the final evaluation against baselines.
+    #[arg(long)]
+    pub no_eval: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// A checkpoint directory (runs/<run>/checkpoints/iter-NNNNNN).
+    pub checkpoint: PathBuf,
+    /// Where to write the frozen model.
+    pub model_dir: PathBuf,
+}
+
+/// The autodiff device every trainer uses: burn's CPU `flex` backend.
+pub fn train_device() -> Device {
+    Device::flex().autodiff()
+}
+
+const CHECKPOINTS: &str = "checkpoints";
+
+/// Checkpoint directories of a run, oldest first.
+pub fn checkpoints(run: &Path) -> Result<Vec<PathBuf>> {
+    let dir = run.join(CHECKPOINTS);
+    let mut v: Vec<PathBuf> = match std::fs::read_dir(&dir) {
+        Ok(rd) => rd
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("iter-")))
+            .filter(|p| p.join("state.json").exists())
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(e).with_context(|| format!("cannot list {}", dir.display())),
+    };
+    v.sort();
+    Ok(v)
+}
+
+fn write_checkpoint(t: &Trainer, run: &Path, keep: usize) -> Result<PathBuf> {
+    let dir = run.join(CHECKPOINTS);
+    let name = format!("iter-{:06}", t.state.iteration);
+    let tmp = dir.join(format!(".tmp-{name}"));
+    let fin = dir.join(&name);
+    let _ = std::fs::remove_dir_all(&tmp);
+    t.save_checkpoint(&tmp)?;
+    if fin.exists() {
+        std::fs::remove_dir_all(&fin).with_context(|| format!("cannot replace {}", fin.display()))?;
+    }
+    std::fs::rename(&tmp, &fin).with_context(|| format!("cannot move checkpoint to {}", fin.display()))?;
+    if keep > 0 {
+        let all = checkpoints(run)?;
+        for old in all.iter().take(all.len().saturating_sub(keep)) {
+            let _ = std::fs::remove_dir_all(old);
+        }
+    }
+    Ok(fin)
+}
+
+/// `git describe --always --dirty` of the working directory, or "unknown".
+fn source_revision() -> String {
+    std::process::Command::new("git")
+        .args(["describe", "--always", "--dirty"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// The frozen-model metadata of a trained actor.
+pub fn model_meta(exp_name: &str, toml: &str, cfg: &ExperimentConfig, state: &TrainState) -> ModelMeta {
+    use sha2::{Digest, Sha256};
+    ModelMeta {
+        format_version: moderato_policies::learned::FORMAT_VERSION,
+        features: FeatureNames::current(),
+        normalizer: state.normalizer.clone(),
+        action_space: cfg.sim.action_space.clone(),
+        network: cfg.network.clone(),
+        interval_us: cfg.sim.interval_us,
+        probes: Probes { host: cfg.sim.probe.host(), guest: cfg.sim.probe.guest() },
+        provenance: Provenance {
+            experiment: exp_name.to_string(),
+            config_toml: toml.to_string(),
+            config_sha256: hex::encode(Sha256::digest(toml.as_bytes())),
+            source_revision: source_revision(),
+            seed: cfg.seed,
+            timesteps: state.global_step,
+            created_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            evaluation: None,
+            weights_sha256: String::new(),
+        },
+    }
+}
+
+/// Freezes the trainer's actor into `dir`.
+pub fn freeze(t: &Trainer, dir: &Path) -> Result<ModelMeta> {
+    let actor: Actor = t.model.actor.clone().valid();
+    let meta = model_meta(&t.exp.config.name, &t.exp.toml, &t.exp.config, &t.state);
+    Ok(LearnedPolicy::save(dir, actor, meta)?)
+}
+
+/// Trains (or resumes) as the arguments say, then freezes and evaluates.
+pub fn run(args: TrainArgs) -> Result<()> {
+    let exp = ExperimentConfig::load(&args.experiment)?;
+    let device = train_device();
+    let (mut trainer, run) = match &args.resume {
+        Some(run) => {
+            let Some(last) = checkpoints(run)?.pop() else {
+                bail!("{}: no checkpoint to resume from (expected {}/iter-*/)", run.display(), CHECKPOINTS);
+            };
+            eprintln!("resuming from {}", last.display());
+            (Trainer::load_checkpoint(exp, &last, device)?, run.clone())
+        }
+        None => {
+            let run = args
+                .out
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("runs").join(format!("{}-{}", exp.config.name, crate::timestamp())));
+            if checkpoints(&run)?.last().is_some() {
+                bail!("{} already holds checkpoints: resume it with --resume {0}, or pick another --out", run.display());
+            }
+            std::fs::create_dir_all(&run).with_context(|| format!("cannot create {}", run.display()))?;
+            std::fs::write(run.join("config.toml"), &exp.toml)?;
+            (Trainer::new(exp, device), run)
+        }
+    };
+    let mut tb = TensorBoard::new(&run.join("tb"));
+    let finished = train_loop(&mut trainer, &run, &mut tb, args.max_iterations, true)?;
+    tb.flush();
+    if !finished {
+        eprintln!(
+            "stopped after iteration {} of {}; continue with: moderato train {} --resume {}",
+            trainer.state.iteration,
+            trainer.exp.config.iterations(),
+            args.experiment.display(),
+            run.display()
+        );
+        return Ok(());
+    }
+    let model_dir = run.join("model");
+    freeze(&trainer, &model_dir)?;
+    eprintln!("frozen model: {}", model_dir.display());
+    if trainer.exp.config.evaluation.enabled && !args.no_eval {
+        final_eval(&trainer, &run, &model_dir)?;
+    }
+    Ok(())
+}
+
+/// Iterates until the experiment's iterations are done (or `max_iterations` more), writing
+/// checkpoints; returns whether training finished.
+pub fn train_loop(
+    trainer: &mut Trainer,
+    run: &Path,
+    metrics: &mut dyn Metrics,
+    max_iterations: Option<u64>,
+    progress: bool,
+) -> Result<bool> {
+    let total = trainer.exp.config.iterations();
+    let every = trainer.exp.config.checkpoint.every_iterations;
+    let keep = trainer.exp.config.checkpoint.keep;
+    let bar = crate::progress::bar(total, "iterations", progress);
+    bar.set_position(trainer.state.iteration);
+    let mut done_here = 0u64;
+    while trainer.state.iteration < total {
+        if max_iterations.is_some_and(|m| done_here >= m) {
+            bar.finish_and_clear();
+            return Ok(false);
+        }
+        let s = trainer.iteration(metrics)?;
+        done_here += 1;
+        bar.set_position(s.iteration);
+        bar.set_message(format!(
+            "return {:.3}  cpu {:.2} µs/pkt  p99 {:.0} µs  viol {:.0}%",
+            s.episodic_return,
+            s.cpu_us_per_packet,
+            s.p99_latency_us,
+            100.0 * s.slo_violation_rate
+        ));
+        if !progress || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            eprintln!(
+                "iter {:>5}/{total} step {:>9}  return {:8.3}  cpu {:5.2} µs/pkt  p99 {:7.1} µs  viol {:5.1}%  kl {:.4}",
+                s.iteration,
+                s.global_step,
+                s.episodic_return,
+                s.cpu_us_per_packet,
+                s.p99_latency_us,
+                100.0 * s.slo_violation_rate,
+                s.approx_kl
+            );
+        }
+        if s.iteration % every == 0 || s.iteration == total {
+            write_checkpoint(trainer, run, keep)?;
+            metrics.flush();
+        }
+    }
+    bar.finish_and_clear();
+    Ok(true)
+}
+
+/// Evaluates the frozen model against the configured baselines on the training suite.
+fn final_eval(t: &Trainer, run: &Path, model_dir: &Path) -> Result<()> {
+    let c = &t.exp.config;
+    let model = std::fs::canonicalize(model_dir)?;
+    let mut policies = c.evaluation.policies.clone();
+    policies.push(model.to_string_lossy().into_owned());
+    let cfg = eval::EvalConfig {
+        name: c.name.clone(),
+        scenarios: c.suite.scenarios.clone(),
+        policies,
+        seeds: c.evaluation.seeds.clone(),
+        sim: c.sim.clone(),
+        statics: c.evaluation.statics.clone(),
+        threads: c.threads,
+    };
+    let suite = cfg.into_suite(&t.exp.path)?;
+    let cache = eval::Cache { dir: Some(PathBuf::from("runs/cache")) };
+    let rows = eval::run_suite(&suite, &cache, true)?;
+    let aggs = eval::aggregate(&rows);
+    let md = eval::report::markdown(&suite, &aggs);
+    println!("{md}");
+    let out = run.join("eval");
+    eval::write_outputs(&out, &suite, &rows, &aggs)?;
+    // Record the evaluation in the model's provenance (the weights, and their hash, are unchanged).
+    let p = model_dir.join(moderato_policies::learned::META_FILE);
+    let mut meta: ModelMeta = serde_json::from_str(&std::fs::read_to_string(&p)?)?;
+    meta.provenance.evaluation = Some(md);
+    std::fs::write(&p, serde_json::to_string_pretty(&meta)?)?;
+    eprintln!("evaluation: {}", out.display());
+    Ok(())
+}
+
+/// `moderato export`: a frozen model from any checkpoint.
+pub fn export(args: ExportArgs) -> Result<()> {
+    let dir = &args.checkpoint;
+    let toml = std::fs::read_to_string(dir.join("config.toml"))
+        .with_context(|| format!("{}: not a checkpoint (no config.toml)", dir.display()))?;
+    let cfg: ExperimentConfig = toml::from_str(&toml).with_context(|| format!("{}/config.toml", dir.display()))?;
+    let state: TrainState = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("state.json"))
+            .with_context(|| format!("{}: not a checkpoint (no state.json)", dir.display()))?,
+    )?;
+    let device = Device::flex();
+    let bytes = std::fs::read(dir.join("model.bpk")).with_context(|| format!("{}: no model.bpk", dir.display()))?;
+    let rec = burn::store::ModuleRecord::from_bytes(burn::tensor::Bytes::from_bytes_vec(bytes))
+        .map_err(|e| anyhow::anyhow!("{}/model.bpk: {e:?}", dir.display()))?;
+    let model = Model::new(&cfg.network, 0, &device)
+        .try_load_record(rec)
+        .map_err(|e| anyhow::anyhow!("{}/model.bpk: {e:?}", dir.display()))?;
+    let meta = model_meta(&cfg.name, &toml, &cfg, &state);
+    LearnedPolicy::save(&args.model_dir, model.actor.valid(), meta)?;
+    eprintln!(
+        "exported {} (iteration {}, {} steps) to {}",
+        dir.display(),
+        state.iteration,
+        state.global_step,
+        args.model_dir.display()
+    );
+    Ok(())
+}
