@@ -8,7 +8,8 @@ use moderato_agent::train::metrics::Memory;
 use moderato_agent::train::ppo::EnvMaker;
 use moderato_agent::train::{Experiment, ExperimentConfig, Trainer, checkpoints, train_device, train_loop};
 use moderato_env::{
-    ActionSpace, CoalescingSettings, Env, EnvError, EnvSpec, Info, LayerId, LayerKind, Moderation, Observation, Step,
+    ActionSpace, CoalescingSettings, Env, EnvError, EnvSpec, Info, LayerId, LayerKind, Moderation,
+    Observation, Step,
 };
 use moderato_policies::Policy;
 use moderato_policies::learned::LearnedPolicy;
@@ -139,7 +140,8 @@ fn ppo_reaches_the_known_optimum_of_a_contextual_bandit() {
     let mut worst: f32 = 0.0;
     for _ in 0..20 {
         let a = p.act(&o);
-        let err = encoded(&ActionSpace::default(), &a).iter().map(|x| (x - env.target()).abs()).fold(0.0, f32::max);
+        let err =
+            encoded(&ActionSpace::default(), &a).iter().map(|x| (x - env.target()).abs()).fold(0.0, f32::max);
         worst = worst.max(err);
         o = env.step(&a).unwrap().obs;
     }
@@ -246,8 +248,11 @@ fn export_gives_the_trainers_actions() {
     train_loop(&mut t, tmp.path(), &mut m, Some(2), false).unwrap();
     let last = checkpoints(tmp.path()).unwrap().pop().unwrap();
     let model = tmp.path().join("model");
-    moderato_agent::train::export(moderato_agent::train::ExportArgs { checkpoint: last, model_dir: model.clone() })
-        .unwrap();
+    moderato_agent::train::export(moderato_agent::train::ExportArgs {
+        checkpoint: last,
+        model_dir: model.clone(),
+    })
+    .unwrap();
     let mut loaded = LearnedPolicy::load(&model, &burn::tensor::Device::flex()).unwrap();
     let meta = moderato_agent::train::model_meta("tiny", "", &t.exp.config, &t.state);
     let mut live = LearnedPolicy::new("live", t.model.actor.clone(), meta, burn::tensor::Device::flex());

@@ -414,7 +414,11 @@ fn closed_loop_clients_obey_the_interactive_response_time_law() {
     // R is the mean time from a request's generation to its response leaving the NIC. Requests
     // take one wire serialisation (128 B: 0.12 µs at 10 Gbit/s) before their NIC arrival starts R.
     for (clients, think_us) in [(4u32, 100.0), (16, 400.0)] {
-        let mut f = flow(FlowKind::RequestResponse, Arrivals::ClosedLoop { clients, think_us, timeout_us: 10_000.0 }, 128);
+        let mut f = flow(
+            FlowKind::RequestResponse,
+            Arrivals::ClosedLoop { clients, think_us, timeout_us: 10_000.0 },
+            128,
+        );
         f.app_us = 5.0;
         let sc = scenario(HostConfig::default(), Costs::default(), vec![vm(vec![f])]);
         let r = run(sc, cfg(100_000, 22), &CoalescingSettings::per_packet(1), 81, 2);

@@ -53,7 +53,10 @@ impl StaticSpec {
     pub fn settings(&self, vms: usize) -> CoalescingSettings {
         CoalescingSettings {
             nic: self.nic.settings(),
-            vms: vec![VmSettings { backend: self.backend.settings(), frontend: self.frontend.settings() }; vms],
+            vms: vec![
+                VmSettings { backend: self.backend.settings(), frontend: self.frontend.settings() };
+                vms
+            ],
         }
     }
 }
@@ -78,11 +81,7 @@ pub const PRESETS: &[(&str, &str, StaticSpec)] = &[
             frontend: LayerKnobs::PER_PACKET,
         },
     ),
-    (
-        "moderate",
-        "every layer 16 µs / 16 frames",
-        StaticSpec::uniform(Knobs::new(16, 16)),
-    ),
+    ("moderate", "every layer 16 µs / 16 frames", StaticSpec::uniform(Knobs::new(16, 16))),
     (
         "heavy",
         "every layer 256 µs / 128 frames: lowest CPU, highest latency",
@@ -197,7 +196,10 @@ pub fn static_spec(what: &str, customs: &BTreeMap<String, StaticSpec>) -> Option
 
 /// A fixed baseline by name. `best-static` is not one: it needs a search (see
 /// [`crate::best_static`]), so it is refused here with that explanation.
-pub fn baseline(name: &str, customs: &BTreeMap<String, StaticSpec>) -> Result<Box<dyn Policy>, UnknownPolicy> {
+pub fn baseline(
+    name: &str,
+    customs: &BTreeMap<String, StaticSpec>,
+) -> Result<Box<dyn Policy>, UnknownPolicy> {
     let unknown = || UnknownPolicy { name: name.to_string(), valid: baseline_names(customs) };
     match name {
         "per-packet" => Ok(Box::new(StaticPolicy::per_packet())),

@@ -78,7 +78,10 @@ pub fn streams(vms: usize) -> Vec<(LayerId, Direction)> {
 }
 
 /// Finds the best fixed setting for `vms` VMs; `evaluate` runs one setting and scores it.
-pub fn search<E>(vms: usize, mut evaluate: impl FnMut(&CoalescingSettings) -> Result<Score, E>) -> Result<Found, E> {
+pub fn search<E>(
+    vms: usize,
+    mut evaluate: impl FnMut(&CoalescingSettings) -> Result<Score, E>,
+) -> Result<Found, E> {
     let mut seen: HashMap<CoalescingSettings, Score> = HashMap::new();
     let mut eval = |s: &CoalescingSettings| -> Result<Score, E> {
         if let Some(sc) = seen.get(s) {

@@ -8,8 +8,8 @@ use moderato_env::sim::{Scenario, SimConfig, SimEnv};
 use moderato_env::{ActionSpace, Env, KnobBounds};
 use moderato_policies::Policy;
 use moderato_policies::learned::{
-    Actor, FeatureNames, LearnedPolicy, ModelMeta, NetConfig, Normalizer, Probes, Provenance, FORMAT_VERSION,
-    META_FILE, WEIGHTS_FILE,
+    Actor, FORMAT_VERSION, FeatureNames, LearnedPolicy, META_FILE, ModelMeta, NetConfig, Normalizer, Probes,
+    Provenance, WEIGHTS_FILE,
 };
 
 fn meta() -> ModelMeta {

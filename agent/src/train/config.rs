@@ -207,14 +207,19 @@ pub struct Experiment {
 
 impl ExperimentConfig {
     pub fn load(path: &Path) -> Result<Experiment> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read experiment {}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read experiment {}", path.display()))?;
         Self::parse(&text, path)
     }
 
     /// Parses and validates; `path` names the file in errors and anchors relative paths.
     pub fn parse(text: &str, path: &Path) -> Result<Experiment> {
         let config: ExperimentConfig = toml::from_str(text).map_err(|e| {
-            anyhow::anyhow!("{}: {}\n(every key is documented in experiments/example.toml)", path.display(), e)
+            anyhow::anyhow!(
+                "{}: {}\n(every key is documented in experiments/example.toml)",
+                path.display(),
+                e
+            )
         })?;
         config.validate(path)?;
         let base = path.parent().unwrap_or(Path::new("."));
@@ -279,7 +284,8 @@ impl ExperimentConfig {
             bail!("{at}: suite.scenarios is empty: list at least one scenario file");
         }
         if !s.weights.is_empty()
-            && (s.weights.len() != s.scenarios.len() || s.weights.iter().any(|w| !(w.is_finite() && *w >= 0.0)))
+            && (s.weights.len() != s.scenarios.len()
+                || s.weights.iter().any(|w| !(w.is_finite() && *w >= 0.0)))
         {
             bail!(
                 "{at}: suite.weights must have one non-negative weight per scenario ({} scenarios, {} weights)",

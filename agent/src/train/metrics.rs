@@ -55,7 +55,17 @@ impl Metrics for TensorBoard {
             let i = (((x - min) / width) as usize).min(n - 1);
             counts[i] += 1.0;
         }
-        self.writer.add_histogram_raw(tag, min, max, v.len() as f64, sum, sum_sq, &limits, &counts, step as usize);
+        self.writer.add_histogram_raw(
+            tag,
+            min,
+            max,
+            v.len() as f64,
+            sum,
+            sum_sq,
+            &limits,
+            &counts,
+            step as usize,
+        );
     }
 
     fn flush(&mut self) {
@@ -89,4 +99,3 @@ impl Metrics for Memory {
     fn histogram(&mut self, _tag: &str, _values: &[f64], _step: u64) {}
     fn flush(&mut self) {}
 }
-

@@ -159,12 +159,14 @@ pub fn run(args: TrainArgs) -> Result<()> {
             (Trainer::load_checkpoint(exp, &last, device)?, run.clone())
         }
         None => {
-            let run = args
-                .out
-                .clone()
-                .unwrap_or_else(|| PathBuf::from("runs").join(format!("{}-{}", exp.config.name, crate::timestamp())));
+            let run = args.out.clone().unwrap_or_else(|| {
+                PathBuf::from("runs").join(format!("{}-{}", exp.config.name, crate::timestamp()))
+            });
             if checkpoints(&run)?.last().is_some() {
-                bail!("{} already holds checkpoints: resume it with --resume {0}, or pick another --out", run.display());
+                bail!(
+                    "{} already holds checkpoints: resume it with --resume {0}, or pick another --out",
+                    run.display()
+                );
             }
             std::fs::create_dir_all(&run).with_context(|| format!("cannot create {}", run.display()))?;
             std::fs::write(run.join("config.toml"), &exp.toml)?;
@@ -281,13 +283,15 @@ pub fn export(args: ExportArgs) -> Result<()> {
     let dir = &args.checkpoint;
     let toml = std::fs::read_to_string(dir.join("config.toml"))
         .with_context(|| format!("{}: not a checkpoint (no config.toml)", dir.display()))?;
-    let cfg: ExperimentConfig = toml::from_str(&toml).with_context(|| format!("{}/config.toml", dir.display()))?;
+    let cfg: ExperimentConfig =
+        toml::from_str(&toml).with_context(|| format!("{}/config.toml", dir.display()))?;
     let state: TrainState = serde_json::from_str(
         &std::fs::read_to_string(dir.join("state.json"))
             .with_context(|| format!("{}: not a checkpoint (no state.json)", dir.display()))?,
     )?;
     let device = Device::flex();
-    let bytes = std::fs::read(dir.join("model.bpk")).with_context(|| format!("{}: no model.bpk", dir.display()))?;
+    let bytes =
+        std::fs::read(dir.join("model.bpk")).with_context(|| format!("{}: no model.bpk", dir.display()))?;
     let rec = burn::store::ModuleRecord::from_bytes(burn::tensor::Bytes::from_bytes_vec(bytes))
         .map_err(|e| anyhow::anyhow!("{}/model.bpk: {e:?}", dir.display()))?;
     let model = Model::new(&cfg.network, 0, &device)

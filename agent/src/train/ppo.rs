@@ -24,7 +24,9 @@ use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Tensor, TensorData};
 use moderato_env::sim::SimEnv;
-use moderato_env::{ActionSpace, BACKEND_FEATURES, ControllerFactory, Env, GUEST_FEATURES, HOST_FEATURES, Observation};
+use moderato_env::{
+    ActionSpace, BACKEND_FEATURES, ControllerFactory, Env, GUEST_FEATURES, HOST_FEATURES, Observation,
+};
 use moderato_policies::learned::{
     Actor, BatchTensors, FeatureBatch, Mlp, NetConfig, Normalizer, RunningStats, decode_means,
 };
@@ -54,11 +56,11 @@ impl Critic {
     pub fn value(&self, x: &BatchTensors) -> Tensor<1> {
         let input = Tensor::cat(
             vec![
-                x.host.clone(),                    // [batch, HOST]
-                x.vm_mean(x.backend.clone()),      // [batch, BACKEND]
-                x.vm_max(x.backend.clone()),       // [batch, BACKEND]
-                x.vm_mean(x.guest.clone()),        // [batch, GUEST]
-                x.vm_max(x.guest.clone()),         // [batch, GUEST]
+                x.host.clone(),               // [batch, HOST]
+                x.vm_mean(x.backend.clone()), // [batch, BACKEND]
+                x.vm_max(x.backend.clone()),  // [batch, BACKEND]
+                x.vm_mean(x.guest.clone()),   // [batch, GUEST]
+                x.vm_max(x.guest.clone()),    // [batch, GUEST]
             ],
             1,
         ); // [batch, CRITIC_IN]
@@ -271,19 +273,24 @@ impl Trainer {
         let mut ep_return = vec![0.0f64; n_envs];
         let mut disc_return = vec![0.0f64; n_envs];
         let mut eps = EpisodeStats::default();
-        let threads = if c.threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { c.threads };
+        let threads = if c.threads == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            c.threads
+        };
 
         for t in 0..n_steps {
             if t % ep_steps == 0 {
                 // New episodes: a randomised scenario per env.
                 let e = (t / ep_steps) as u64;
                 let make_env = &self.make_env;
-                let started: Vec<Result<(Box<dyn Env + Send>, Observation)>> = parallel_map(n_envs, threads, |i| {
-                    let eseed = derive(iseed, &[2, i as u64, e]);
-                    let mut env = make_env(eseed)?;
-                    let (o, _) = env.reset(derive(eseed, &[3]))?;
-                    Ok((env, o))
-                });
+                let started: Vec<Result<(Box<dyn Env + Send>, Observation)>> =
+                    parallel_map(n_envs, threads, |i| {
+                        let eseed = derive(iseed, &[2, i as u64, e]);
+                        let mut env = make_env(eseed)?;
+                        let (o, _) = env.reset(derive(eseed, &[3]))?;
+                        Ok((env, o))
+                    });
                 for (i, r) in started.into_iter().enumerate() {
                     let (env, o) = r?;
                     envs[i] = Some(env);
@@ -388,7 +395,9 @@ impl Trainer {
                 for o in &obs {
                     fin.push(o, self.action_space());
                 }
-                let v = to_vec(infer.critic.value(&fin.normalized(&self.state.normalizer).tensors(&infer_device)));
+                let v = to_vec(
+                    infer.critic.value(&fin.normalized(&self.state.normalizer).tensors(&infer_device)),
+                );
                 for i in 0..n_envs {
                     st.rewards[t * n_envs + i] += (gamma * f64::from(v[i])) as f32;
                 }
@@ -409,7 +418,8 @@ impl Trainer {
                 let row = t * n_envs + i;
                 let nextnonterminal = 1.0 - f64::from(st.dones[row]);
                 let nextvalue = if t + 1 < n_steps { f64::from(st.values[row + n_envs]) } else { 0.0 };
-                let delta = f64::from(st.rewards[row]) + gamma * nextvalue * nextnonterminal - f64::from(st.values[row]);
+                let delta = f64::from(st.rewards[row]) + gamma * nextvalue * nextnonterminal
+                    - f64::from(st.values[row]);
                 lastgaelam[i] = delta + gamma * lam * nextnonterminal * lastgaelam[i];
                 adv[row] = lastgaelam[i] as f32;
             }
@@ -420,7 +430,8 @@ impl Trainer {
         let mb_size = rows / c.ppo.num_minibatches;
         let mut inds: Vec<usize> = (0..rows).collect();
         let mut shuffle = Pcg64Mcg::seed_from_u64(derive(iseed, &[4]));
-        let (mut v_loss_last, mut pg_loss_last, mut ent_last, mut kl_last, mut old_kl_last) = (0.0, 0.0, 0.0, 0.0, 0.0);
+        let (mut v_loss_last, mut pg_loss_last, mut ent_last, mut kl_last, mut old_kl_last) =
+            (0.0, 0.0, 0.0, 0.0, 0.0);
         let mut clipfracs = Vec::new();
         'epochs: for _epoch in 0..c.ppo.update_epochs {
             // Fisher–Yates with our generator.
@@ -486,13 +497,24 @@ impl Trainer {
         metrics.scalar("losses/clipfrac", stats.clipfrac, step);
         metrics.scalar("losses/explained_variance", explained_variance, step);
         let [a, b, f] = self.log_stds();
-        metrics.histogram("policy/log_std", &a.iter().chain(&b).chain(&f).map(|x| f64::from(*x)).collect::<Vec<_>>(), step);
+        metrics.histogram(
+            "policy/log_std",
+            &a.iter().chain(&b).chain(&f).map(|x| f64::from(*x)).collect::<Vec<_>>(),
+            step,
+        );
         metrics.histogram("charts/episodic_returns", &eps.returns, step);
         Ok(stats)
     }
 
     /// One gradient step on the rows `mb` of the rollout.
-    fn minibatch(&mut self, st: &Storage, adv: &[f32], returns: &[f32], mb: &[usize], lr: f64) -> Result<MinibatchOut> {
+    fn minibatch(
+        &mut self,
+        st: &Storage,
+        adv: &[f32],
+        returns: &[f32],
+        mb: &[usize],
+        lr: f64,
+    ) -> Result<MinibatchOut> {
         let c = &self.exp.config.ppo;
         let dev = &self.device;
         let n = mb.len();
@@ -553,7 +575,8 @@ impl Trainer {
         let old_approx_kl = f64::from(to_vec(logratio.clone().neg().mean().inner())[0]);
         let approx_kl = f64::from(to_vec(((ratio.clone() - 1.0) - logratio).mean().inner())[0]);
         let r = to_vec(ratio.clone().inner());
-        let clipfrac = r.iter().filter(|x| (f64::from(**x) - 1.0).abs() > c.clip_coef).count() as f64 / n as f64;
+        let clipfrac =
+            r.iter().filter(|x| (f64::from(**x) - 1.0).abs() > c.clip_coef).count() as f64 / n as f64;
 
         // Clipped surrogate: max(−A·ρ, −A·clip(ρ, 1 − ε, 1 + ε)).
         let pg1 = b_adv.clone().neg() * ratio.clone();
@@ -670,12 +693,15 @@ impl Trainer {
     pub fn save_checkpoint(&self, dir: &std::path::Path) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| ctx(dir, "cannot create checkpoint"))?;
         let model = self.model.clone().into_record().into_bytes().map_err(|e| anyhow::anyhow!("{e:?}"))?;
-        std::fs::write(dir.join("model.bpk"), &model[..]).with_context(|| ctx(dir, "cannot write model.bpk"))?;
+        std::fs::write(dir.join("model.bpk"), &model[..])
+            .with_context(|| ctx(dir, "cannot write model.bpk"))?;
         let bytes = self.optim.into_bytes().map_err(|e| anyhow::anyhow!("{e:?}"))?;
-        std::fs::write(dir.join("optimizer.bpk"), &bytes[..]).with_context(|| ctx(dir, "cannot write optimizer.bpk"))?;
+        std::fs::write(dir.join("optimizer.bpk"), &bytes[..])
+            .with_context(|| ctx(dir, "cannot write optimizer.bpk"))?;
         let state = serde_json::to_string_pretty(&self.state)?;
         std::fs::write(dir.join("state.json"), state).with_context(|| ctx(dir, "cannot write state.json"))?;
-        std::fs::write(dir.join("config.toml"), &self.exp.toml).with_context(|| ctx(dir, "cannot write config.toml"))?;
+        std::fs::write(dir.join("config.toml"), &self.exp.toml)
+            .with_context(|| ctx(dir, "cannot write config.toml"))?;
         Ok(())
     }
 
@@ -695,7 +721,8 @@ impl Trainer {
         make_env: EnvMaker,
         vmax: usize,
     ) -> Result<Trainer> {
-        let saved = std::fs::read_to_string(dir.join("config.toml")).with_context(|| ctx(dir, "no config.toml"))?;
+        let saved =
+            std::fs::read_to_string(dir.join("config.toml")).with_context(|| ctx(dir, "no config.toml"))?;
         anyhow::ensure!(
             saved == exp.toml,
             "{}: this checkpoint was made with another config than {}; resume with the config the run started with",
@@ -703,17 +730,23 @@ impl Trainer {
             exp.path.display()
         );
         let mut t = Trainer::with_envs(exp, device, make_env, vmax);
-        let bytes = std::fs::read(dir.join("model.bpk")).with_context(|| ctx(dir, "cannot read model.bpk"))?;
+        let bytes =
+            std::fs::read(dir.join("model.bpk")).with_context(|| ctx(dir, "cannot read model.bpk"))?;
         let rec = burn::store::ModuleRecord::from_bytes(burn::tensor::Bytes::from_bytes_vec(bytes))
             .map_err(|e| anyhow::anyhow!("{}: model.bpk: {e:?}", dir.display()))?;
-        t.model = t.model.try_load_record(rec).map_err(|e| anyhow::anyhow!("{}: model.bpk: {e:?}", dir.display()))?;
-        let bytes = std::fs::read(dir.join("optimizer.bpk")).with_context(|| ctx(dir, "cannot read optimizer.bpk"))?;
+        t.model = t
+            .model
+            .try_load_record(rec)
+            .map_err(|e| anyhow::anyhow!("{}: model.bpk: {e:?}", dir.display()))?;
+        let bytes = std::fs::read(dir.join("optimizer.bpk"))
+            .with_context(|| ctx(dir, "cannot read optimizer.bpk"))?;
         t.optim = AdamConfig::new()
             .with_epsilon(1e-5)
             .init()
             .from_bytes(burn::tensor::Bytes::from_bytes_vec(bytes))
             .map_err(|e| anyhow::anyhow!("{}: optimizer.bpk: {e:?}", dir.display()))?;
-        let state = std::fs::read_to_string(dir.join("state.json")).with_context(|| ctx(dir, "cannot read state.json"))?;
+        let state = std::fs::read_to_string(dir.join("state.json"))
+            .with_context(|| ctx(dir, "cannot read state.json"))?;
         t.state = serde_json::from_str(&state).with_context(|| ctx(dir, "state.json"))?;
         Ok(t)
     }

@@ -294,10 +294,19 @@ impl Cpu {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum EvKind {
-    Timer { stage: u32, epoch: u32 },
+    Timer {
+        stage: u32,
+        epoch: u32,
+    },
     /// A closed-loop client sends its next request.
-    Client { vm: u32, flow: u32 },
-    CpuDone { cpu: u32, epoch: u32 },
+    Client {
+        vm: u32,
+        flow: u32,
+    },
+    CpuDone {
+        cpu: u32,
+        epoch: u32,
+    },
     WireDone,
 }
 

@@ -361,7 +361,9 @@ impl Arrivals {
             Arrivals::Diurnal { mean_pps, .. } => *mean_pps *= k,
             Arrivals::Trace { scale, .. } => *scale *= k,
             // More load from a closed loop means more clients.
-            Arrivals::ClosedLoop { clients, .. } => *clients = ((f64::from(*clients) * k).round() as u32).max(1),
+            Arrivals::ClosedLoop { clients, .. } => {
+                *clients = ((f64::from(*clients) * k).round() as u32).max(1)
+            }
         }
     }
 }

@@ -73,7 +73,10 @@ impl NetConfig {
             return Err(format!("network.init_log_std = {}: use a value in [-5, 2]", self.init_log_std));
         }
         if !(self.init_action_mean.is_finite() && (-1.0..=1.0).contains(&self.init_action_mean)) {
-            return Err(format!("network.init_action_mean = {}: use a value in [-1, 1]", self.init_action_mean));
+            return Err(format!(
+                "network.init_action_mean = {}: use a value in [-1, 1]",
+                self.init_action_mean
+            ));
         }
         Ok(())
     }
