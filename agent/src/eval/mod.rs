@@ -214,7 +214,7 @@ impl Cache {
         use sha2::{Digest, Sha256};
         let dir = self.dir.as_ref()?;
         let key = serde_json::json!({
-            "v": 1,
+            "v": 2,
             "scenario": scenario,
             "sim": sim,
             "seed": seed,
@@ -237,7 +237,12 @@ pub fn best_static(scenario: &Scenario, sim: &SimConfig, seed: u64, cache: &Cach
         }
         // A corrupt cache entry is recomputed, not trusted.
     }
-    let found = best_static::search(scenario.vms.len(), |s| -> Result<Score> {
+    // The driver presets and per-packet are candidates too: best-static is never worse than them.
+    let vms = scenario.vms.len();
+    let mut presets: Vec<_> =
+        moderato_policies::baselines::PRESETS.iter().map(|p| p.2.settings(vms)).collect();
+    presets.push(moderato_env::CoalescingSettings::per_packet(vms));
+    let found = best_static::search(vms, &presets, |s| -> Result<Score> {
         let mut p = moderato_policies::baselines::FixedPolicy::new("best-static", s.clone());
         let (summary, reward) = run_episode(scenario, sim, &mut p, seed)?;
         Ok(Row::from_summary(&scenario.name, "best-static", seed, &summary, reward).score())
