@@ -28,8 +28,11 @@ fn run(env: &mut SimEnv, settings: &CoalescingSettings) -> u64 {
 
 fn bench(c: &mut Criterion) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../experiments/scenarios");
-    let mut files: Vec<_> =
-        std::fs::read_dir(&dir).expect("scenarios").map(|e| e.expect("entry").path()).collect();
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .expect("scenarios")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
     files.sort();
     let mut g = c.benchmark_group("simulate");
     g.sample_size(20);
