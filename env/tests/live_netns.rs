@@ -1,0 +1,293 @@
+//! `env::live` against the real kernel: a network namespace with a veth pair (and a tap), UDP sent
+//! across it, ethtool netlink's answers for drivers without coalescing.
+//!
+//! The root-only tests create their own interfaces (`mdt<n>a` in this namespace, its peer `mdt<n>b`
+//! in namespace `mdt<n>`, tap `mdt<n>t`) on 198.18.0.0/15 (the benchmarking range), use only those
+//! addresses, and remove everything in a `Drop` guard, also when a test fails. Nothing else on the
+//! machine is touched. Run them with
+//! `cargo test --release -p moderato-env -- --ignored` as root with iproute2 installed.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use moderato_env::live::{
+    CoalesceError, CoalesceParams, Coalescer, Control, HostEnv, LiveConfig, NetlinkCoalescer, ProbeConfig,
+};
+use moderato_env::{CoalescingSettings, Env, Knobs, LayerSettings};
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip").args(args).output().map_err(|e| format!("ip {}: {e}", args.join(" ")))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
+    }
+}
+
+/// A namespace with a veth pair and a tap, removed on drop.
+struct Lab {
+    ns: String,
+    a: String,
+    b: String,
+    tap: String,
+    a_addr: std::net::Ipv4Addr,
+    b_addr: std::net::Ipv4Addr,
+    echo: Option<Child>,
+}
+
+impl Lab {
+    fn new() -> Lab {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let tag = format!("{}{}", std::process::id() % 100_000, n);
+        // 198.18.0.0/15 holds 32768 /30s: one per lab.
+        let block = (std::process::id().wrapping_mul(8).wrapping_add(n)) % 32768;
+        let base = u32::from(std::net::Ipv4Addr::new(198, 18, 0, 0)) + block * 4;
+        let (a_addr, b_addr) = (std::net::Ipv4Addr::from(base + 1), std::net::Ipv4Addr::from(base + 2));
+        let lab = Lab {
+            ns: format!("mdt{tag}"),
+            a: format!("mdt{tag}a"),
+            b: format!("mdt{tag}b"),
+            tap: format!("mdt{tag}t"),
+            a_addr,
+            b_addr,
+            echo: None,
+        };
+        let steps: Vec<Vec<String>> = vec![
+            vec!["netns".into(), "add".into(), lab.ns.clone()],
+            vec![
+                "link".into(),
+                "add".into(),
+                lab.a.clone(),
+                "type".into(),
+                "veth".into(),
+                "peer".into(),
+                "name".into(),
+                lab.b.clone(),
+            ],
+            vec!["link".into(), "set".into(), lab.b.clone(), "netns".into(), lab.ns.clone()],
+            vec!["addr".into(), "add".into(), format!("{a_addr}/30"), "dev".into(), lab.a.clone()],
+            vec!["link".into(), "set".into(), lab.a.clone(), "up".into()],
+            vec![
+                "-n".into(),
+                lab.ns.clone(),
+                "addr".into(),
+                "add".into(),
+                format!("{b_addr}/30"),
+                "dev".into(),
+                lab.b.clone(),
+            ],
+            vec!["-n".into(), lab.ns.clone(), "link".into(), "set".into(), lab.b.clone(), "up".into()],
+            vec!["-n".into(), lab.ns.clone(), "link".into(), "set".into(), "lo".into(), "up".into()],
+            vec!["tuntap".into(), "add".into(), "dev".into(), lab.tap.clone(), "mode".into(), "tap".into()],
+        ];
+        for s in steps {
+            let args: Vec<&str> = s.iter().map(String::as_str).collect();
+            // Drop cleans up whatever was made before a failure.
+            ip(&args).unwrap();
+        }
+        lab
+    }
+
+    /// Starts a UDP echo responder on the peer, inside the namespace (this test binary, re-run
+    /// under `ip netns exec` as the `echo_responder` helper).
+    fn start_echo(&mut self, port: u16) -> SocketAddr {
+        let addr = SocketAddr::from((self.b_addr, port));
+        let exe = std::env::current_exe().unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.ns])
+            .arg(exe)
+            .args(["--exact", "echo_responder", "--ignored", "--nocapture", "--test-threads=1"])
+            .env("MODERATO_ECHO_AT", addr.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.echo = Some(child);
+        // Wait until it answers.
+        let s = UdpSocket::bind((self.a_addr, 0)).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut buf = [0u8; 16];
+        while Instant::now() < deadline {
+            let _ = s.send_to(b"ping", addr);
+            if s.recv_from(&mut buf).is_ok() {
+                return addr;
+            }
+        }
+        panic!("the echo responder at {addr} did not start");
+    }
+
+    /// Sends `count` datagrams of `size` bytes from the root side to the peer's `port`.
+    fn blast(&self, port: u16, size: usize, pps: u32, for_: Duration) -> std::thread::JoinHandle<u64> {
+        let (from, to) = (self.a_addr, SocketAddr::from((self.b_addr, port)));
+        std::thread::spawn(move || {
+            let s = UdpSocket::bind((from, 0)).unwrap();
+            let payload = vec![0x5au8; size];
+            let start = Instant::now();
+            let mut sent = 0u64;
+            while start.elapsed() < for_ {
+                if s.send_to(&payload, to).is_ok() {
+                    sent += 1;
+                }
+                std::thread::sleep(Duration::from_secs_f64(1.0 / f64::from(pps)));
+            }
+            sent
+        })
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.echo.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = ip(&["link", "del", &self.tap]);
+        let _ = ip(&["link", "del", &self.a]);
+        let _ = ip(&["netns", "del", &self.ns]);
+    }
+}
+
+/// Helper, not a test of its own: run by `Lab::start_echo` inside the namespace. Without
+/// `MODERATO_ECHO_AT` it returns at once.
+#[test]
+#[ignore = "needs root and iproute2: cargo test --release -p moderato-env -- --ignored"]
+fn echo_responder() {
+    let Ok(addr) = std::env::var("MODERATO_ECHO_AT") else { return };
+    let stop = AtomicBool::new(false);
+    // The parent kills it; a minute is the longest any test here runs.
+    let stop_at = Instant::now() + Duration::from_secs(60);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            while Instant::now() < stop_at {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            stop.store(true, Ordering::Relaxed);
+        });
+        moderato_env::live::serve_udp_echo(addr.parse().unwrap(), &stop).unwrap();
+    });
+}
+
+#[test]
+fn ethtool_netlink_says_loopback_has_no_coalescing_and_names_a_missing_device() {
+    // Read-only: a get needs no privilege.
+    let mut c = NetlinkCoalescer::new().expect("ethtool netlink (Linux 5.6+)");
+    match c.get("lo") {
+        Err(CoalesceError::Unsupported { ifname, .. }) => assert_eq!(ifname, "lo"),
+        other => panic!("lo: {other:?}"),
+    }
+    match c.get("mdt-nosuchdev") {
+        Err(e @ CoalesceError::NoDevice { .. }) => {
+            assert_eq!(e.to_string(), "mdt-nosuchdev: no such device (ENODEV)")
+        }
+        other => panic!("missing device: {other:?}"),
+    }
+}
+
+#[test]
+#[ignore = "needs root and iproute2: cargo test --release -p moderato-env -- --ignored"]
+fn veth_refuses_coalescing_and_tap_has_only_rx_frames() {
+    let lab = Lab::new();
+    let mut c = NetlinkCoalescer::new().unwrap();
+    assert!(matches!(c.get(&lab.a), Err(CoalesceError::Unsupported { .. })));
+    let err = c.set(&lab.a, &CoalesceParams { rx_usecs: Some(50), ..Default::default() }).unwrap_err();
+    assert!(matches!(err, CoalesceError::Unsupported { .. }), "{err}");
+    assert!(
+        err.to_string().starts_with(&format!("{}: this driver does not support coalescing", lab.a)),
+        "{err}"
+    );
+
+    // tun/tap answers with one knob: rx-frames, its `rx_batched` (0 by default).
+    let tap = c.get(&lab.tap).unwrap();
+    assert_eq!(tap, CoalesceParams { rx_frames: Some(0), ..Default::default() });
+    let err = c.set(&lab.tap, &CoalesceParams { rx_usecs: Some(8), ..Default::default() }).unwrap_err();
+    assert!(matches!(err, CoalesceError::UnsupportedParameter { .. }), "{err:?}");
+    c.set(&lab.tap, &CoalesceParams { rx_frames: Some(8), ..Default::default() }).unwrap();
+    assert_eq!(c.get(&lab.tap).unwrap().rx_frames, Some(8));
+}
+
+#[test]
+#[ignore = "needs root and iproute2: cargo test --release -p moderato-env -- --ignored"]
+fn host_env_sees_udp_cross_a_veth_pair_and_stays_observe_only() {
+    let mut lab = Lab::new();
+    let echo = lab.start_echo(7007);
+    let cfg = LiveConfig {
+        interval: Duration::from_millis(250),
+        probe: Some(ProbeConfig { period: Duration::from_millis(5), ..ProbeConfig::new(echo) }),
+        ..LiveConfig::host(Some(&lab.a), &[&lab.tap])
+    };
+    let mut env = HostEnv::open(cfg).unwrap();
+    let (_, info) = env.reset(0).unwrap();
+    let msg = format!("{}: this driver does not support coalescing; layer nic stays observe-only", lab.a);
+    assert!(info.warnings.contains(&msg), "{msg} not in {:?}", info.warnings);
+    // The tap is controlled: its one knob, rx-frames, is the backend's tx frames (from the guest).
+    assert_eq!(env.layers()[1].control, Control::Controlled);
+    let (originals, w) = env.originals();
+    assert!(w.is_empty(), "{w:?}");
+    assert_eq!(originals.len(), 1);
+
+    // 1000-byte datagrams to the echo port: the veth transmits them and receives the echoes.
+    let sender = lab.blast(7007, 1000, 2000, Duration::from_millis(1500));
+    let action = CoalescingSettings::uniform(1, LayerSettings::fixed(Knobs::new(50, 32), Knobs::new(50, 16)));
+    let mut steps = Vec::new();
+    for _ in 0..6 {
+        // The loop keeps running although no layer can be set.
+        steps.push(env.step(&action).unwrap());
+    }
+    let sent = sender.join().unwrap();
+    assert!(sent > 100, "sent {sent}");
+
+    let busy = steps.iter().filter(|s| s.obs.host.nic.tx_pps > 100.0).count();
+    assert!(busy >= 3, "{:?}", steps.iter().map(|s| s.obs.host.nic.tx_pps).collect::<Vec<_>>());
+    let total_tx: f64 = steps.iter().map(|s| s.obs.host.nic.tx_pps * s.obs.interval_ns as f64 / 1e9).sum();
+    // Every datagram, plus ARP and the probe's own packets, within rounding of the counter reads.
+    assert!(total_tx >= sent as f64 * 0.95, "counted {total_tx} of {sent}");
+    let s = steps.iter().find(|s| s.obs.host.nic.tx_pps > 100.0).unwrap();
+    let nic = s.obs.host.nic;
+    assert!(nic.rx_pps > 100.0, "echoes come back: {}", nic.rx_pps);
+    let tx_size = nic.tx_bytes_per_s / nic.tx_pps;
+    // 1000 bytes of payload + UDP 8 + IPv4 20 + Ethernet 14, diluted a little by the 24-byte probes.
+    assert!((700.0..=1042.5).contains(&tx_size), "{tx_size}");
+    assert_eq!(nic.rx_irq_per_s, None, "veth has no interrupt lines");
+    assert_eq!(nic.rx_knobs, None);
+    assert!(s.info.truth.is_none());
+    assert!(s.obs.host.cpu.irq + s.obs.host.cpu.other > 0.0);
+    // The probe answered through the veth pair.
+    let p = steps.iter().rev().find_map(|s| s.obs.host.probe).expect("probe samples");
+    assert!(p.samples > 10 && p.p50_us > 0.0 && p.p99_us >= p.p50_us, "{p:?}");
+    assert!(env.spec().host_probe);
+    // A tap nobody reads: no traffic, no failure; its knob took the action's backend tx frames.
+    assert_eq!(s.obs.host.backends[0].rx_pps, 0.0);
+    assert_eq!(s.obs.host.backends[0].tx_knobs, Some(Knobs::new(0, 16)));
+    assert_eq!(s.obs.host.backends[0].rx_knobs, None);
+    let w = env.restore(&originals);
+    assert!(w.is_empty(), "{w:?}");
+    assert_eq!(NetlinkCoalescer::new().unwrap().get(&lab.tap).unwrap().rx_frames, Some(0));
+}
+
+#[test]
+#[ignore = "needs root and iproute2: cargo test --release -p moderato-env -- --ignored"]
+fn guest_role_on_a_veth_end_counts_its_traffic() {
+    let lab = Lab::new();
+    let cfg = LiveConfig { interval: Duration::from_millis(200), ..LiveConfig::guest(Some(&lab.a)) };
+    let mut env = HostEnv::open(cfg).unwrap();
+    let (_, info) = env.reset(0).unwrap();
+    assert!(
+        info.warnings.iter().any(|w| w.contains("layer vm0.frontend stays observe-only")),
+        "{:?}",
+        info.warnings
+    );
+    // No listener on the port: the peer answers with ICMP port unreachable (rate-limited).
+    let sender = lab.blast(9, 200, 1000, Duration::from_millis(700));
+    let mut tx = 0.0;
+    for _ in 0..4 {
+        let s = env.step(&CoalescingSettings::per_packet(1)).unwrap();
+        tx += s.obs.guests[0].frontend.tx_pps * s.obs.interval_ns as f64 / 1e9;
+        assert_eq!(s.obs.host.backends.len(), 1);
+    }
+    let sent = sender.join().unwrap();
+    assert!(tx >= sent as f64 * 0.95, "{tx} of {sent}");
+}
