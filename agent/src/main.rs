@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-use moderato_agent::{eval, simulate, train};
+use moderato_agent::{deploy, eval, resolve, simulate, train};
 
 #[derive(Debug, Parser)]
 #[command(name = "moderato", version, about = "Learned interrupt moderation for virtualized hosts")]
@@ -25,6 +25,10 @@ enum Command {
     Train(train::TrainArgs),
     /// Freeze the model of any training checkpoint.
     Export(train::ExportArgs),
+    /// Run a policy on a live host: observe, decide, set the knobs; restores them on exit.
+    Deploy(deploy::DeployArgs),
+    /// Print what a deployed policy would see on this host, each interval.
+    Observe(deploy::ObserveArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -70,6 +74,8 @@ fn try_main() -> Result<()> {
         Command::Eval(a) => run_eval(a),
         Command::Train(a) => train::run(a),
         Command::Export(a) => train::export(a),
+        Command::Deploy(a) => deploy::run_deploy(a, &resolve::deploy_policy),
+        Command::Observe(a) => deploy::run_observe(a),
     }
 }
 

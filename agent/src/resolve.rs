@@ -74,3 +74,21 @@ pub fn resolve(name: &str, base: &Path, statics: &BTreeMap<String, StaticSpec>) 
 pub fn controller_factory() -> Arc<dyn ControllerFactory> {
     Arc::new(AdaptiveFactory::default())
 }
+
+/// Resolves a policy for `moderato deploy` on a side with `vms` VMs: a baseline or a model
+/// directory (relative to the working directory). The deploy loop checks the model's feature
+/// requirements against what the host provides, and clamps its decisions to the operator's bounds.
+pub fn deploy_policy(name: &str, vms: usize) -> Result<Box<dyn Policy>> {
+    match resolve(name, Path::new("."), &BTreeMap::new())? {
+        PolicySource::Model { dir, .. } => {
+            let p = LearnedPolicy::load(&dir, &burn::tensor::Device::flex())?;
+            p.check_vms(vms)?;
+            Ok(Box::new(p))
+        }
+        PolicySource::BestStatic => Err(anyhow!(
+            "best-static is found in hindsight by `moderato eval`; deploy the setting it found \
+             (static:<usecs>/<frames> or a [static.<name>] set) or a model"
+        )),
+        baseline => baseline.instantiate(&moderato_env::sim::SimConfig::default().spec(vms)),
+    }
+}

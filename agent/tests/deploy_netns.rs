@@ -1,0 +1,236 @@
+//! `moderato deploy` against the real kernel (root only): a veth pair into a network namespace as
+//! the "NIC" (no coalescing: observe-only) and a tap as a VM's backend (its one knob, rx-frames,
+//! is really set), driven through `run_deploy` as the binary drives it.
+//!
+//! One test, in phases, because SIGTERM goes to the whole process: a dry run that logs decisions
+//! while UDP crosses the veth, then a real run stopped by SIGTERM that must put the tap back.
+//! Everything is created here on 198.18.0.0/15 and removed by a `Drop` guard. Run with
+//! `cargo test --release -p moderato-agent -- --ignored` as root with iproute2.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use moderato_agent::deploy::{self, DeployArgs, LogFormat, RoleArg};
+use moderato_env::live::{Coalescer, NetlinkCoalescer};
+use moderato_env::{CoalescingSettings, LayerSettings, Moderation, Observation};
+use moderato_policies::Policy;
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip").args(args).output().map_err(|e| format!("ip {}: {e}", args.join(" ")))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
+    }
+}
+
+struct Lab {
+    ns: String,
+    a: String,
+    tap: String,
+    a_addr: std::net::Ipv4Addr,
+    b_addr: std::net::Ipv4Addr,
+}
+
+impl Lab {
+    fn new() -> Lab {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let tag = format!("{}{}", std::process::id() % 100_000, n);
+        let block = (std::process::id().wrapping_mul(8).wrapping_add(n).wrapping_add(4)) % 32768;
+        let base = u32::from(std::net::Ipv4Addr::new(198, 18, 0, 0)) + block * 4;
+        let lab = Lab {
+            ns: format!("mdd{tag}"),
+            a: format!("mdd{tag}a"),
+            tap: format!("mdd{tag}t"),
+            a_addr: (base + 1).into(),
+            b_addr: (base + 2).into(),
+        };
+        let b = format!("mdd{tag}b");
+        let (a_cidr, b_cidr) = (format!("{}/30", lab.a_addr), format!("{}/30", lab.b_addr));
+        for args in [
+            vec!["netns", "add", &lab.ns],
+            vec!["link", "add", &lab.a, "type", "veth", "peer", "name", &b],
+            vec!["link", "set", &b, "netns", &lab.ns],
+            vec!["addr", "add", &a_cidr, "dev", &lab.a],
+            vec!["link", "set", &lab.a, "up"],
+            vec!["-n", &lab.ns, "addr", "add", &b_cidr, "dev", &b],
+            vec!["-n", &lab.ns, "link", "set", &b, "up"],
+            vec!["tuntap", "add", "dev", &lab.tap, "mode", "tap"],
+        ] {
+            ip(&args).unwrap();
+        }
+        lab
+    }
+
+    fn config(&self, dir: &Path) -> std::path::PathBuf {
+        let text = format!(
+            r#"interval_ms = 100
+fallback = "fake-fallback"
+stale_after_intervals = 3
+[host]
+nic = "{a}"
+[[host.vms]]
+name = "vm0"
+backend = "{tap}"
+[limits.nic]
+rx_usecs = {{ min = 0, max = 256 }}
+rx_frames = {{ min = 0, max = 256 }}
+tx_usecs = {{ min = 0, max = 256 }}
+tx_frames = {{ min = 0, max = 256 }}
+max_change_usecs = 32
+max_change_frames = 32
+allow_adaptive = false
+[limits.backend]
+rx_usecs = {{ min = 0, max = 64 }}
+rx_frames = {{ min = 0, max = 64 }}
+tx_usecs = {{ min = 0, max = 64 }}
+tx_frames = {{ min = 0, max = 24 }}
+max_change_usecs = 8
+max_change_frames = 8
+allow_adaptive = false
+[latency]
+source = "none"
+"#,
+            a = self.a,
+            tap = self.tap
+        );
+        let path = dir.join("deploy.toml");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = ip(&["link", "del", &self.tap]);
+        let _ = ip(&["link", "del", &self.a]);
+        let _ = ip(&["netns", "del", &self.ns]);
+    }
+}
+
+/// A baseline-like fake: every layer at 32 µs / 32 frames.
+struct Fixed(&'static str);
+
+impl Policy for Fixed {
+    fn name(&self) -> &str {
+        self.0
+    }
+    fn act(&mut self, obs: &Observation) -> CoalescingSettings {
+        CoalescingSettings::uniform(
+            obs.host.backends.len(),
+            LayerSettings { rx: Moderation::fixed(32, 32), tx: Moderation::fixed(32, 32) },
+        )
+    }
+}
+
+fn load(name: &str, _vms: usize) -> anyhow::Result<Box<dyn Policy>> {
+    match name {
+        "fake-baseline" => Ok(Box::new(Fixed("fake-baseline"))),
+        "fake-fallback" => Ok(Box::new(Fixed("fake-fallback"))),
+        other => anyhow::bail!("unknown policy {other}"),
+    }
+}
+
+#[derive(Clone, Default)]
+struct Buf(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Buf {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn args(config: std::path::PathBuf, dry_run: bool, steps: Option<u64>) -> DeployArgs {
+    DeployArgs {
+        policy: "fake-baseline".into(),
+        role: RoleArg::Host,
+        config,
+        dry_run,
+        metrics_addr: Some("127.0.0.1:0".parse().unwrap()),
+        log_format: LogFormat::Json,
+        steps,
+    }
+}
+
+#[test]
+#[ignore = "needs root and iproute2: cargo test --release -p moderato-agent -- --ignored"]
+fn deploy_dry_run_then_sigterm_restores_on_a_veth_pair_and_a_tap() {
+    let lab = Lab::new();
+    let dir = tempfile::tempdir().unwrap();
+    let config = lab.config(dir.path());
+    let mut ethtool = NetlinkCoalescer::new().unwrap();
+    assert_eq!(ethtool.get(&lab.tap).unwrap().rx_frames, Some(0));
+
+    // Phase 1: a dry run of 20 intervals (2 s) while UDP crosses the veth pair.
+    let to = SocketAddr::from((lab.b_addr, 9));
+    let from = lab.a_addr;
+    let sender = std::thread::spawn(move || {
+        let s = UdpSocket::bind((from, 0)).unwrap();
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_millis(2500) {
+            let _ = s.send_to(&[7u8; 500], to);
+            std::thread::sleep(Duration::from_micros(500));
+        }
+    });
+    let buf = Buf::default();
+    let b2 = buf.clone();
+    {
+        let _g =
+            tracing::subscriber::set_default(deploy::subscriber(LogFormat::Json, false, move || b2.clone()));
+        deploy::run_deploy(args(config.clone(), true, Some(20)), &load).unwrap();
+    }
+    sender.join().unwrap();
+    let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+    let events: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let decisions: Vec<&serde_json::Value> = events.iter().filter(|e| e["message"] == "decision").collect();
+    assert_eq!(decisions.len(), 20, "{text}");
+    assert!(decisions.iter().all(|d| d["dry_run"] == true));
+    let observe_only =
+        format!("{}: this driver does not support coalescing; layer nic stays observe-only", lab.a);
+    assert!(events.iter().any(|e| e["message"] == observe_only), "{text}");
+    // The traffic shows in the decisions' inputs.
+    assert!(
+        decisions.iter().any(|d| d["inputs"].as_str().unwrap().starts_with("nic rx ")
+            && !d["inputs"].as_str().unwrap().contains("tx 0.0kpps")),
+        "{text}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e["message"].as_str().is_some_and(|m| m.starts_with("metrics at http://127.0.0.1:")))
+    );
+    assert_eq!(ethtool.get(&lab.tap).unwrap().rx_frames, Some(0), "a dry run sets nothing");
+
+    // Phase 2: for real, until SIGTERM. The backend's tx frames (the tap's rx-frames) climb
+    // 8, 16, 24 (max change 8, bound 24).
+    let cfg2 = config.clone();
+    let run = std::thread::spawn(move || deploy::run_deploy(args(cfg2, false, None), &load));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut seen = Vec::new();
+    loop {
+        let f = ethtool.get(&lab.tap).unwrap().rx_frames.unwrap();
+        if seen.last() != Some(&f) {
+            seen.push(f);
+        }
+        if f == 24 {
+            break;
+        }
+        assert!(Instant::now() < deadline && !run.is_finished(), "tap rx-frames went {seen:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(seen.iter().all(|f| *f % 8 == 0 && *f <= 24), "{seen:?}");
+    // SIGTERM to this test process, which only the deploy loop's handler catches.
+    let st = Command::new("kill").args(["-TERM", &std::process::id().to_string()]).status().unwrap();
+    assert!(st.success());
+    run.join().unwrap().unwrap();
+    assert_eq!(ethtool.get(&lab.tap).unwrap().rx_frames, Some(0), "restored after SIGTERM");
+}

@@ -1,0 +1,113 @@
+//! `moderato observe`: the operator's view of one interval, on the 64-CPU host fixtures with a fake
+//! `Coalescer`, and `run_observe` read-only on this machine's loopback.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use moderato_agent::deploy::{self, ObserveArgs, RoleArg};
+use moderato_env::live::{CoalesceError, CoalesceParams, Coalescer, HostEnv, LiveConfig, Role};
+
+fn fixture(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../env/tests/fixtures/live").join(rel)
+}
+
+/// A copy of the fixture sysfs tree `name` with its symlinks created (the fixtures list them in
+/// `links.txt`: real sysfs loops through `device/net/<if>/device`).
+fn sysfs(name: &str) -> (tempfile::TempDir, PathBuf) {
+    fn copy(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for e in std::fs::read_dir(from).unwrap() {
+            let e = e.unwrap();
+            let (src, dst) = (e.path(), to.join(e.file_name()));
+            if e.file_type().unwrap().is_dir() {
+                copy(&src, &dst);
+            } else {
+                std::fs::copy(&src, &dst).unwrap();
+            }
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join(name);
+    copy(&fixture(name), &root);
+    let links = std::fs::read_to_string(root.join("links.txt")).unwrap();
+    for line in links.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
+        let (path, target) = line.split_once(" -> ").unwrap();
+        let at = root.join(path);
+        std::fs::create_dir_all(at.parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink(target, at).unwrap();
+    }
+    (dir, root)
+}
+
+#[derive(Debug)]
+struct Mlx5;
+
+impl Coalescer for Mlx5 {
+    fn get(&mut self, ifname: &str) -> Result<CoalesceParams, CoalesceError> {
+        match ifname {
+            "ens2f0np0" => Ok(CoalesceParams {
+                rx_usecs: Some(8),
+                rx_frames: Some(128),
+                tx_usecs: Some(16),
+                tx_frames: Some(32),
+                adaptive_rx: Some(true),
+                adaptive_tx: Some(false),
+            }),
+            _ => Err(CoalesceError::Unsupported { ifname: ifname.into(), detail: None }),
+        }
+    }
+    fn set(&mut self, _: &str, _: &CoalesceParams) -> Result<(), CoalesceError> {
+        panic!("observe never sets")
+    }
+}
+
+#[test]
+fn an_interval_shows_rates_knobs_features_and_warnings() {
+    let (_tmp, sys) = sysfs("sysfs-host");
+    let cfg = LiveConfig {
+        sysfs_root: sys,
+        procfs_root: fixture("proc-host-64cpu"),
+        interval: Duration::from_millis(5),
+        ..LiveConfig::host(Some("ens2f0np0"), &["vnet0", "vnet7"])
+    };
+    let space = cfg.action_space.clone();
+    let mut env = HostEnv::new(cfg, Box::new(Mlx5)).unwrap();
+    env.start();
+    std::thread::sleep(Duration::from_millis(5));
+    let s = env.sample();
+    let text = deploy::observe::render(Role::Host, &s, &space, &["web".to_string(), "db".to_string()]);
+    assert!(text.contains("nic           ens2f0np0"), "{text}");
+    assert!(text.contains("16 irq lines by msi_irqs"), "{text}");
+    assert!(text.contains("knobs `adaptive-rx on adaptive-tx off rx-usecs 8 rx-frames 128"), "{text}");
+    assert!(text.contains("[controlled;"), "{text}");
+    assert!(
+        text.contains("vm0.backend   vnet0") && text.contains("[observe-only; no irq lines] vm web"),
+        "{text}"
+    );
+    assert!(text.contains("features host:") && text.contains("nic.rx_kpps_ln=0.000"), "{text}");
+    assert!(text.contains("features vm1 backend:"), "{text}");
+    assert!(text.contains("warning: vnet7 (vm1.backend): no such interface"), "{text}");
+}
+
+#[test]
+fn run_observe_reads_loopback_without_changing_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("lo.toml");
+    std::fs::write(
+        &path,
+        r#"interval_ms = 50
+fallback = "per-packet"
+stale_after_intervals = 3
+[guest]
+frontend = "lo"
+[limits]
+[latency]
+source = "none"
+"#,
+    )
+    .unwrap();
+    deploy::run_observe(ObserveArgs { config: path.clone(), role: Some(RoleArg::Guest), count: Some(2) })
+        .unwrap();
+    // The role comes from the one section when not given.
+    deploy::run_observe(ObserveArgs { config: path, role: None, count: Some(1) }).unwrap();
+}
