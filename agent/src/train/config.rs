@@ -247,7 +247,7 @@ impl ExperimentConfig {
         }
         c.sim.validate().map_err(|m| anyhow::anyhow!("{at}: [sim] {m}"))?;
         let ep = c.sim.episode_steps as usize;
-        if c.num_steps == 0 || c.num_steps % ep != 0 {
+        if c.num_steps == 0 || !c.num_steps.is_multiple_of(ep) {
             bail!(
                 "{at}: num_steps = {} must be a positive multiple of sim.episode_steps = {ep}, so that \
                  episodes end at rollout boundaries",
@@ -255,7 +255,7 @@ impl ExperimentConfig {
             );
         }
         let batch = c.num_envs * c.num_steps;
-        if c.ppo.num_minibatches == 0 || batch % c.ppo.num_minibatches != 0 {
+        if c.ppo.num_minibatches == 0 || !batch.is_multiple_of(c.ppo.num_minibatches) {
             bail!(
                 "{at}: ppo.num_minibatches = {} must divide num_envs × num_steps = {batch}",
                 c.ppo.num_minibatches

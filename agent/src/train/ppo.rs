@@ -398,12 +398,10 @@ impl Trainer {
                 let v = to_vec(
                     infer.critic.value(&fin.normalized(&self.state.normalizer).tensors(&infer_device)),
                 );
-                for i in 0..n_envs {
-                    st.rewards[t * n_envs + i] += (gamma * f64::from(v[i])) as f32;
+                for (r, v) in st.rewards[t * n_envs..(t + 1) * n_envs].iter_mut().zip(&v) {
+                    *r += (gamma * f64::from(*v)) as f32;
                 }
-                for i in 0..n_envs {
-                    disc_return[i] = 0.0;
-                }
+                disc_return.iter_mut().for_each(|d| *d = 0.0);
             }
         }
         self.state.global_step += rows as u64;
@@ -414,14 +412,14 @@ impl Trainer {
         let mut adv = vec![0f32; rows];
         let mut lastgaelam = vec![0f64; n_envs];
         for t in (0..n_steps).rev() {
-            for i in 0..n_envs {
+            for (i, last) in lastgaelam.iter_mut().enumerate() {
                 let row = t * n_envs + i;
                 let nextnonterminal = 1.0 - f64::from(st.dones[row]);
                 let nextvalue = if t + 1 < n_steps { f64::from(st.values[row + n_envs]) } else { 0.0 };
                 let delta = f64::from(st.rewards[row]) + gamma * nextvalue * nextnonterminal
                     - f64::from(st.values[row]);
-                lastgaelam[i] = delta + gamma * lam * nextnonterminal * lastgaelam[i];
-                adv[row] = lastgaelam[i] as f32;
+                *last = delta + gamma * lam * nextnonterminal * *last;
+                adv[row] = *last as f32;
             }
         }
         let returns: Vec<f32> = adv.iter().zip(&st.values).map(|(a, v)| a + v).collect();
@@ -448,10 +446,8 @@ impl Trainer {
                 kl_last = out.approx_kl;
                 old_kl_last = out.old_approx_kl;
                 clipfracs.push(out.clipfrac);
-                if let Some(target) = c.ppo.target_kl {
-                    if out.approx_kl > target {
-                        break 'epochs;
-                    }
+                if c.ppo.target_kl.is_some_and(|target| out.approx_kl > target) {
+                    break 'epochs;
                 }
             }
         }
