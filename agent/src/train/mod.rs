@@ -100,16 +100,9 @@ fn write_checkpoint(t: &Trainer, run: &Path, keep: usize) -> Result<PathBuf> {
     Ok(fin)
 }
 
-/// `git describe --always --dirty` of the working directory, or "unknown".
+/// `git describe --always --dirty` of the source this binary was built from, or "unknown".
 fn source_revision() -> String {
-    std::process::Command::new("git")
-        .args(["describe", "--always", "--dirty"])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "unknown".into())
+    env!("MODERATO_SOURCE_REVISION").to_string()
 }
 
 /// The frozen-model metadata of a trained actor.
