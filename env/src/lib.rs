@@ -21,6 +21,7 @@ mod reward;
 mod settings;
 
 pub mod live;
+pub mod random;
 pub mod sim;
 
 pub use check::check_env;

@@ -23,6 +23,7 @@ use anyhow::{Context, Result};
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Tensor, TensorData};
+use moderato_env::random::{splitmix64, standard_normal};
 use moderato_env::sim::SimEnv;
 use moderato_env::{
     ActionSpace, BACKEND_FEATURES, ControllerFactory, Env, GUEST_FEATURES, HOST_FEATURES, Observation,
@@ -102,22 +103,9 @@ pub struct TrainState {
 pub fn derive(seed: u64, path: &[u64]) -> u64 {
     let mut x = seed;
     for &p in path {
-        x = splitmix(x ^ splitmix(p.wrapping_add(0x5EED)));
+        x = splitmix64(x ^ splitmix64(p.wrapping_add(0x5EED)));
     }
     x
-}
-
-fn splitmix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
-}
-
-fn normal(rng: &mut Pcg64Mcg) -> f64 {
-    let u1 = 1.0 - (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
-    let u2 = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
-    (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
 }
 
 fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
@@ -319,7 +307,7 @@ impl Trainer {
                 let mut lp = 0.0f64;
                 let mut sample = |mu: f32, ls: f32, a: &mut f32| {
                     let std = f64::from(ls).exp();
-                    let eps = normal(&mut rng);
+                    let eps = standard_normal(&mut rng);
                     *a = (f64::from(mu) + std * eps) as f32;
                     lp += -0.5 * eps * eps - f64::from(ls) - 0.5 * LN_2PI;
                 };

@@ -1,18 +1,15 @@
 //! Domain randomisation of scenarios, per episode.
 
+use moderato_env::random::unit_f64;
 use moderato_env::sim::Scenario;
 use rand::{Rng, SeedableRng};
 use rand_pcg::Pcg64Mcg;
 
 use super::config::SuiteConfig;
 
-fn unit(rng: &mut Pcg64Mcg) -> f64 {
-    (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-}
-
 /// Log-uniform in `[lo, hi]`.
 fn log_uniform(rng: &mut Pcg64Mcg, [lo, hi]: [f64; 2]) -> f64 {
-    (lo.ln() + unit(rng) * (hi.ln() - lo.ln())).exp()
+    (lo.ln() + unit_f64(rng) * (hi.ln() - lo.ln())).exp()
 }
 
 /// Draws a scenario index by the suite's weights, then perturbs that scenario: every flow's rate
@@ -24,7 +21,7 @@ pub fn sample(scenarios: &[Scenario], suite: &SuiteConfig, seed: u64) -> (usize,
         (rng.next_u64() % scenarios.len() as u64) as usize
     } else {
         let total: f64 = suite.weights.iter().sum();
-        let mut x = unit(&mut rng) * total;
+        let mut x = unit_f64(&mut rng) * total;
         let mut pick = scenarios.len() - 1;
         for (j, w) in suite.weights.iter().enumerate() {
             if x < *w {

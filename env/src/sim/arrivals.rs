@@ -3,18 +3,12 @@
 //! Every source owns generators derived from `(seed, stream id)` alone, so adding a VM or a flow
 //! never perturbs the draws of the others.
 
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_pcg::Pcg64Mcg;
 
 use super::scenario::{Arrivals, SizeDist};
 
-/// One step of SplitMix64: a strong 64-bit mixer used to derive stream seeds.
-pub(crate) fn splitmix64(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
-}
+pub(crate) use crate::random::splitmix64;
 
 /// Purposes of random streams; part of the stream id.
 #[derive(Debug, Clone, Copy)]
@@ -42,7 +36,7 @@ impl Rng64 {
     /// Uniform in `[0, 1)` with 53 random bits.
     #[inline]
     pub fn unit(&mut self) -> f64 {
-        (self.0.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+        crate::random::unit_f64(&mut self.0)
     }
 
     /// Exponential with mean 1.
@@ -51,11 +45,9 @@ impl Rng64 {
         -(1.0 - self.unit()).ln()
     }
 
-    /// Standard normal (Box–Muller; one of the pair is discarded for simplicity).
+    /// Standard normal.
     pub fn normal(&mut self) -> f64 {
-        let u1 = 1.0 - self.unit();
-        let u2 = self.unit();
-        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+        crate::random::standard_normal(&mut self.0)
     }
 }
 

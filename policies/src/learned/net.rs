@@ -10,7 +10,7 @@
 use burn::module::{Module, Param};
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{Device, Tensor, TensorData};
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_pcg::Pcg64Mcg;
 use serde::{Deserialize, Serialize};
 
@@ -87,11 +87,7 @@ impl NetConfig {
 fn orthogonal(rng: &mut Pcg64Mcg, rows: usize, cols: usize, gain: f64) -> Vec<f32> {
     // Gram–Schmidt on the longer side's vectors of a Gaussian matrix.
     let (n, m) = if rows >= cols { (cols, rows) } else { (rows, cols) };
-    let mut normal = || {
-        let u1 = 1.0 - (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
-        let u2 = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
-        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
-    };
+    let mut normal = || moderato_env::random::standard_normal(rng);
     // n orthonormal vectors of length m.
     let mut q: Vec<Vec<f64>> = Vec::with_capacity(n);
     while q.len() < n {
