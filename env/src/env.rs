@@ -56,8 +56,10 @@ pub enum EnvError {
     Action(String),
     #[error("{0}")]
     Unsupported(String),
-    #[error("{context}: {source}")]
-    Io { context: String, source: std::io::Error },
+    /// An I/O error, with what was being done (the error is part of the message, not a source,
+    /// so that error chains do not print it twice).
+    #[error("{context}: {err}")]
+    Io { context: String, err: std::io::Error },
     #[error("{0}")]
     Live(String),
 }

@@ -418,7 +418,7 @@ impl Scenario {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path).map_err(|e| EnvError::Io {
             context: format!("cannot read scenario {}", path.display()),
-            source: e,
+            err: e,
         })?;
         Self::from_toml(&text, path)
     }
