@@ -119,3 +119,18 @@ fn other_features_or_version_or_action_space_are_refused() {
     let e = pol.check_spec(env.spec()).unwrap_err().to_string();
     assert!(e.contains("latency probe"), "{e}");
 }
+
+#[test]
+fn the_same_weights_give_the_same_bytes() {
+    // Two actors from the same seed hold the same weights under different (random) parameter ids.
+    let device = Device::flex();
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let ma = LearnedPolicy::save(a.path(), Actor::new(&NetConfig::default(), 5, &device), meta()).unwrap();
+    let mb = LearnedPolicy::save(b.path(), Actor::new(&NetConfig::default(), 5, &device), meta()).unwrap();
+    assert_eq!(ma.provenance.weights_sha256, mb.provenance.weights_sha256);
+    assert_eq!(
+        std::fs::read(a.path().join(WEIGHTS_FILE)).unwrap(),
+        std::fs::read(b.path().join(WEIGHTS_FILE)).unwrap()
+    );
+    LearnedPolicy::load(a.path(), &device).unwrap();
+}

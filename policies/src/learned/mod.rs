@@ -135,6 +135,25 @@ fn diff_names(model: &[String], env: &[String]) -> Option<String> {
     })
 }
 
+/// Renumbers a module's parameter ids 1, 2, … in visiting order. burn draws ids at random when a
+/// parameter is created and writes them into `.bpk` files; fixed ids make the same weights the
+/// same bytes, so a model trained twice from the same config has the same SHA-256.
+#[derive(Debug, Default)]
+struct StableIds {
+    next: u64,
+}
+
+impl burn::module::ModuleMapper for StableIds {
+    fn map_float<const D: usize>(
+        &mut self,
+        mut param: burn::module::Param<burn::tensor::Tensor<D>>,
+    ) -> burn::module::Param<burn::tensor::Tensor<D>> {
+        self.next += 1;
+        param.id = burn::module::ParamId::from(self.next);
+        param
+    }
+}
+
 fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
@@ -232,6 +251,7 @@ impl LearnedPolicy {
         std::fs::create_dir_all(dir).map_err(|e| io(dir, &e))?;
         let w_path = dir.join(WEIGHTS_FILE);
         let bytes = actor
+            .map(&mut StableIds::default())
             .into_record()
             .into_bytes()
             .map_err(|e| ModelError::Weights { path: w_path.clone(), message: format!("{e:?}") })?;
