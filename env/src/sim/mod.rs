@@ -365,7 +365,7 @@ impl SimEnv {
             let h = &mut eng.vm_hist[v];
             vm_truth.push(VmTruth {
                 latency_sensitive: self.sensitive[v],
-                latency: latency_stats(h, count, sum),
+                latency: latency_stats(h, count, || sum as f64 / count as f64 / 1000.0),
                 completed: a.completed - b.completed,
                 dropped: a.dropped - b.dropped,
             });
@@ -424,14 +424,15 @@ impl SimEnv {
     }
 }
 
-fn latency_stats(h: &Histogram<u64>, count: u64, sum_ns: u128) -> LatencyStats {
+/// Percentiles of a latency histogram (ns) with its sample count and mean (µs).
+fn latency_stats(h: &Histogram<u64>, count: u64, mean_us: impl FnOnce() -> f64) -> LatencyStats {
     if count == 0 || h.is_empty() {
         return LatencyStats::default();
     }
     let us = |x: u64| x as f64 / 1000.0;
     LatencyStats {
         count,
-        mean_us: sum_ns as f64 / count as f64 / 1000.0,
+        mean_us: mean_us(),
         p50_us: us(h.value_at_quantile(0.5)),
         p99_us: us(h.value_at_quantile(0.99)),
         p999_us: us(h.value_at_quantile(0.999)),
@@ -518,18 +519,7 @@ impl Env for SimEnv {
             let h = &ep.vm_hist[v];
             let n = h.len();
             // Exact means are not kept per episode; the histogram mean is within its 1% buckets.
-            let st = if n == 0 {
-                LatencyStats::default()
-            } else {
-                LatencyStats {
-                    count: n,
-                    mean_us: h.mean() / 1000.0,
-                    p50_us: h.value_at_quantile(0.5) as f64 / 1000.0,
-                    p99_us: h.value_at_quantile(0.99) as f64 / 1000.0,
-                    p999_us: h.value_at_quantile(0.999) as f64 / 1000.0,
-                    max_us: h.max() as f64 / 1000.0,
-                }
-            };
+            let st = latency_stats(h, n, || h.mean() / 1000.0);
             if !any || self.sensitive[v] {
                 all.add(h).expect("same histogram bounds");
                 count += n;
@@ -537,18 +527,7 @@ impl Env for SimEnv {
             }
             vm_latency.push(st);
         }
-        let latency = if count == 0 {
-            LatencyStats::default()
-        } else {
-            LatencyStats {
-                count,
-                mean_us: sum / count as f64 / 1000.0,
-                p50_us: all.value_at_quantile(0.5) as f64 / 1000.0,
-                p99_us: all.value_at_quantile(0.99) as f64 / 1000.0,
-                p999_us: all.value_at_quantile(0.999) as f64 / 1000.0,
-                max_us: all.max() as f64 / 1000.0,
-            }
-        };
+        let latency = latency_stats(&all, count, || sum / count as f64 / 1000.0);
         Some(EpisodeSummary {
             duration_ns: ep.duration_ns,
             totals: ep.totals.clone(),
