@@ -14,6 +14,7 @@ fn suite(policies: &[&str]) -> eval::Suite {
         seeds: vec![1, 2, 3],
         sim: SimConfig { interval_us: 10_000, episode_steps: 30, ..SimConfig::default() },
         statics: Default::default(),
+        adaptive: Default::default(),
         threads: 2,
     };
     cfg.into_suite(&dir.join("test.toml")).unwrap()

@@ -10,20 +10,21 @@ pub mod report;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result, bail};
 use moderato_env::sim::{Scenario, SimConfig, SimEnv};
 use moderato_env::{Env, EpisodeSummary};
 use moderato_policies::Policy;
+use moderato_policies::adaptive::{AdaptiveConfig, AdaptiveFactory};
 use moderato_policies::baselines::StaticSpec;
 use moderato_policies::best_static::{self, Found, Score};
 use serde::{Deserialize, Serialize};
 
 pub use report::{Aggregate, Stat, aggregate, write_outputs};
 
-use crate::resolve::{PolicySource, controller_factory, resolve};
+use crate::resolve::{PolicySource, resolve};
 
 /// An evaluation suite, read from TOML.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -45,6 +46,10 @@ pub struct EvalConfig {
     /// Named static knob sets, usable as `static:<name>`.
     #[serde(default, rename = "static")]
     pub statics: BTreeMap<String, StaticSpec>,
+    /// Settings of the in-layer adaptive algorithms behind `dim` and `itr` (DIM's profile tables,
+    /// ITR's tick rate and link speed).
+    #[serde(default)]
+    pub adaptive: AdaptiveConfig,
     /// Worker threads (0: one per core).
     #[serde(default)]
     pub threads: usize,
@@ -177,14 +182,17 @@ impl Row {
     }
 }
 
-/// Runs one episode of `policy` on `scenario` and summarises it.
+/// Runs one episode of `policy` on `scenario` (adaptive modes run with `adaptive`) and
+/// summarises it.
 pub fn run_episode(
     scenario: &Scenario,
     sim: &SimConfig,
+    adaptive: &AdaptiveConfig,
     policy: &mut dyn Policy,
     seed: u64,
 ) -> Result<(EpisodeSummary, f64)> {
-    let mut env = SimEnv::new(scenario.clone(), sim.clone(), Some(controller_factory()))?;
+    let factory = Arc::new(AdaptiveFactory::new(*adaptive));
+    let mut env = SimEnv::new(scenario.clone(), sim.clone(), Some(factory))?;
     let (mut obs, _) = env.reset(seed)?;
     policy.reset();
     let (mut sum, mut n) = (0.0f64, 0u32);
@@ -244,7 +252,7 @@ pub fn best_static(scenario: &Scenario, sim: &SimConfig, seed: u64, cache: &Cach
     presets.push(moderato_env::CoalescingSettings::per_packet(vms));
     let found = best_static::search(vms, &presets, |s| -> Result<Score> {
         let mut p = moderato_policies::baselines::FixedPolicy::new("best-static", s.clone());
-        let (summary, reward) = run_episode(scenario, sim, &mut p, seed)?;
+        let (summary, reward) = run_episode(scenario, sim, &AdaptiveConfig::default(), &mut p, seed)?;
         Ok(Row::from_summary(&scenario.name, "best-static", seed, &summary, reward).score())
     })?;
     if let Some(p) = path {
@@ -329,6 +337,6 @@ fn run_job(suite: &Suite, job: &Job, cache: &Cache) -> Result<Row> {
         }
         other => other.instantiate(&sim.spec(sc.vms.len()))?,
     };
-    let (summary, reward) = run_episode(sc, sim, policy.as_mut(), job.seed)?;
+    let (summary, reward) = run_episode(sc, sim, &suite.config.adaptive, policy.as_mut(), job.seed)?;
     Ok(Row::from_summary(&sc.name, &source.label(), job.seed, &summary, reward))
 }

@@ -252,6 +252,7 @@ fn final_eval(t: &Trainer, run: &Path, model_dir: &Path) -> Result<()> {
         seeds: c.evaluation.seeds.clone(),
         sim: c.sim.clone(),
         statics: c.evaluation.statics.clone(),
+        adaptive: Default::default(),
         threads: c.threads,
     };
     let suite = cfg.into_suite(&t.exp.path)?;

@@ -123,7 +123,7 @@ impl From<KernelHz> for u32 {
 
 /// Settings of the ITR port: the host facts ixgbe reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct ItrConfig {
     /// Adapter link speed; selects the interval scaling (default 10G).
     pub link_speed: IxgbeLinkSpeed,

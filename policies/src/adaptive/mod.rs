@@ -32,7 +32,7 @@ pub enum AdaptiveConfigError {
 
 /// Settings of the DIM port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct DimConfig {
     /// Which profile tables to use: `eqe` (timer starts at the first event; the default) or `cqe`
     /// (timer restarts at each completion).
@@ -41,7 +41,7 @@ pub struct DimConfig {
 
 /// Settings of both adaptive algorithms.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct AdaptiveConfig {
     pub dim: DimConfig,
     pub itr: ItrConfig,
