@@ -7,11 +7,8 @@
 //! Everything is created here on 198.18.0.0/15 and removed by a `Drop` guard. Run with
 //! `cargo test --release -p moderato-agent -- --ignored` as root with iproute2.
 
-use std::net::{SocketAddr, UdpSocket};
 use std::path::Path;
 use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use moderato_agent::deploy::{self, DeployArgs, LogFormat, RoleArg};
@@ -19,54 +16,18 @@ use moderato_env::live::{Coalescer, NetlinkCoalescer};
 use moderato_env::{CoalescingSettings, LayerSettings, Moderation, Observation};
 use moderato_policies::Policy;
 
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip").args(args).output().map_err(|e| format!("ip {}: {e}", args.join(" ")))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
-    }
-}
+mod common;
 
-struct Lab {
-    ns: String,
-    a: String,
-    tap: String,
-    a_addr: std::net::Ipv4Addr,
-    b_addr: std::net::Ipv4Addr,
+use common::Buf;
+use common::live::netns::Lab;
+
+/// This binary's labs: `mdd<n>…`, their /30s 4 blocks on from moderato-env's.
+fn lab() -> Lab {
+    Lab::new("mdd", 4)
 }
 
 impl Lab {
-    fn new() -> Lab {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let tag = format!("{}{}", std::process::id() % 100_000, n);
-        let block = (std::process::id().wrapping_mul(8).wrapping_add(n).wrapping_add(4)) % 32768;
-        let base = u32::from(std::net::Ipv4Addr::new(198, 18, 0, 0)) + block * 4;
-        let lab = Lab {
-            ns: format!("mdd{tag}"),
-            a: format!("mdd{tag}a"),
-            tap: format!("mdd{tag}t"),
-            a_addr: (base + 1).into(),
-            b_addr: (base + 2).into(),
-        };
-        let b = format!("mdd{tag}b");
-        let (a_cidr, b_cidr) = (format!("{}/30", lab.a_addr), format!("{}/30", lab.b_addr));
-        for args in [
-            vec!["netns", "add", &lab.ns],
-            vec!["link", "add", &lab.a, "type", "veth", "peer", "name", &b],
-            vec!["link", "set", &b, "netns", &lab.ns],
-            vec!["addr", "add", &a_cidr, "dev", &lab.a],
-            vec!["link", "set", &lab.a, "up"],
-            vec!["-n", &lab.ns, "addr", "add", &b_cidr, "dev", &b],
-            vec!["-n", &lab.ns, "link", "set", &b, "up"],
-            vec!["tuntap", "add", "dev", &lab.tap, "mode", "tap"],
-        ] {
-            ip(&args).unwrap();
-        }
-        lab
-    }
-
+    /// A deploy config for the host side: the veth end as the NIC, the tap as vm0's backend.
     fn config(&self, dir: &Path) -> std::path::PathBuf {
         let text = format!(
             r#"interval_ms = 100
@@ -105,14 +66,6 @@ source = "none"
     }
 }
 
-impl Drop for Lab {
-    fn drop(&mut self) {
-        let _ = ip(&["link", "del", &self.tap]);
-        let _ = ip(&["link", "del", &self.a]);
-        let _ = ip(&["netns", "del", &self.ns]);
-    }
-}
-
 /// A baseline-like fake: every layer at 32 µs / 32 frames.
 struct Fixed(&'static str);
 
@@ -136,19 +89,6 @@ fn load(name: &str, _vms: usize) -> anyhow::Result<Box<dyn Policy>> {
     }
 }
 
-#[derive(Clone, Default)]
-struct Buf(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Buf {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 fn args(config: std::path::PathBuf, dry_run: bool, steps: Option<u64>) -> DeployArgs {
     DeployArgs {
         policy: "fake-baseline".into(),
@@ -164,23 +104,14 @@ fn args(config: std::path::PathBuf, dry_run: bool, steps: Option<u64>) -> Deploy
 #[test]
 #[ignore = "needs root and iproute2: cargo test --release -p moderato-agent -- --ignored"]
 fn deploy_dry_run_then_sigterm_restores_on_a_veth_pair_and_a_tap() {
-    let lab = Lab::new();
+    let lab = lab();
     let dir = tempfile::tempdir().unwrap();
     let config = lab.config(dir.path());
     let mut ethtool = NetlinkCoalescer::new().unwrap();
     assert_eq!(ethtool.get(&lab.tap).unwrap().rx_frames, Some(0));
 
     // Phase 1: a dry run of 20 intervals (2 s) while UDP crosses the veth pair.
-    let to = SocketAddr::from((lab.b_addr, 9));
-    let from = lab.a_addr;
-    let sender = std::thread::spawn(move || {
-        let s = UdpSocket::bind((from, 0)).unwrap();
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_millis(2500) {
-            let _ = s.send_to(&[7u8; 500], to);
-            std::thread::sleep(Duration::from_micros(500));
-        }
-    });
+    let sender = lab.blast(9, 500, 2000, Duration::from_millis(2500));
     let buf = Buf::default();
     let b2 = buf.clone();
     {

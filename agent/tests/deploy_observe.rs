@@ -1,43 +1,14 @@
 //! `moderato observe`: the operator's view of one interval, on the 64-CPU host fixtures with a fake
 //! `Coalescer`, and `run_observe` read-only on this machine's loopback.
 
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use moderato_agent::deploy::{self, ObserveArgs, RoleArg};
 use moderato_env::live::{CoalesceError, CoalesceParams, Coalescer, HostEnv, LiveConfig, Role};
 
-fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../env/tests/fixtures/live").join(rel)
-}
+mod common;
 
-/// A copy of the fixture sysfs tree `name` with its symlinks created (the fixtures list them in
-/// `links.txt`: real sysfs loops through `device/net/<if>/device`).
-fn sysfs(name: &str) -> (tempfile::TempDir, PathBuf) {
-    fn copy(from: &Path, to: &Path) {
-        std::fs::create_dir_all(to).unwrap();
-        for e in std::fs::read_dir(from).unwrap() {
-            let e = e.unwrap();
-            let (src, dst) = (e.path(), to.join(e.file_name()));
-            if e.file_type().unwrap().is_dir() {
-                copy(&src, &dst);
-            } else {
-                std::fs::copy(&src, &dst).unwrap();
-            }
-        }
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join(name);
-    copy(&fixture(name), &root);
-    let links = std::fs::read_to_string(root.join("links.txt")).unwrap();
-    for line in links.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
-        let (path, target) = line.split_once(" -> ").unwrap();
-        let at = root.join(path);
-        std::fs::create_dir_all(at.parent().unwrap()).unwrap();
-        std::os::unix::fs::symlink(target, at).unwrap();
-    }
-    (dir, root)
-}
+use common::live::{fixture, sysfs};
 
 #[derive(Debug)]
 struct Mlx5;

@@ -2,47 +2,16 @@
 //! interface, bring it back) and a fake `Coalescer`.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use moderato_env::live::{CoalesceError, CoalesceParams, Coalescer, Control, HostEnv, LiveConfig};
 use moderato_env::{CoalescingSettings, Env, Knobs, LayerId, LayerSettings, Moderation};
 
-fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/live").join(rel)
-}
+mod common;
 
-/// Copies a tree, keeping relative symlinks as links.
-fn copy_tree(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let (src, dst) = (e.path(), to.join(e.file_name()));
-        let ft = e.file_type().unwrap();
-        if ft.is_symlink() {
-            std::os::unix::fs::symlink(std::fs::read_link(&src).unwrap(), &dst).unwrap();
-        } else if ft.is_dir() {
-            copy_tree(&src, &dst);
-        } else {
-            std::fs::copy(&src, &dst).unwrap();
-        }
-    }
-}
-
-/// Copies a fixture tree and creates the symlinks its `links.txt` lists (the fixtures store
-/// sysfs's links as a list: real sysfs loops through `device/net/<if>/device`).
-fn copy_fixture(from: &Path, to: &Path) {
-    copy_tree(from, to);
-    if let Ok(text) = std::fs::read_to_string(from.join("links.txt")) {
-        for line in text.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
-            let (path, target) = line.split_once(" -> ").unwrap();
-            let at = to.join(path);
-            std::fs::create_dir_all(at.parent().unwrap()).unwrap();
-            std::os::unix::fs::symlink(target, at).unwrap();
-        }
-    }
-}
+use common::{copy_fixture, copy_tree, fixture};
 
 /// A fake driver: per interface, the parameters it supports and holds, or an error for every call.
 #[derive(Debug, Clone, Default)]

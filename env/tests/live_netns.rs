@@ -7,9 +7,7 @@
 //! machine is touched. Run them with
 //! `cargo test --release -p moderato-env -- --ignored` as root with iproute2 installed.
 
-use std::net::{SocketAddr, UdpSocket};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use moderato_env::live::{
@@ -17,138 +15,13 @@ use moderato_env::live::{
 };
 use moderato_env::{CoalescingSettings, Env, Knobs, LayerSettings};
 
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip").args(args).output().map_err(|e| format!("ip {}: {e}", args.join(" ")))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
-    }
-}
+mod common;
 
-/// A namespace with a veth pair and a tap, removed on drop.
-struct Lab {
-    ns: String,
-    a: String,
-    b: String,
-    tap: String,
-    a_addr: std::net::Ipv4Addr,
-    b_addr: std::net::Ipv4Addr,
-    echo: Option<Child>,
-}
+use common::netns::Lab;
 
-impl Lab {
-    fn new() -> Lab {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let tag = format!("{}{}", std::process::id() % 100_000, n);
-        // 198.18.0.0/15 holds 32768 /30s: one per lab.
-        let block = (std::process::id().wrapping_mul(8).wrapping_add(n)) % 32768;
-        let base = u32::from(std::net::Ipv4Addr::new(198, 18, 0, 0)) + block * 4;
-        let (a_addr, b_addr) = (std::net::Ipv4Addr::from(base + 1), std::net::Ipv4Addr::from(base + 2));
-        let lab = Lab {
-            ns: format!("mdt{tag}"),
-            a: format!("mdt{tag}a"),
-            b: format!("mdt{tag}b"),
-            tap: format!("mdt{tag}t"),
-            a_addr,
-            b_addr,
-            echo: None,
-        };
-        let steps: Vec<Vec<String>> = vec![
-            vec!["netns".into(), "add".into(), lab.ns.clone()],
-            vec![
-                "link".into(),
-                "add".into(),
-                lab.a.clone(),
-                "type".into(),
-                "veth".into(),
-                "peer".into(),
-                "name".into(),
-                lab.b.clone(),
-            ],
-            vec!["link".into(), "set".into(), lab.b.clone(), "netns".into(), lab.ns.clone()],
-            vec!["addr".into(), "add".into(), format!("{a_addr}/30"), "dev".into(), lab.a.clone()],
-            vec!["link".into(), "set".into(), lab.a.clone(), "up".into()],
-            vec![
-                "-n".into(),
-                lab.ns.clone(),
-                "addr".into(),
-                "add".into(),
-                format!("{b_addr}/30"),
-                "dev".into(),
-                lab.b.clone(),
-            ],
-            vec!["-n".into(), lab.ns.clone(), "link".into(), "set".into(), lab.b.clone(), "up".into()],
-            vec!["-n".into(), lab.ns.clone(), "link".into(), "set".into(), "lo".into(), "up".into()],
-            vec!["tuntap".into(), "add".into(), "dev".into(), lab.tap.clone(), "mode".into(), "tap".into()],
-        ];
-        for s in steps {
-            let args: Vec<&str> = s.iter().map(String::as_str).collect();
-            // Drop cleans up whatever was made before a failure.
-            ip(&args).unwrap();
-        }
-        lab
-    }
-
-    /// Starts a UDP echo responder on the peer, inside the namespace (this test binary, re-run
-    /// under `ip netns exec` as the `echo_responder` helper).
-    fn start_echo(&mut self, port: u16) -> SocketAddr {
-        let addr = SocketAddr::from((self.b_addr, port));
-        let exe = std::env::current_exe().unwrap();
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.ns])
-            .arg(exe)
-            .args(["--exact", "echo_responder", "--ignored", "--nocapture", "--test-threads=1"])
-            .env("MODERATO_ECHO_AT", addr.to_string())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        self.echo = Some(child);
-        // Wait until it answers.
-        let s = UdpSocket::bind((self.a_addr, 0)).unwrap();
-        s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let mut buf = [0u8; 16];
-        while Instant::now() < deadline {
-            let _ = s.send_to(b"ping", addr);
-            if s.recv_from(&mut buf).is_ok() {
-                return addr;
-            }
-        }
-        panic!("the echo responder at {addr} did not start");
-    }
-
-    /// Sends `count` datagrams of `size` bytes from the root side to the peer's `port`.
-    fn blast(&self, port: u16, size: usize, pps: u32, for_: Duration) -> std::thread::JoinHandle<u64> {
-        let (from, to) = (self.a_addr, SocketAddr::from((self.b_addr, port)));
-        std::thread::spawn(move || {
-            let s = UdpSocket::bind((from, 0)).unwrap();
-            let payload = vec![0x5au8; size];
-            let start = Instant::now();
-            let mut sent = 0u64;
-            while start.elapsed() < for_ {
-                if s.send_to(&payload, to).is_ok() {
-                    sent += 1;
-                }
-                std::thread::sleep(Duration::from_secs_f64(1.0 / f64::from(pps)));
-            }
-            sent
-        })
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.echo.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let _ = ip(&["link", "del", &self.tap]);
-        let _ = ip(&["link", "del", &self.a]);
-        let _ = ip(&["netns", "del", &self.ns]);
-    }
+/// This binary's labs: `mdt<n>…`, on the /30s at the start of each process's block.
+fn lab() -> Lab {
+    Lab::new("mdt", 0)
 }
 
 /// Helper, not a test of its own: run by `Lab::start_echo` inside the namespace. Without
@@ -190,7 +63,7 @@ fn ethtool_netlink_says_loopback_has_no_coalescing_and_names_a_missing_device() 
 #[test]
 #[ignore = "needs root and iproute2: cargo test --release -p moderato-env -- --ignored"]
 fn veth_refuses_coalescing_and_tap_has_only_rx_frames() {
-    let lab = Lab::new();
+    let lab = lab();
     let mut c = NetlinkCoalescer::new().unwrap();
     assert!(matches!(c.get(&lab.a), Err(CoalesceError::Unsupported { .. })));
     let err = c.set(&lab.a, &CoalesceParams { rx_usecs: Some(50), ..Default::default() }).unwrap_err();
@@ -212,7 +85,7 @@ fn veth_refuses_coalescing_and_tap_has_only_rx_frames() {
 #[test]
 #[ignore = "needs root and iproute2: cargo test --release -p moderato-env -- --ignored"]
 fn host_env_sees_udp_cross_a_veth_pair_and_stays_observe_only() {
-    let mut lab = Lab::new();
+    let mut lab = lab();
     let echo = lab.start_echo(7007);
     let cfg = LiveConfig {
         interval: Duration::from_millis(250),
@@ -271,7 +144,7 @@ fn host_env_sees_udp_cross_a_veth_pair_and_stays_observe_only() {
 #[test]
 #[ignore = "needs root and iproute2: cargo test --release -p moderato-env -- --ignored"]
 fn guest_role_on_a_veth_end_counts_its_traffic() {
-    let lab = Lab::new();
+    let lab = lab();
     let cfg = LiveConfig { interval: Duration::from_millis(200), ..LiveConfig::guest(Some(&lab.a)) };
     let mut env = HostEnv::open(cfg).unwrap();
     let (_, info) = env.reset(0).unwrap();

@@ -1,43 +1,15 @@
 //! Parsers of `env::live` against fixture copies of real files (see `fixtures/live/README.md`)
 //! and against this machine's own `/proc` and `/sys` (read only).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use moderato_env::live::counters::{self, Delta};
 use moderato_env::live::cpu;
 use moderato_env::live::interrupts::{self, IrqKind, parse_interrupts};
 
-fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/live").join(rel)
-}
+mod common;
 
-/// A copy of the fixture sysfs tree `name` with its symlinks created (the fixtures list them in
-/// `links.txt`: real sysfs loops through `device/net/<if>/device`).
-fn sysfs(name: &str) -> (tempfile::TempDir, PathBuf) {
-    fn copy(from: &Path, to: &Path) {
-        std::fs::create_dir_all(to).unwrap();
-        for e in std::fs::read_dir(from).unwrap() {
-            let e = e.unwrap();
-            let (src, dst) = (e.path(), to.join(e.file_name()));
-            if e.file_type().unwrap().is_dir() {
-                copy(&src, &dst);
-            } else {
-                std::fs::copy(&src, &dst).unwrap();
-            }
-        }
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join(name);
-    copy(&fixture(name), &root);
-    let links = std::fs::read_to_string(root.join("links.txt")).unwrap();
-    for line in links.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
-        let (path, target) = line.split_once(" -> ").unwrap();
-        let at = root.join(path);
-        std::fs::create_dir_all(at.parent().unwrap()).unwrap();
-        std::os::unix::fs::symlink(target, at).unwrap();
-    }
-    (dir, root)
-}
+use common::{fixture, sysfs};
 
 fn read(rel: &str) -> String {
     std::fs::read_to_string(fixture(rel)).unwrap()
