@@ -29,6 +29,10 @@ fn bad_experiment_configs_name_the_key() {
         (text.replace("rate_scale = [0.7, 1.3]", "rate_scale = [1.3, 0.7]"), "suite.rate_scale"),
         (text.replace("\"scenarios/bulk-stream.toml\"", "\"scenarios/nope.toml\""), "nope.toml"),
         (text.replace("num_minibatches = 8", "num_minibatches = 7"), "ppo.num_minibatches = 7"),
+        (
+            text.replace("ignore_features = []", "ignore_features = [\"nic.irq_rate\"]"),
+            "network.ignore_features: `nic.irq_rate` is not a feature; valid names: nic.rx_kpps_ln",
+        ),
     ];
     for (bad, key) in cases {
         let e = format!("{:#}", ExperimentConfig::parse(&bad, &base).unwrap_err());

@@ -7,8 +7,7 @@
 //! machine is touched. Run them with
 //! `cargo test --release -p moderato-env -- --ignored` as root with iproute2 installed.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use moderato_env::live::{
     CoalesceError, CoalesceParams, Coalescer, Control, HostEnv, LiveConfig, NetlinkCoalescer, ProbeConfig,
@@ -29,19 +28,7 @@ fn lab() -> Lab {
 #[test]
 #[ignore = "needs root and iproute2: cargo test --release -p moderato-env -- --ignored"]
 fn echo_responder() {
-    let Ok(addr) = std::env::var("MODERATO_ECHO_AT") else { return };
-    let stop = AtomicBool::new(false);
-    // The parent kills it; a minute is the longest any test here runs.
-    let stop_at = Instant::now() + Duration::from_secs(60);
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            while Instant::now() < stop_at {
-                std::thread::sleep(Duration::from_millis(200));
-            }
-            stop.store(true, Ordering::Relaxed);
-        });
-        moderato_env::live::serve_udp_echo(addr.parse().unwrap(), &stop).unwrap();
-    });
+    common::netns::echo_responder_main();
 }
 
 #[test]

@@ -8,8 +8,8 @@ use moderato_env::sim::{Scenario, SimConfig, SimEnv};
 use moderato_env::{ActionSpace, Env, KnobBounds};
 use moderato_policies::Policy;
 use moderato_policies::learned::{
-    Actor, FORMAT_VERSION, FeatureNames, LearnedPolicy, META_FILE, ModelMeta, NetConfig, Normalizer, Probes,
-    Provenance, WEIGHTS_FILE,
+    Actor, FORMAT_VERSION, FeatureBatch, FeatureNames, LearnedPolicy, META_FILE, ModelMeta, NetConfig,
+    Normalizer, Probes, Provenance, WEIGHTS_FILE,
 };
 
 fn meta() -> ModelMeta {
@@ -133,4 +133,54 @@ fn the_same_weights_give_the_same_bytes() {
         std::fs::read(b.path().join(WEIGHTS_FILE)).unwrap()
     );
     LearnedPolicy::load(a.path(), &device).unwrap();
+}
+
+#[test]
+fn ignored_features_are_not_required_survive_a_save_and_do_not_move_the_actions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let device = Device::flex();
+    let ignore: Vec<String> =
+        ["nic.irq_krate_ln", "nic.rx_usecs", "nic.rx_frames", "nic.tx_usecs", "nic.tx_frames"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+    let net = NetConfig { ignore_features: ignore.clone(), ..NetConfig::default() };
+    let mut m = meta();
+    m.network = net.clone();
+    LearnedPolicy::save(tmp.path(), Actor::new(&net, 17, &device), m).unwrap();
+    let mut pol = LearnedPolicy::load(tmp.path(), &device).unwrap();
+    assert_eq!(pol.meta().network.ignore_features, ignore);
+    let r = pol.requirements();
+    assert!(ignore.iter().all(|n| !r.host.contains(n)), "{:?}", r.host);
+    assert!(r.host.iter().any(|n| n == "nic.rx_kpps_ln") && r.host.iter().any(|n| n == "host.probe_p99_ln"));
+
+    // The raw mean actions, before they are rounded to knobs.
+    let means = |pol: &LearnedPolicy, o: &moderato_env::Observation| {
+        let mut b = FeatureBatch::new(o.guests.len());
+        b.push(o, &ActionSpace::default());
+        pol.mean_actions(&b)
+    };
+    for o in observations() {
+        let a = means(&pol, &o);
+        // The NIC's interrupt rate and current knobs change a lot: the decision does not.
+        let mut other = o.clone();
+        other.host.nic.rx_irq_per_s = Some(5.0e5);
+        other.host.nic.tx_irq_per_s = Some(2.0e5);
+        other.host.nic.rx_knobs = None;
+        other.host.nic.tx_knobs = None;
+        assert_eq!(means(&pol, &other), a);
+        assert_eq!(pol.act(&other), pol.act(&o));
+        // A feature it does read does move it.
+        let mut busier = o.clone();
+        busier.host.nic.rx_pps = o.host.nic.rx_pps * 50.0 + 1.0e5;
+        assert_ne!(means(&pol, &busier), a);
+    }
+
+    // In model.json, an unknown name is refused at load with the list of valid ones.
+    let p = tmp.path().join(META_FILE);
+    let mut m: ModelMeta = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    m.network.ignore_features[0] = "nic.irq_rate".into();
+    std::fs::write(&p, serde_json::to_string(&m).unwrap()).unwrap();
+    let e = LearnedPolicy::load(tmp.path(), &device).unwrap_err().to_string();
+    assert!(e.contains("`nic.irq_rate` is not a feature"), "{e}");
 }

@@ -29,7 +29,7 @@ use moderato_env::{
     ActionSpace, BACKEND_FEATURES, ControllerFactory, Env, GUEST_FEATURES, HOST_FEATURES, Observation,
 };
 use moderato_policies::learned::{
-    Actor, BatchTensors, FeatureBatch, Mlp, NetConfig, Normalizer, RunningStats, decode_means,
+    Actor, BatchTensors, FeatureBatch, Ignored, Mlp, NetConfig, Normalizer, RunningStats, decode_means,
 };
 use rand::{Rng, SeedableRng};
 use rand_pcg::Pcg64Mcg;
@@ -162,6 +162,8 @@ pub struct Trainer {
     pub state: TrainState,
     /// VMs every batch row is padded to (the suite's largest host).
     pub vmax: usize,
+    /// `network.ignore_features` as columns.
+    ignored: Ignored,
     make_env: EnvMaker,
 }
 
@@ -202,7 +204,8 @@ impl Trainer {
             normalizer: Normalizer::default(),
             return_stats: RunningStats::new(1),
         };
-        Trainer { exp, device, model, optim, state, vmax, make_env }
+        let ignored = Ignored::new(&c.network.ignore_features).expect("a validated experiment config");
+        Trainer { exp, device, model, optim, state, vmax, ignored, make_env }
     }
 
     pub fn action_space(&self) -> &ActionSpace {
@@ -293,7 +296,7 @@ impl Trainer {
                 raw.push(o, self.action_space());
             }
             raw.update(&mut self.state.normalizer);
-            let x = raw.normalized(&self.state.normalizer);
+            let x = raw.normalized(&self.state.normalizer, &self.ignored);
             let xt = x.tensors(&infer_device);
             let means = infer.actor.means(&xt);
             let values = to_vec(infer.critic.value(&xt));
@@ -383,9 +386,10 @@ impl Trainer {
                 for o in &obs {
                     fin.push(o, self.action_space());
                 }
-                let v = to_vec(
-                    infer.critic.value(&fin.normalized(&self.state.normalizer).tensors(&infer_device)),
-                );
+                let v =
+                    to_vec(infer.critic.value(
+                        &fin.normalized(&self.state.normalizer, &self.ignored).tensors(&infer_device),
+                    ));
                 for (r, v) in st.rewards[t * n_envs..(t + 1) * n_envs].iter_mut().zip(&v) {
                     *r += (gamma * f64::from(*v)) as f32;
                 }

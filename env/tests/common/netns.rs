@@ -4,7 +4,7 @@
 
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 /// Runs `ip` (iproute2) with `args`; its stderr is the error.
@@ -128,4 +128,22 @@ impl Drop for Lab {
         let _ = ip(&["link", "del", &self.a]);
         let _ = ip(&["netns", "del", &self.ns]);
     }
+}
+
+/// The body of every test binary's `echo_responder` helper test: serves UDP echo at
+/// `MODERATO_ECHO_AT` for at most a minute (the parent kills it sooner). Without the variable it
+/// returns at once, so the helper passes as a no-op when `--ignored` runs it directly.
+pub fn echo_responder_main() {
+    let Ok(addr) = std::env::var("MODERATO_ECHO_AT") else { return };
+    let stop = AtomicBool::new(false);
+    let stop_at = Instant::now() + Duration::from_secs(60);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            while Instant::now() < stop_at {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            stop.store(true, Ordering::Relaxed);
+        });
+        moderato_env::live::serve_udp_echo(addr.parse().unwrap(), &stop).unwrap();
+    });
 }

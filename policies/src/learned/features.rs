@@ -79,6 +79,59 @@ impl Default for Normalizer {
     }
 }
 
+/// The feature columns a model does not read (`network.ignore_features`): zero after
+/// normalisation (the running mean), in training and at inference alike. The network then learns
+/// nothing from them, and a host that cannot measure them (a NIC without coalescing or interrupt
+/// lines, such as veth) can still run the model.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Ignored {
+    host: Vec<usize>,
+    backend: Vec<usize>,
+    guest: Vec<usize>,
+}
+
+impl Ignored {
+    /// The columns of `names`; an unknown or repeated name is an error that lists the valid ones.
+    pub fn new(names: &[String]) -> Result<Ignored, String> {
+        let mut out = Ignored::default();
+        for (i, name) in names.iter().enumerate() {
+            if names[..i].contains(name) {
+                return Err(format!("network.ignore_features: `{name}` is listed twice"));
+            }
+            let col = |list: &[moderato_env::Feature]| list.iter().position(|f| f.name == name);
+            if let Some(c) = col(HOST_FEATURES) {
+                out.host.push(c);
+            } else if let Some(c) = col(BACKEND_FEATURES) {
+                out.backend.push(c);
+            } else if let Some(c) = col(GUEST_FEATURES) {
+                out.guest.push(c);
+            } else {
+                let valid: Vec<&str> = HOST_FEATURES
+                    .iter()
+                    .chain(BACKEND_FEATURES)
+                    .chain(GUEST_FEATURES)
+                    .map(|f| f.name)
+                    .collect();
+                return Err(format!(
+                    "network.ignore_features: `{name}` is not a feature; valid names: {}",
+                    valid.join(", ")
+                ));
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.host.is_empty() && self.backend.is_empty() && self.guest.is_empty()
+    }
+
+    fn zero(cols: &[usize], rows: &mut [f32], width: usize) {
+        for r in rows.chunks_exact_mut(width) {
+            cols.iter().for_each(|&c| r[c] = 0.0);
+        }
+    }
+}
+
 /// Raw features of a batch of observations, padded to `vms` VMs per row.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct FeatureBatch {
@@ -134,8 +187,8 @@ impl FeatureBatch {
         norm.guest.update(&gu);
     }
 
-    /// A normalised copy (padding stays zero).
-    pub fn normalized(&self, norm: &Normalizer) -> FeatureBatch {
+    /// A normalised copy (padding stays zero), with the `ignored` columns zero.
+    pub fn normalized(&self, norm: &Normalizer, ignored: &Ignored) -> FeatureBatch {
         let mut out = self.clone();
         out.host.chunks_exact_mut(HOST_FEATURES.len()).for_each(|r| norm.host.normalize(r, norm.clip));
         let (bf, gf) = (BACKEND_FEATURES.len(), GUEST_FEATURES.len());
@@ -144,6 +197,11 @@ impl FeatureBatch {
                 norm.backend.normalize(&mut out.backend[i * bf..(i + 1) * bf], norm.clip);
                 norm.guest.normalize(&mut out.guest[i * gf..(i + 1) * gf], norm.clip);
             }
+        }
+        if !ignored.is_empty() {
+            Ignored::zero(&ignored.host, &mut out.host, HOST_FEATURES.len());
+            Ignored::zero(&ignored.backend, &mut out.backend, bf);
+            Ignored::zero(&ignored.guest, &mut out.guest, gf);
         }
         out
     }
@@ -205,5 +263,44 @@ mod tests {
         let mut r = [499.5f32, 5.0];
         s.normalize(&mut r, 10.0);
         assert!(r[0].abs() < 1e-3);
+    }
+
+    #[test]
+    fn ignored_columns_are_zero_after_normalisation_and_only_they() {
+        let names: Vec<String> = ["nic.irq_krate_ln", "backend.rx_usecs", "guest.probe_p99_ln"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let ig = Ignored::new(&names).unwrap();
+        let mut b = FeatureBatch::new(2);
+        b.rows = 1;
+        b.host = vec![3.0; HOST_FEATURES.len()];
+        b.backend = vec![3.0; 2 * BACKEND_FEATURES.len()];
+        b.guest = vec![3.0; 2 * GUEST_FEATURES.len()];
+        b.mask = vec![1.0, 1.0];
+        let norm = Normalizer::default();
+        let (plain, masked) = (b.normalized(&norm, &Ignored::default()), b.normalized(&norm, &ig));
+        let col = |list: &[moderato_env::Feature], n: &str| list.iter().position(|f| f.name == n).unwrap();
+        let irq = col(HOST_FEATURES, "nic.irq_krate_ln");
+        for (i, (p, m)) in plain.host.iter().zip(&masked.host).enumerate() {
+            assert_eq!(*m, if i == irq { 0.0 } else { *p }, "host column {i}");
+            assert!(*p > 1.0);
+        }
+        let bu = col(BACKEND_FEATURES, "backend.rx_usecs");
+        for (i, (p, m)) in plain.backend.iter().zip(&masked.backend).enumerate() {
+            assert_eq!(*m, if i % BACKEND_FEATURES.len() == bu { 0.0 } else { *p }, "backend column {i}");
+        }
+        let gp = col(GUEST_FEATURES, "guest.probe_p99_ln");
+        for (i, (p, m)) in plain.guest.iter().zip(&masked.guest).enumerate() {
+            assert_eq!(*m, if i % GUEST_FEATURES.len() == gp { 0.0 } else { *p }, "guest column {i}");
+        }
+    }
+
+    #[test]
+    fn unknown_or_repeated_ignored_names_are_errors_that_say_what_is_valid() {
+        let e = Ignored::new(&["nic.irq_rate".to_string()]).unwrap_err();
+        assert!(e.contains("`nic.irq_rate` is not a feature") && e.contains("nic.irq_krate_ln"), "{e}");
+        let twice = vec!["nic.rx_usecs".to_string(), "nic.rx_usecs".to_string()];
+        assert!(Ignored::new(&twice).unwrap_err().contains("listed twice"));
     }
 }

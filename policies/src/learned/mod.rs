@@ -26,7 +26,7 @@ use moderato_env::{
     KNOBS_PER_LAYER, LayerId, LayerKind, Observation, VmSettings, feature_names,
 };
 
-pub use features::{FeatureBatch, Normalizer, RunningStats};
+pub use features::{FeatureBatch, Ignored, Normalizer, RunningStats};
 pub use net::{Activation, Actor, BatchTensors, Means, Mlp, NetConfig};
 
 use crate::{Policy, Requirements};
@@ -165,13 +165,17 @@ pub struct LearnedPolicy {
     dir: PathBuf,
     meta: ModelMeta,
     actor: Actor,
+    /// `meta.network.ignore_features` as columns.
+    ignored: Ignored,
     device: Device,
 }
 
 impl LearnedPolicy {
     /// A policy from an actor in memory (during training and evaluation).
+    /// Panics if `meta.network` lists an unknown feature to ignore (validated configs do not).
     pub fn new(name: impl Into<String>, actor: Actor, meta: ModelMeta, device: Device) -> Self {
-        LearnedPolicy { name: name.into(), dir: PathBuf::new(), actor: actor.valid(), meta, device }
+        let ignored = Ignored::new(&meta.network.ignore_features).expect("a validated network config");
+        LearnedPolicy { name: name.into(), dir: PathBuf::new(), actor: actor.valid(), meta, ignored, device }
     }
 
     /// Loads and checks a frozen model directory.
@@ -239,7 +243,16 @@ impl LearnedPolicy {
             .map_err(|e| ModelError::Weights { path: w_path.clone(), message: format!("{e:?}") })?;
         let name =
             format!("model:{}", dir.file_name().map_or_else(|| "model".into(), |f| f.to_string_lossy()));
-        Ok(LearnedPolicy { name, dir: dir.to_path_buf(), meta, actor: actor.valid(), device: device.clone() })
+        let ignored = Ignored::new(&meta.network.ignore_features)
+            .map_err(|m| ModelError::Mismatch { path: meta_path.clone(), message: m })?;
+        Ok(LearnedPolicy {
+            name,
+            dir: dir.to_path_buf(),
+            meta,
+            actor: actor.valid(),
+            ignored,
+            device: device.clone(),
+        })
     }
 
     /// Writes `actor` and `meta` (whose `weights_sha256` is filled in) into `dir`.
@@ -315,7 +328,7 @@ impl LearnedPolicy {
 
     /// Mean actions for a batch of observations (all with `vms` VMs or fewer, padded).
     pub fn mean_actions(&self, batch: &FeatureBatch) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-        let x = batch.normalized(&self.meta.normalizer).tensors(&self.device);
+        let x = batch.normalized(&self.meta.normalizer, &self.ignored).tensors(&self.device);
         let m = self.actor.means(&x);
         let v = |t: burn::tensor::TensorData| t.convert::<f32>().try_into_vec::<f32>().unwrap_or_default();
         (v(m.nic.into_data()), v(m.backend.into_data()), v(m.frontend.into_data()))
@@ -359,8 +372,13 @@ impl Policy for LearnedPolicy {
     }
 
     fn requirements(&self) -> Requirements {
+        let ignored = &self.meta.network.ignore_features;
         let keep = |names: &[String], probe: bool| -> Vec<String> {
-            names.iter().filter(|n| probe || !n.contains(".probe_")).cloned().collect()
+            names
+                .iter()
+                .filter(|n| (probe || !n.contains(".probe_")) && !ignored.contains(n))
+                .cloned()
+                .collect()
         };
         let f = &self.meta.features;
         let mut host = keep(&f.host, self.meta.probes.host);

@@ -41,6 +41,10 @@ pub struct NetConfig {
     /// per-packet, so a negative value starts training on the low-latency side.
     #[serde(default = "d_init_action")]
     pub init_action_mean: f64,
+    /// Features the networks do not read (zero after normalisation), for hosts that cannot
+    /// measure them; a deployed model does not require them. Empty: every feature.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ignore_features: Vec<String>,
 }
 
 fn d_hidden() -> Vec<usize> {
@@ -60,6 +64,7 @@ impl Default for NetConfig {
             activation: Activation::Tanh,
             init_log_std: d_log_std(),
             init_action_mean: d_init_action(),
+            ignore_features: Vec::new(),
         }
     }
 }
@@ -78,6 +83,7 @@ impl NetConfig {
                 self.init_action_mean
             ));
         }
+        super::features::Ignored::new(&self.ignore_features)?;
         Ok(())
     }
 }
