@@ -280,3 +280,54 @@ fn an_interface_that_appears_after_start_is_restored_too() {
     assert_eq!(s.restored, 1);
     assert_eq!(rig.state(), ORIGINAL);
 }
+
+#[test]
+fn the_shipped_model_deploys_on_a_virtio_guest_with_a_loopback_probe() {
+    // The model reads the guest's latency probe: an echo responder on loopback answers it.
+    let echo = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let responder = {
+        let stop = stop.clone();
+        std::thread::spawn(move || moderato_env::live::serve_udp_echo(echo, &stop))
+    };
+    let probe = moderato_env::live::ProbeConfig {
+        period: Duration::from_millis(2),
+        ..moderato_env::live::ProbeConfig::new(echo)
+    };
+    let mut rig = Rig::with_probe(Some(probe));
+    let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/default");
+    // Loaded as `moderato deploy --policy models/default` loads it.
+    let primary = moderato_agent::resolve::deploy_policy(model.to_str().unwrap(), 1).unwrap();
+    assert_eq!(primary.name(), "model:default");
+    let lp =
+        make(&mut rig, primary, Scripted::fixed("fb", CoalescingSettings::per_packet(1)), opts(Some(12)));
+    let (_tx, rx) = watch::channel(false);
+    let s = rt().block_on(lp.run(rx)).unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    responder.join().unwrap().unwrap();
+    assert_eq!((s.decisions, s.fallback_decisions), (12, 0));
+    // It moved the frontend's knobs, within the limits and their largest step.
+    let sets = rig.sets();
+    // The last set is the restoration, which no limit holds back.
+    let (restore, decisions) = sets.split_last().unwrap();
+    assert!(!decisions.is_empty());
+    assert_eq!(ORIGINAL.updated(restore), ORIGINAL);
+    let mut last = ORIGINAL;
+    for p in decisions {
+        for (now, before, max, step) in [
+            (p.rx_usecs, last.rx_usecs, 100, 16),
+            (p.tx_usecs, last.tx_usecs, 100, 16),
+            (p.rx_frames, last.rx_frames, 64, 8),
+            (p.tx_frames, last.tx_frames, 64, 8),
+        ] {
+            if let (Some(n), Some(b)) = (now, before) {
+                assert!(n <= max && n.abs_diff(b) <= step, "{before:?} → {now:?} in {decisions:?}");
+            }
+        }
+        last = last.updated(p);
+    }
+    let decided = s.last.unwrap().vms[0].frontend;
+    assert_ne!(decided, LayerSettings { rx: Moderation::fixed(0, 1), tx: Moderation::fixed(0, 1) });
+    assert_eq!(s.restored, 1);
+    assert_eq!(rig.state(), ORIGINAL);
+}

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use moderato_agent::deploy::{DeployLoop, LayerLimits, Limits, LoopOptions, Metrics, Range};
-use moderato_env::live::{CoalesceError, CoalesceParams, Coalescer, HostEnv, LiveConfig};
+use moderato_env::live::{CoalesceError, CoalesceParams, Coalescer, HostEnv, LiveConfig, ProbeConfig};
 use moderato_env::{CoalescingSettings, LayerSettings, Moderation, Observation};
 use moderato_policies::{Policy, Requirements};
 
@@ -115,6 +115,11 @@ pub struct Rig {
 
 impl Rig {
     pub fn new() -> Rig {
+        Rig::with_probe(None)
+    }
+
+    /// The rig with a latency probe (e.g. to an echo responder on loopback).
+    pub fn with_probe(probe: Option<ProbeConfig>) -> Rig {
         let dir = tempfile::tempdir().unwrap();
         let sys = dir.path().join("sys");
         let proc_ = dir.path().join("proc");
@@ -124,6 +129,7 @@ impl Rig {
             sysfs_root: sys.clone(),
             procfs_root: proc_,
             interval: Duration::from_millis(15),
+            probe,
             ..LiveConfig::guest(Some("eth0"))
         };
         let nic = FakeNic::new();
