@@ -29,6 +29,8 @@ enum Command {
     Deploy(deploy::DeployArgs),
     /// Print what a deployed policy would see on this host, each interval.
     Observe(deploy::ObserveArgs),
+    /// Answer the udp-echo latency probe of a deploy (run it in the VM or on the peer host).
+    Echo(deploy::EchoArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -76,6 +78,7 @@ fn try_main() -> Result<()> {
         Command::Export(a) => train::export(a),
         Command::Deploy(a) => deploy::run_deploy(a, &resolve::deploy_policy),
         Command::Observe(a) => deploy::run_observe(a),
+        Command::Echo(a) => deploy::run_echo(a),
     }
 }
 

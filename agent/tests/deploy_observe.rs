@@ -82,3 +82,33 @@ source = "none"
     // The role comes from the one section when not given.
     deploy::run_observe(ObserveArgs { config: path, role: None, count: Some(1) }).unwrap();
 }
+
+#[test]
+fn moderato_echo_answers_until_shutdown_and_names_a_busy_port() {
+    let addr = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let server = std::thread::spawn(move || rt.block_on(deploy::serve_echo(addr, shutdown)));
+    let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    client.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    let mut buf = [0u8; 64];
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let answer = loop {
+        client.send_to(b"moderato probe 1", addr).unwrap();
+        if let Ok((n, from)) = client.recv_from(&mut buf) {
+            break (buf[..n].to_vec(), from);
+        }
+        assert!(std::time::Instant::now() < deadline, "no echo from {addr}");
+    };
+    assert_eq!(answer, (b"moderato probe 1".to_vec(), addr));
+    stop.send(true).unwrap();
+    server.join().unwrap().unwrap();
+
+    // A port that another socket holds: the error names the address and the flag.
+    let busy = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let at = busy.local_addr().unwrap();
+    let (_stop, shutdown) = tokio::sync::watch::channel(false);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let e = rt.block_on(deploy::serve_echo(at, shutdown)).unwrap_err().to_string();
+    assert!(e.starts_with(&format!("binding UDP {at} (--listen): ")), "{e}");
+}

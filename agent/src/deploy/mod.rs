@@ -8,6 +8,8 @@
 //! - [`metrics`]: Prometheus text metrics on `--metrics-addr`.
 //! - [`observe`]: the operator's view of each interval.
 //!
+//! `moderato echo` ([`run_echo`]) is the far end of the `udp-echo` latency source.
+//!
 //! The live host itself is `moderato_env::live::HostEnv`; knobs are set through ethtool netlink.
 //! See `docs/deploy.md` for what each hypervisor and driver lets us control.
 
@@ -86,6 +88,14 @@ pub struct DeployArgs {
     pub steps: Option<u64>,
 }
 
+/// `moderato echo`: answer the `udp-echo` latency probe of a deploy on another side.
+#[derive(Debug, Clone, clap::Args)]
+pub struct EchoArgs {
+    /// Address and UDP port to answer on; a deploy config's `latency.target` points here.
+    #[arg(long, default_value = "0.0.0.0:7")]
+    pub listen: SocketAddr,
+}
+
 /// `moderato observe`: print what a policy would see, every interval.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ObserveArgs {
@@ -124,7 +134,7 @@ fn init_logging(format: LogFormat) {
 
 /// The shutdown channel, turned true by SIGINT or SIGTERM. The handlers are registered before this
 /// returns, so a signal that arrives while the loop starts is not lost.
-fn signals() -> Result<(watch::Sender<bool>, watch::Receiver<bool>)> {
+fn signals(on_stop: &'static str) -> Result<(watch::Sender<bool>, watch::Receiver<bool>)> {
     use tokio::signal::unix::{SignalKind, signal};
     let (tx, rx) = watch::channel(false);
     let mut term = signal(SignalKind::terminate()).context("registering a SIGTERM handler")?;
@@ -135,7 +145,7 @@ fn signals() -> Result<(watch::Sender<bool>, watch::Receiver<bool>)> {
             _ = term.recv() => "SIGTERM",
             _ = int.recv() => "SIGINT",
         };
-        tracing::info!(target: "moderato::deploy", "{name}: stopping and restoring the original settings");
+        tracing::info!(target: "moderato::deploy", "{name}: {on_stop}");
         let _ = sender.send(true);
     });
     Ok((tx, rx))
@@ -171,7 +181,7 @@ pub fn run_deploy(args: DeployArgs, load_policy: &PolicyLoader) -> Result<()> {
     };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting tokio")?;
     rt.block_on(async move {
-        let (_keep, shutdown) = signals()?;
+        let (_keep, shutdown) = signals("stopping and restoring the original settings")?;
         let metrics = Metrics::new(args.dry_run);
         if let Some(addr) = args.metrics_addr {
             let listener = metrics::bind(addr).await?;
@@ -231,4 +241,41 @@ pub fn run_observe(args: ObserveArgs) -> Result<()> {
         n += 1;
     }
     Ok(())
+}
+
+/// `moderato echo`: sends every UDP datagram back to its sender until SIGINT or SIGTERM.
+pub fn run_echo(args: EchoArgs) -> Result<()> {
+    init_logging(LogFormat::Human);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting tokio")?;
+    rt.block_on(async move {
+        let (_keep, shutdown) = signals("stopping")?;
+        serve_echo(args.listen, shutdown).await
+    })
+}
+
+/// The echo responder on `addr` until `shutdown` turns true (or it fails).
+pub async fn serve_echo(addr: SocketAddr, mut shutdown: watch::Receiver<bool>) -> Result<()> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    // Bind here first, so that a busy or privileged port is reported before "answering".
+    drop(std::net::UdpSocket::bind(addr).map_err(|e| {
+        let hint = if e.kind() == std::io::ErrorKind::PermissionDenied {
+            "; ports below 1024 need root or CAP_NET_BIND_SERVICE, or choose another with --listen"
+        } else {
+            ""
+        };
+        anyhow::anyhow!("binding UDP {addr} (--listen): {e}{hint}")
+    })?);
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let mut server = tokio::task::spawn_blocking(move || moderato_env::live::serve_udp_echo(addr, &flag));
+    tracing::info!(target: "moderato::echo", "answering UDP echo on {addr}");
+    let result = tokio::select! {
+        r = &mut server => r,
+        _ = shutdown.wait_for(|s| *s) => {
+            stop.store(true, Ordering::Relaxed);
+            server.await
+        }
+    };
+    result.context("the echo thread")?.with_context(|| format!("UDP echo on {addr}"))
 }
