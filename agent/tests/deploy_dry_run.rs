@@ -35,47 +35,14 @@ fn echo_responder() {
     common::live::netns::echo_responder_main();
 }
 
-/// A host-side deploy config: the veth end as the NIC, the tap as vm0's backend, latency from
-/// `echo` (or none).
+/// The lab's host-side deploy config with `static:moderate` as fallback and latency from `echo`
+/// (or none).
 fn config(lab: &Lab, dir: &Path, echo: Option<SocketAddr>) -> PathBuf {
     let latency = match echo {
         Some(a) => format!("source = \"udp-echo\"\ntarget = \"{a}\"\nperiod_ms = 10\ntimeout_ms = 200"),
         None => "source = \"none\"".to_string(),
     };
-    let text = format!(
-        r#"interval_ms = 100
-fallback = "static:moderate"
-stale_after_intervals = 3
-[host]
-nic = "{a}"
-[[host.vms]]
-name = "vm0"
-backend = "{tap}"
-[limits.nic]
-rx_usecs = {{ min = 0, max = 256 }}
-rx_frames = {{ min = 0, max = 256 }}
-tx_usecs = {{ min = 0, max = 256 }}
-tx_frames = {{ min = 0, max = 256 }}
-max_change_usecs = 32
-max_change_frames = 32
-allow_adaptive = false
-[limits.backend]
-rx_usecs = {{ min = 0, max = 128 }}
-rx_frames = {{ min = 0, max = 64 }}
-tx_usecs = {{ min = 0, max = 128 }}
-tx_frames = {{ min = 0, max = 64 }}
-max_change_usecs = 16
-max_change_frames = 16
-allow_adaptive = false
-[latency]
-{latency}
-"#,
-        a = lab.a,
-        tap = lab.tap
-    );
-    let path = dir.join("deploy.toml");
-    std::fs::write(&path, text).unwrap();
-    path
+    common::lab_host_config(lab, dir, "static:moderate", &latency)
 }
 
 /// Runs `policy` as `moderato deploy --dry-run` would for `steps` intervals while UDP crosses the

@@ -7,7 +7,6 @@
 //! Everything is created here on 198.18.0.0/15 and removed by a `Drop` guard. Run with
 //! `cargo test --release -p moderato-agent -- --ignored` as root with iproute2.
 
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -24,46 +23,6 @@ use common::live::netns::Lab;
 /// This binary's labs: `mdd<n>…`, their /30s 4 blocks on from moderato-env's.
 fn lab() -> Lab {
     Lab::new("mdd", 4)
-}
-
-impl Lab {
-    /// A deploy config for the host side: the veth end as the NIC, the tap as vm0's backend.
-    fn config(&self, dir: &Path) -> std::path::PathBuf {
-        let text = format!(
-            r#"interval_ms = 100
-fallback = "fake-fallback"
-stale_after_intervals = 3
-[host]
-nic = "{a}"
-[[host.vms]]
-name = "vm0"
-backend = "{tap}"
-[limits.nic]
-rx_usecs = {{ min = 0, max = 256 }}
-rx_frames = {{ min = 0, max = 256 }}
-tx_usecs = {{ min = 0, max = 256 }}
-tx_frames = {{ min = 0, max = 256 }}
-max_change_usecs = 32
-max_change_frames = 32
-allow_adaptive = false
-[limits.backend]
-rx_usecs = {{ min = 0, max = 64 }}
-rx_frames = {{ min = 0, max = 64 }}
-tx_usecs = {{ min = 0, max = 64 }}
-tx_frames = {{ min = 0, max = 24 }}
-max_change_usecs = 8
-max_change_frames = 8
-allow_adaptive = false
-[latency]
-source = "none"
-"#,
-            a = self.a,
-            tap = self.tap
-        );
-        let path = dir.join("deploy.toml");
-        std::fs::write(&path, text).unwrap();
-        path
-    }
 }
 
 /// A baseline-like fake: every layer at 32 µs / 32 frames.
@@ -106,7 +65,7 @@ fn args(config: std::path::PathBuf, dry_run: bool, steps: Option<u64>) -> Deploy
 fn deploy_dry_run_then_sigterm_restores_on_a_veth_pair_and_a_tap() {
     let lab = lab();
     let dir = tempfile::tempdir().unwrap();
-    let config = lab.config(dir.path());
+    let config = common::lab_host_config(&lab, dir.path(), "fake-fallback", "source = \"none\"");
     let mut ethtool = NetlinkCoalescer::new().unwrap();
     assert_eq!(ethtool.get(&lab.tap).unwrap().rx_frames, Some(0));
 

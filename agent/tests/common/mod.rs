@@ -197,3 +197,48 @@ impl std::io::Write for Buf {
         Ok(())
     }
 }
+
+/// A host-side deploy config in `dir` for a netns lab: its veth end as the NIC (observe-only), its
+/// tap as vm0's backend (bounds that let the tap's rx-frames climb 8, 16, 24), 100 ms intervals,
+/// `fallback`, and the `[latency]` section's body `latency`.
+pub fn lab_host_config(
+    lab: &live::netns::Lab,
+    dir: &std::path::Path,
+    fallback: &str,
+    latency: &str,
+) -> PathBuf {
+    let text = format!(
+        r#"interval_ms = 100
+fallback = "{fallback}"
+stale_after_intervals = 3
+[host]
+nic = "{a}"
+[[host.vms]]
+name = "vm0"
+backend = "{tap}"
+[limits.nic]
+rx_usecs = {{ min = 0, max = 256 }}
+rx_frames = {{ min = 0, max = 256 }}
+tx_usecs = {{ min = 0, max = 256 }}
+tx_frames = {{ min = 0, max = 256 }}
+max_change_usecs = 32
+max_change_frames = 32
+allow_adaptive = false
+[limits.backend]
+rx_usecs = {{ min = 0, max = 64 }}
+rx_frames = {{ min = 0, max = 64 }}
+tx_usecs = {{ min = 0, max = 64 }}
+tx_frames = {{ min = 0, max = 24 }}
+max_change_usecs = 8
+max_change_frames = 8
+allow_adaptive = false
+[latency]
+{latency}
+"#,
+        a = lab.a,
+        tap = lab.tap
+    );
+    let path = dir.join("deploy.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
