@@ -11,7 +11,7 @@ use moderato_env::{CoalescingSettings, Env, Knobs, LayerId, LayerSettings, Moder
 
 mod common;
 
-use common::{copy_fixture, copy_tree, fixture};
+use common::{VIRTIO_DEFAULT, copy_fixture, copy_tree, fixture};
 
 /// A fake driver: per interface, the parameters it supports and holds, or an error for every call.
 #[derive(Debug, Clone, Default)]
@@ -47,17 +47,6 @@ impl Coalescer for FakeNic {
             Some(Err(e)) => Err(e.clone()),
             None => Err(CoalesceError::NoDevice { ifname: ifname.into() }),
         }
-    }
-}
-
-fn virtio_params() -> CoalesceParams {
-    CoalesceParams {
-        rx_usecs: Some(0),
-        rx_frames: Some(1),
-        tx_usecs: Some(0),
-        tx_frames: Some(1),
-        adaptive_rx: Some(false),
-        adaptive_tx: None,
     }
 }
 
@@ -105,7 +94,7 @@ impl GuestTree {
 #[test]
 fn guest_rates_follow_the_counters_with_the_documented_units() {
     let tree = GuestTree::new();
-    let fake = FakeNic::default().with("eth0", Ok(virtio_params()));
+    let fake = FakeNic::default().with("eth0", Ok(VIRTIO_DEFAULT));
     let mut env = HostEnv::new(tree.config(), Box::new(fake)).unwrap();
     let warnings = env.start();
     assert!(warnings.is_empty(), "{warnings:?}");
@@ -144,7 +133,7 @@ fn guest_rates_follow_the_counters_with_the_documented_units() {
 #[test]
 fn a_vanished_interface_is_a_warning_and_its_return_resumes_rates() {
     let tree = GuestTree::new();
-    let fake = FakeNic::default().with("eth0", Ok(virtio_params()));
+    let fake = FakeNic::default().with("eth0", Ok(VIRTIO_DEFAULT));
     let mut env = HostEnv::new(tree.config(), Box::new(fake)).unwrap();
     env.start();
     let link = tree.sys.join("class/net/eth0");
@@ -176,7 +165,7 @@ fn a_vanished_interface_is_a_warning_and_its_return_resumes_rates() {
 fn a_counter_that_goes_backwards_is_a_reset_not_a_negative_rate() {
     let tree = GuestTree::new();
     let mut env =
-        HostEnv::new(tree.config(), Box::new(FakeNic::default().with("eth0", Ok(virtio_params())))).unwrap();
+        HostEnv::new(tree.config(), Box::new(FakeNic::default().with("eth0", Ok(VIRTIO_DEFAULT)))).unwrap();
     env.start();
     std::fs::write(tree.stats_dir().join("rx_packets"), "250\n").unwrap();
     std::thread::sleep(Duration::from_millis(5));
@@ -191,7 +180,7 @@ fn a_counter_that_goes_backwards_is_a_reset_not_a_negative_rate() {
 fn unreadable_sources_are_warnings_never_panics() {
     let tree = GuestTree::new();
     let mut env =
-        HostEnv::new(tree.config(), Box::new(FakeNic::default().with("eth0", Ok(virtio_params())))).unwrap();
+        HostEnv::new(tree.config(), Box::new(FakeNic::default().with("eth0", Ok(VIRTIO_DEFAULT)))).unwrap();
     env.start();
     std::fs::write(tree.proc_.join("interrupts"), "garbage\n").unwrap();
     std::fs::remove_file(tree.proc_.join("stat")).unwrap();
@@ -232,7 +221,7 @@ fn unsupported_coalescing_makes_the_layer_observe_only_and_the_loop_runs_on() {
 fn apply_sets_only_supported_changed_parameters_and_dry_run_sets_nothing() {
     let tree = GuestTree::new();
     // virtio-net: no adaptive-tx.
-    let fake = FakeNic::default().with("eth0", Ok(virtio_params()));
+    let fake = FakeNic::default().with("eth0", Ok(VIRTIO_DEFAULT));
     let sets = fake.sets.clone();
     let mut env = HostEnv::new(tree.config(), Box::new(fake)).unwrap();
     env.start();
@@ -272,7 +261,7 @@ fn apply_sets_only_supported_changed_parameters_and_dry_run_sets_nothing() {
 #[test]
 fn restore_puts_back_the_originals_values_before_modes() {
     let tree = GuestTree::new();
-    let orig = CoalesceParams { adaptive_rx: Some(true), rx_usecs: Some(8), ..virtio_params() };
+    let orig = CoalesceParams { adaptive_rx: Some(true), rx_usecs: Some(8), ..VIRTIO_DEFAULT };
     let fake = FakeNic::default().with("eth0", Ok(orig));
     let sets = fake.sets.clone();
     let state = fake.state.clone();

@@ -21,14 +21,7 @@ use moderato_policies::{Policy, Requirements};
 use live::{copy_fixture, copy_tree, fixture};
 
 /// The fake driver's settings before the loop changes anything.
-pub const ORIGINAL: CoalesceParams = CoalesceParams {
-    rx_usecs: Some(0),
-    rx_frames: Some(1),
-    tx_usecs: Some(0),
-    tx_frames: Some(1),
-    adaptive_rx: Some(false),
-    adaptive_tx: None,
-};
+pub const ORIGINAL: CoalesceParams = live::VIRTIO_DEFAULT;
 
 /// A fake virtio-net driver: one interface, every knob but adaptive-tx, each set recorded.
 #[derive(Debug, Clone)]

@@ -9,6 +9,19 @@ pub mod netns;
 
 use std::path::{Path, PathBuf};
 
+use moderato_env::live::CoalesceParams;
+
+/// What the virtio guest fixture's `eth0` reports: a virtio-net device without NOTF_COAL
+/// (per-packet, adaptive-rx off, no adaptive-tx).
+pub const VIRTIO_DEFAULT: CoalesceParams = CoalesceParams {
+    rx_usecs: Some(0),
+    rx_frames: Some(1),
+    tx_usecs: Some(0),
+    tx_frames: Some(1),
+    adaptive_rx: Some(false),
+    adaptive_tx: None,
+};
+
 /// A file or tree of `env/tests/fixtures/live` (found from the workspace root, so that the path is
 /// right in moderato-agent's tests too).
 pub fn fixture(rel: &str) -> PathBuf {
