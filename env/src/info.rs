@@ -114,6 +114,31 @@ pub struct IntervalTruth {
     pub completed_bytes: u64,
     pub cpu: CpuBreakdown,
     pub vms: Vec<VmTruth>,
+    /// NAPI polls in the interval (zero where NAPI is off).
+    #[serde(default)]
+    pub polls: PollCounts,
+}
+
+/// NAPI polls per notification stream; the interrupt counts are in the observation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PollCounts {
+    /// The NIC's rx queue.
+    pub nic_rx: u64,
+    /// The NIC's tx-completion queue.
+    pub nic_tx: u64,
+    /// Every guest's rx virtqueue / netfront rx ring.
+    pub guest_rx: u64,
+    /// Every guest's tx-completion notifications.
+    pub guest_tx: u64,
+}
+
+impl PollCounts {
+    fn add(&mut self, o: &PollCounts) {
+        self.nic_rx += o.nic_rx;
+        self.nic_tx += o.nic_tx;
+        self.guest_rx += o.guest_rx;
+        self.guest_tx += o.guest_tx;
+    }
 }
 
 impl IntervalTruth {
@@ -157,6 +182,7 @@ impl IntervalTruth {
         self.in_flight = o.in_flight;
         self.completed_bytes += o.completed_bytes;
         self.cpu.add(&o.cpu);
+        self.polls.add(&o.polls);
         if self.vms.len() < o.vms.len() {
             self.vms.resize(o.vms.len(), VmTruth::default());
         }

@@ -27,7 +27,9 @@ pub mod sim;
 pub use check::check_env;
 pub use controller::{ControllerFactory, DriverSample, LayerController};
 pub use env::{Env, EnvError, EnvSpec, Step};
-pub use info::{CpuBreakdown, CpuSplit, EpisodeSummary, Info, IntervalTruth, LatencyStats, VmTruth};
+pub use info::{
+    CpuBreakdown, CpuSplit, EpisodeSummary, Info, IntervalTruth, LatencyStats, PollCounts, VmTruth,
+};
 pub use obs::{
     BACKEND_FEATURES, CpuObs, Feature, GUEST_FEATURES, GuestObs, HOST_FEATURES, HostObs, InterfaceObs,
     Observation, ProbeObs, feature_names,

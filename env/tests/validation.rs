@@ -24,6 +24,8 @@ fn zero_costs() -> Costs {
         stack_per_byte_ns: 0.0,
         app_wakeup_us: 0.0,
         vcpu_wakeup_us: 0.0,
+        nic_poll_us: 0.0,
+        frontend_poll_us: 0.0,
         service: ServiceDist::Deterministic,
     }
 }
@@ -154,6 +156,9 @@ fn coalescing_theory(lambda: f64, frames: u32, t_s: f64) -> (f64, f64) {
 
 #[test]
 fn coalescing_trigger_matches_the_poisson_formulas() {
+    // With NAPI (the default): instant handlers empty the ring before the next packet, so each
+    // interrupt's poll takes exactly the batch the knobs released.
+    assert!(fast_host().napi, "this test covers the NAPI model");
     // (rate pps, frames, usecs). frames = 0: timer only; usecs = 10^8: count only.
     let points = [
         (100_000.0, 8, 100_000_000),
@@ -198,6 +203,13 @@ fn coalescing_trigger_matches_the_poisson_formulas() {
     }
 }
 
+/// The pre-NAPI model (`host.napi = false`): every notification is its own job. Queueing theory's
+/// single-server results describe a server that takes one packet per job, which is this model
+/// at per-packet settings; NAPI's polls serve batches (bulk service) and are validated below.
+fn pre_napi(h: HostConfig) -> HostConfig {
+    HostConfig { napi: false, ..h }
+}
+
 /// Exponential service with the given per-stage means; every other cost zero.
 fn queueing_costs() -> Costs {
     Costs { service: ServiceDist::Exponential, ..zero_costs() }
@@ -210,7 +222,7 @@ fn per_packet_exponential_service_is_mm1() {
         let mu = 200_000.0;
         let costs = Costs { nic_per_packet_us: 1e6 / mu, ..queueing_costs() };
         let sc = scenario(
-            fast_host(),
+            pre_napi(fast_host()),
             costs,
             vec![vm(vec![flow(FlowKind::Stream, Arrivals::Poisson { rate_pps: lambda }, 64)])],
         );
@@ -233,7 +245,7 @@ fn fixed_overhead_plus_exponential_work_is_mg1() {
     // Pollaczek–Khinchine: W_q = λE[S²]/(2(1 − ρ)) = 3.4 µs; W = W_q + E[S] = 8.4 µs.
     let costs = Costs { nic_irq_us: 2.0, nic_per_packet_us: 3.0, ..queueing_costs() };
     let sc = scenario(
-        fast_host(),
+        pre_napi(fast_host()),
         costs,
         vec![vm(vec![flow(FlowKind::Stream, Arrivals::Poisson { rate_pps: 100_000.0 }, 64)])],
     );
@@ -252,7 +264,7 @@ fn three_exponential_stages_in_tandem_form_a_jackson_network() {
         stack_per_packet_us: 5.0,
         ..queueing_costs()
     };
-    let host = HostConfig { worker_batch: 1, ..fast_host() };
+    let host = HostConfig { worker_batch: 1, ..pre_napi(fast_host()) };
     let sc = scenario(
         host,
         costs,
@@ -265,15 +277,24 @@ fn three_exponential_stages_in_tandem_form_a_jackson_network() {
 
 /// The livelock host: one core takes the NIC's interrupts (c_i = 1.0 + 0.3 µs per packet) and
 /// runs the backend's protocol work (c_p = 2.0 µs per packet) at thread priority; the guest is
-/// free.
-fn livelock_throughput(offered: f64, nic: Knobs) -> f64 {
-    let costs =
-        Costs { nic_irq_us: 1.0, nic_per_packet_us: 0.3, backend_per_packet_us: Some(2.0), ..zero_costs() };
-    let host = HostConfig { cpus: 1, backend: BackendKind::Xen, ..HostConfig::default() };
+/// free. `napi` chooses the model; the NIC's poll costs 0.25 µs.
+fn livelock_host(offered: f64, napi: bool) -> Scenario {
+    let costs = Costs {
+        nic_irq_us: 1.0,
+        nic_per_packet_us: 0.3,
+        backend_per_packet_us: Some(2.0),
+        nic_poll_us: 0.25,
+        ..zero_costs()
+    };
+    let host = HostConfig { cpus: 1, backend: BackendKind::Xen, napi, ..HostConfig::default() };
     let mut v = vm(vec![flow(FlowKind::Stream, Arrivals::Poisson { rate_pps: offered }, 64)]);
     v.backend_cpu = 0;
-    let sc = scenario(host, costs, vec![v]);
-    let r = run(sc, cfg(20_000, 12), &nic_rx_only(nic), 51, 2);
+    scenario(host, costs, vec![v])
+}
+
+/// Delivered throughput of the pre-NAPI livelock host (Mogul & Ramakrishnan's kernel).
+fn livelock_throughput(offered: f64, nic: Knobs) -> f64 {
+    let r = run(livelock_host(offered, false), cfg(20_000, 12), &nic_rx_only(nic), 51, 2);
     r.throughput_pps()
 }
 
@@ -309,6 +330,157 @@ fn receive_livelock_emerges_and_coalescing_moves_it_out() {
     assert!(coalesced > 10.0 * tput[7], "coalesced {coalesced:.0} vs per-packet {:.0}", tput[7]);
 }
 
+/// Per-packet knobs on a host; after a 40 ms warm-up, over 200 ms: (delivered pps, NIC
+/// interrupts/s, NIC polls/s, NIC-admitted pps).
+fn napi_point(sc: Scenario) -> (f64, f64, f64, f64) {
+    let mut env = SimEnv::new(sc, cfg(20_000, 12), None).unwrap();
+    env.reset(51).unwrap();
+    let (mut done, mut irqs, mut polls, mut admitted, mut secs) = (0.0, 0.0, 0.0, 0.0, 0.0);
+    for i in 0..12 {
+        let s = env.step(&CoalescingSettings::per_packet(1)).unwrap();
+        if i < 2 {
+            continue;
+        }
+        let dt = s.obs.interval_ns as f64 / 1e9;
+        let t = s.info.truth.unwrap();
+        done += t.completed as f64;
+        irqs += s.obs.host.nic.rx_irq_per_s.unwrap() * dt;
+        polls += t.polls.nic_rx as f64;
+        admitted += s.obs.host.nic.rx_pps * dt;
+        secs += dt;
+    }
+    (done / secs, irqs / secs, polls / secs, admitted / secs)
+}
+
+/// NAPI's own setting (Salim, Olsson & Kuznetsov 2001): the protocol work runs inside the poll
+/// (driver 0.3 + stack and bridge 2.0 µs per packet, as `netif_receive_skb` runs in the poll),
+/// on a core of its own; the backend (0.1 µs per packet) has the other core.
+fn napi_host(offered: f64, napi: bool) -> Scenario {
+    let costs = Costs {
+        nic_irq_us: 1.0,
+        nic_per_packet_us: 2.3,
+        backend_per_packet_us: Some(0.1),
+        nic_poll_us: 0.25,
+        ..zero_costs()
+    };
+    let host = HostConfig { cpus: 2, backend: BackendKind::Xen, napi, ..HostConfig::default() };
+    let v = vm(vec![flow(FlowKind::Stream, Arrivals::Poisson { rate_pps: offered }, 64)]);
+    scenario(host, costs, vec![v])
+}
+
+#[test]
+fn with_napi_throughput_plateaus_and_interrupts_fall_away() {
+    let (ci, c_pkt, c_poll) = (1.0e-6, 2.3e-6, 0.25e-6);
+    // Pre-NAPI, every packet costs its interrupt too: capacity 1/(c_i + c_pkt) = 303k/s. With
+    // NAPI, once the ring stops emptying, a poll takes 64 packets: 1/(c_pkt + c_poll/64) = 433k/s.
+    let (old_cap, capacity) = (1.0 / (ci + c_pkt), 1.0 / (c_pkt + c_poll / 64.0));
+    let loads = [0.5, 0.9, 1.0, 1.3, 1.65, 2.0, 2.3, 2.6].map(|x| x * old_cap);
+    let pts: Vec<_> = loads.iter().map(|&l| napi_point(napi_host(l, true))).collect();
+    let tput: Vec<f64> = pts.iter().map(|p| p.0).collect();
+    let irqs: Vec<f64> = pts.iter().map(|p| p.1).collect();
+    // Delivered = min(offered, capacity): rises, then plateaus at the core's packet capacity
+    // (3%: Poisson fluctuation in 200 ms and the ring's edge).
+    for (&l, &t) in loads.iter().zip(&tput) {
+        assert!(rel(t, l.min(capacity)) < 0.03, "λ={l:.0}: {t:.0} vs min(λ, {capacity:.0}); {tput:?}");
+    }
+    // The pre-NAPI kernel on the same host tops out at 1/(c_i + c_pkt).
+    let old = napi_point(napi_host(loads[7], false)).0;
+    assert!(rel(old, old_cap) < 0.03, "pre-NAPI {old:.0} vs 1/(c_i + c_pkt) = {old_cap:.0}");
+    // Interrupts fall as load grows ...
+    for w in irqs.windows(2).skip(1) {
+        assert!(w[1] <= w[0] * 1.02, "interrupts rose with load: {irqs:?}");
+    }
+    assert!(irqs[0] > 0.5 * loads[0], "at low load the ring empties between packets: {irqs:?}");
+    // ... and vanish once the ring never empties, while polls per second tend to the polled
+    // load over the weight (2%).
+    for &(_, irq, polls, polled) in &pts[5..] {
+        assert!(irq < 1e-3 * polled, "{irq} interrupts/s at {polled:.0} polled/s");
+        assert!(rel(polls, polled / 64.0) < 0.02, "{polls:.0} polls/s vs {polled:.0}/64");
+    }
+}
+
+#[test]
+fn napi_softens_receive_livelock_of_thread_level_work() {
+    // Mogul's host (protocol work c_p in the backend thread on the NIC's core) with NAPI: where
+    // the NIC's own work keeps up, its polls empty the ring and interrupts stay frequent, so the
+    // thread still starves as load grows (Linux behaves so: this is why threaded NAPI and busy
+    // polling exist), but every poll that finds more than one packet saves an interrupt, so
+    // NAPI delivers at least what the pre-NAPI kernel does, and far more in deep overload.
+    let lambda_c = 1.0 / 3.3e-6;
+    let napi = |l: f64| napi_point(livelock_host(l, true)).0;
+    for x in [0.9, 1.3, 2.0, 2.6] {
+        let l = x * lambda_c;
+        let (with, without) = (napi(l), livelock_throughput(l, Knobs::PER_PACKET));
+        assert!(with >= 0.98 * without, "λ = {x} λ_c: NAPI {with:.0} < pre-NAPI {without:.0}");
+        // Past the pre-NAPI peak the gap widens: 1.6x at 2 λ_c, where pre-NAPI delivers
+        // (1 − λc_i)/c_p; over 20x at 2.6 λ_c, past 1/c_i, where pre-NAPI delivers nearly nothing.
+        let gain = with / without.max(1.0);
+        if x == 2.0 {
+            assert!(gain > 1.3, "λ = {x} λ_c: NAPI {with:.0} vs pre-NAPI {without:.0}");
+        } else if x == 2.6 {
+            assert!(gain > 10.0, "λ = {x} λ_c: NAPI {with:.0} vs pre-NAPI {without:.0}");
+        }
+    }
+}
+
+#[test]
+fn the_softirq_budget_hands_polls_to_ksoftirqd_so_threads_still_run() {
+    // One core: the NIC's poll (1.5 µs per packet) and the backend thread (0.8 µs) share it, at
+    // three times what it can carry. The softirq polls for at most 2 ms (or 3300 packets) in
+    // interrupt context, then ksoftirqd polls at thread priority, in turn with the backend:
+    // per turn 64 packets each, so the core delivers 1/(1.5 + 0.8 + 0.25/64 µs) = 434k/s
+    // (within 10%: the bursts in interrupt context while the ring refills).
+    let host = |softirq_max_time_us: u64| {
+        let costs = Costs {
+            nic_irq_us: 1.0,
+            nic_per_packet_us: 1.5,
+            backend_per_packet_us: Some(0.8),
+            nic_poll_us: 0.25,
+            ..zero_costs()
+        };
+        let h = HostConfig {
+            cpus: 1,
+            backend: BackendKind::Xen,
+            softirq_max_time_us,
+            netdev_budget: 1_000_000,
+            ..HostConfig::default()
+        };
+        let mut v = vm(vec![flow(FlowKind::Stream, Arrivals::Poisson { rate_pps: 1.3e6 }, 64)]);
+        v.backend_cpu = 0;
+        scenario(h, costs, vec![v])
+    };
+    let fair = 1.0 / (1.5e-6 + 0.8e-6 + 0.25e-6 / 64.0);
+    let with_ksoftirqd = napi_point(host(2000)).0;
+    assert!(rel(with_ksoftirqd, fair) < 0.10, "{with_ksoftirqd:.0} vs {fair:.0}");
+    // Without the limit (a softirq that may poll for a whole second) the thread starves.
+    let unlimited = napi_point(host(1_000_000)).0;
+    assert!(unlimited < 0.05 * fair, "no ksoftirqd: {unlimited:.0} delivered");
+}
+
+#[test]
+fn at_low_load_napi_changes_nothing() {
+    // 500 packets/s of 1500 B to a vhost guest, per-packet: the rings empty between packets, so
+    // every packet raises its own interrupts with or without NAPI, each interrupt's poll takes
+    // that one packet, and CPU and latency are the pre-NAPI model's (1%).
+    let point = |napi: bool| {
+        let host = HostConfig { napi, ..HostConfig::default() };
+        let sc = scenario(
+            host,
+            Costs::default(),
+            vec![vm(vec![flow(FlowKind::Stream, Arrivals::Poisson { rate_pps: 500.0 }, 1500)])],
+        );
+        run(sc, cfg(200_000, 11), &CoalescingSettings::per_packet(1), 81, 1)
+    };
+    let (with, without) = (point(true), point(false));
+    let irq_per_pkt = |r: &Run| r.nic_rx_irqs / r.nic_rx_pkts;
+    assert!(rel(irq_per_pkt(&with), 1.0) < 0.01, "NAPI: {} interrupts per packet", irq_per_pkt(&with));
+    assert!(rel(irq_per_pkt(&without), 1.0) < 1e-9, "pre-NAPI: one interrupt per packet");
+    let (a, b) = (with.cpu_us_per_packet(), without.cpu_us_per_packet());
+    assert!(rel(a, b) < 0.01, "CPU per packet {a:.3} (NAPI) vs {b:.3}");
+    let (a, b) = (with.mean_latency_us(), without.mean_latency_us());
+    assert!(rel(a, b) < 0.01, "latency {a:.2} µs (NAPI) vs {b:.2}");
+}
+
 #[test]
 fn the_wire_never_exceeds_line_rate() {
     for (bytes, line_pps) in [(64, 14_880_952.0), (1518, 812_743.8)] {
@@ -338,16 +510,20 @@ fn the_wire_never_exceeds_line_rate() {
     }
 }
 
-/// Stream receive at 50 kpps of 1500-byte frames, every knob per-packet; CPU µs per packet.
+/// Stream receive at 5 kpps of 1500-byte frames, every knob per-packet; CPU µs per packet. The
+/// rings empty between packets, so this is the per-packet path the literature's ratios compare.
+/// (At 50 kpps NAPI lets a guest's interrupts share a poll while its halted vCPU wakes, the
+/// guest's share of the cost falls, and the ratios sit at the bands' lower edges: xen/native
+/// 2.48, posted gains 1.23 and 1.29.)
 fn receive_cpu_per_packet(backend: BackendKind, posted: bool, native: bool) -> f64 {
     let host = HostConfig { backend, posted_interrupts: posted, ..HostConfig::default() };
     let costs = if native { Costs::default().native() } else { Costs::default() };
     let sc = scenario(
         host,
         costs,
-        vec![vm(vec![flow(FlowKind::Stream, Arrivals::Poisson { rate_pps: 5e4 }, 1500)])],
+        vec![vm(vec![flow(FlowKind::Stream, Arrivals::Poisson { rate_pps: 5e3 }, 1500)])],
     );
-    run(sc, cfg(20_000, 11), &CoalescingSettings::per_packet(1), 61, 1).cpu_us_per_packet()
+    run(sc, cfg(100_000, 11), &CoalescingSettings::per_packet(1), 61, 1).cpu_us_per_packet()
 }
 
 #[test]

@@ -36,6 +36,7 @@ use std::sync::Arc;
 use hdrhistogram::Histogram;
 
 use super::arrivals::{ArrivalGen, Purpose, Rng64, Sizer, stream};
+use super::napi::{SoftirqLimits, SoftirqRun};
 use super::scenario::{Arrivals, FlowKind, Scenario, ServiceDist};
 use crate::controller::{ControllerFactory, DriverSample, LayerController};
 use crate::info::CpuBreakdown;
@@ -151,8 +152,10 @@ pub(crate) struct StageCounters {
     pub admitted: u64,
     pub admitted_bytes: u64,
     pub drops: u64,
-    /// Notifications (knob stages) or jobs (workers).
+    /// Notifications (knob stages: interrupts) or jobs (workers).
     pub notifications: u64,
+    /// NAPI polls (NAPI stages only).
+    pub polls: u64,
     /// Items whose job completed.
     pub done: u64,
     pub done_bytes: u64,
@@ -179,6 +182,19 @@ struct Stage {
     jobs_out: u32,
     /// A worker found idle by a kick pays `wake_ns` on its next job.
     wake_due: bool,
+    /// NAPI: the notification schedules a poll and is masked until a poll completes.
+    napi: bool,
+    /// NAPI: the notification is masked (a poll is scheduled or running).
+    masked: bool,
+    /// NAPI: the next poll carries the cost of the interrupt that scheduled it.
+    irq_due: bool,
+    /// NAPI: polls run in ksoftirqd (thread priority) until one completes.
+    ksoftirqd: bool,
+    /// NAPI: a completing poll re-checks its ring and polls again without an interrupt when
+    /// items arrived meanwhile (virtio-net, netfront).
+    recheck: bool,
+    /// NAPI: fixed cost of one poll.
+    poll_ns: u64,
     cpu: usize,
     prio: Prio,
     bucket: Bucket,
@@ -210,6 +226,12 @@ impl Stage {
             timer_armed: false,
             jobs_out: 0,
             wake_due: false,
+            napi: false,
+            masked: false,
+            irq_due: false,
+            ksoftirqd: false,
+            recheck: false,
+            poll_ns: 0,
             cpu,
             prio,
             bucket,
@@ -239,13 +261,20 @@ impl Stage {
 #[derive(Debug, Clone, Copy)]
 struct Job {
     stage: u32,
-    /// Items; for a worker, set when the job starts.
+    /// Items; for a worker or a NAPI poll, set when the job starts.
     k: u32,
     claimed: bool,
     remaining_ns: u64,
     notify_ns: u64,
     packet_ns: u64,
     app_ns: u64,
+}
+
+impl Job {
+    /// A job that takes its items when it starts (a worker's run, a NAPI poll).
+    fn unclaimed(si: usize) -> Job {
+        Job { stage: si as u32, k: 0, claimed: false, remaining_ns: 0, notify_ns: 0, packet_ns: 0, app_ns: 0 }
+    }
 }
 
 #[derive(Debug)]
@@ -262,6 +291,11 @@ struct Cpu {
     idle_since: u64,
     busy_irq_ns: u64,
     busy_thread_ns: u64,
+    /// A finished job's effects are being applied: new jobs queue and start afterwards, in
+    /// priority order, not in the order the effects pushed them.
+    completing: bool,
+    /// The softirq run in interrupt context (NAPI).
+    sirq: SoftirqRun,
 }
 
 impl Cpu {
@@ -277,6 +311,8 @@ impl Cpu {
             idle_since: 0,
             busy_irq_ns: 0,
             busy_thread_ns: 0,
+            completing: false,
+            sirq: SoftirqRun::default(),
         }
     }
 
@@ -418,6 +454,9 @@ pub(crate) struct Engine {
     probe: ProbeCfg,
     vm_samples: Vec<u64>,
     host_samples: u64,
+    /// NAPI weight: most items per poll.
+    napi_weight: u32,
+    softirq: SoftirqLimits,
 }
 
 fn ns(us: f64) -> u64 {
@@ -437,14 +476,21 @@ impl Engine {
         let mut stages = Vec::with_capacity(3 + PER_VM * vms);
         let nic = h.nic_cpu;
         let pp = Knobs::PER_PACKET;
+        let napi = |s: &mut Stage, poll_us: f64, recheck: bool| {
+            s.napi = h.napi;
+            s.poll_ns = ns(poll_us);
+            s.recheck = recheck;
+        };
         let mut s = Stage::new(Kind::NicRx, h.nic_rx_ring, Trigger::Knobs(pp), nic, Prio::Irq, Bucket::Nic);
         s.notify_ns = ns(c.nic_irq_us);
         s.per_pkt_ns = ns(c.nic_per_packet_us);
+        napi(&mut s, c.nic_poll_us, false);
         stages.push(s);
         stages.push(Stage::new(Kind::NicTx, h.nic_tx_ring, Trigger::Wire, nic, Prio::Irq, Bucket::Nic));
         let mut s = Stage::new(Kind::NicTxc, usize::MAX, Trigger::Knobs(pp), nic, Prio::Irq, Bucket::Nic);
         s.notify_ns = ns(c.nic_irq_us);
         s.per_pkt_ns = ns(c.nic_per_packet_us);
+        napi(&mut s, c.nic_poll_us, false);
         stages.push(s);
         let vcpu0 = h.cpus;
         for (v, vm) in sc.vms.iter().enumerate() {
@@ -465,6 +511,7 @@ impl Engine {
                 Stage::new(Kind::FeRx(v), vm.ring, Trigger::Knobs(pp), vc, Prio::Irq, Bucket::Frontend);
             s.notify_ns = ns(c.virq(h.posted_interrupts));
             s.per_pkt_ns = ns(c.frontend_per_packet_us);
+            napi(&mut s, c.frontend_poll_us, true);
             stages.push(s);
             let mut s = Stage::new(
                 Kind::SockRx(v),
@@ -508,6 +555,7 @@ impl Engine {
                 Stage::new(Kind::FeTxc(v), usize::MAX, Trigger::Knobs(pp), vc, Prio::Irq, Bucket::Frontend);
             s.notify_ns = ns(c.virq(h.posted_interrupts));
             s.per_pkt_ns = ns(c.frontend_per_packet_us);
+            napi(&mut s, c.frontend_poll_us, true);
             stages.push(s);
         }
         let mut cpus: Vec<Cpu> = (0..h.cpus).map(|_| Cpu::new(0)).collect();
@@ -581,6 +629,8 @@ impl Engine {
             probe,
             vm_samples: vec![0; vms],
             host_samples: 0,
+            napi_weight: h.napi_weight,
+            softirq: SoftirqLimits::new(h),
         };
         e.pick_next_source();
         // Every closed-loop client starts after one think time.
@@ -674,9 +724,19 @@ impl Engine {
             return;
         }
         st.trigger = Trigger::Knobs(k);
-        if st.pending == 0 {
+        if st.pending == 0 || st.masked {
+            // A masked NAPI stage: the poll takes what is pending; the new knobs apply once it
+            // completes.
             return;
         }
+        self.fire_or_arm(si);
+    }
+
+    /// Items are pending at an armed knob stage whose first item came at `first_pending_ns`:
+    /// fire now if its knobs say so, else arm the timer for `usecs` after that first item.
+    fn fire_or_arm(&mut self, si: usize) {
+        let st = &self.stages[si];
+        let Some(k) = st.knobs() else { unreachable!("only knob stages fire on their knobs") };
         let deadline = st.first_pending_ns + u64::from(k.usecs) * 1000;
         if k.usecs == 0 || (k.frames > 0 && st.pending >= k.frames) || deadline <= self.now {
             self.fire(si);
@@ -847,6 +907,8 @@ impl Engine {
         st.pending += k;
         st.pending_bytes += bytes;
         match st.trigger {
+            // Masked (NAPI): no notification; the scheduled poll takes the items.
+            Trigger::Knobs(_) if st.masked => {}
             Trigger::Knobs(kn) => {
                 if kn.usecs == 0 || (kn.frames > 0 && st.pending >= kn.frames) {
                     self.fire(si);
@@ -893,6 +955,14 @@ impl Engine {
         st.c.notifications += 1;
         st.jobs_out += 1;
         let job = match st.trigger {
+            Trigger::Knobs(_) if st.napi => {
+                // napi_schedule: mask, and let the poll take the items when it runs.
+                st.masked = true;
+                st.irq_due = true;
+                st.timer_armed = false;
+                st.timer_gen = st.timer_gen.wrapping_add(1);
+                Job::unclaimed(si)
+            }
             Trigger::Knobs(_) => {
                 let k = st.pending;
                 let bytes = st.pending_bytes;
@@ -906,8 +976,8 @@ impl Engine {
                 if !matches!(st.kind, Kind::NicTxc | Kind::FeTxc(_)) {
                     st.in_jobs += k as usize;
                 }
-                let mut job = self.cost(si, k, bytes, first, 0);
-                job.claimed = true;
+                let notify_ns = self.stages[si].notify_ns;
+                let job = self.cost(si, k, bytes, first, notify_ns);
                 // The adaptive algorithm sees the sample after every notification, as a driver
                 // calls net_dim after each poll.
                 let st = &mut self.stages[si];
@@ -924,25 +994,17 @@ impl Engine {
                 }
                 job
             }
-            Trigger::Worker { .. } => Job {
-                stage: si as u32,
-                k: 0,
-                claimed: false,
-                remaining_ns: 0,
-                notify_ns: 0,
-                packet_ns: 0,
-                app_ns: 0,
-            },
+            Trigger::Worker { .. } => Job::unclaimed(si),
             Trigger::Wire => unreachable!("the wire has no notifications"),
         };
         let (cpu, prio) = (self.stages[si].cpu, self.stages[si].prio);
         self.cpu_push(cpu, job, prio);
     }
 
-    /// The CPU cost of a job of `k` items (`bytes` in all) starting at queue index `first`.
-    fn cost(&mut self, si: usize, k: u32, bytes: u64, first: usize, wake_ns: u64) -> Job {
+    /// The CPU cost of a job of `k` items (`bytes` in all) starting at queue index `first`,
+    /// with `notify_ns` of fixed overhead.
+    fn cost(&mut self, si: usize, k: u32, bytes: u64, first: usize, notify_ns: u64) -> Job {
         let st = &self.stages[si];
-        let notify_ns = st.notify_ns + wake_ns;
         let per_pkt = match self.service {
             ServiceDist::Deterministic => u64::from(k) * st.per_pkt_ns,
             ServiceDist::Exponential => {
@@ -991,11 +1053,97 @@ impl Engine {
         st.ctr_bytes += bytes;
         let wake = if st.wake_due && k > 0 { st.wake_ns } else { 0 };
         st.wake_due = false;
+        let notify_ns = st.notify_ns + wake;
         if let Some(d) = self.downstream_of(si) {
             self.stages[d].reserved += k as usize;
         }
-        *job =
-            if k == 0 { Job { k: 0, claimed: true, ..*job } } else { self.cost(si, k, bytes, first, wake) };
+        *job = if k == 0 {
+            Job { k: 0, claimed: true, ..*job }
+        } else {
+            self.cost(si, k, bytes, first, notify_ns)
+        };
+    }
+
+    /// A NAPI poll starts on CPU `ci` at `prio`: it takes what is pending now, up to the weight.
+    /// It pays the interrupt's cost if an interrupt scheduled it, and the poll's own cost always.
+    fn napi_claim(&mut self, ci: usize, job: &mut Job, prio: Prio) {
+        let si = job.stage as usize;
+        let now = self.now;
+        let st = &mut self.stages[si];
+        let k = st.pending.min(self.napi_weight);
+        let first = st.in_jobs;
+        let completions = matches!(st.kind, Kind::NicTxc | Kind::FeTxc(_));
+        let bytes = if completions {
+            // Completions carry no queue entries: their bytes are shared out evenly.
+            if st.pending == 0 { 0 } else { st.pending_bytes * u64::from(k) / u64::from(st.pending) }
+        } else {
+            st.q.range(first..first + k as usize).map(|p| u64::from(p.bytes)).sum()
+        };
+        st.pending -= k;
+        st.pending_bytes -= bytes;
+        if !completions {
+            st.in_jobs += k as usize;
+        }
+        st.ctr_pkts += u64::from(k);
+        st.ctr_bytes += bytes;
+        st.c.polls += 1;
+        // The interrupt's cost covers the poll it schedules (the calibrated per-notification
+        // cost of SIMULATOR.md); every further poll of the same schedule costs `poll_ns`.
+        let notify_ns = if std::mem::take(&mut st.irq_due) { st.notify_ns } else { st.poll_ns };
+        if prio == Prio::Irq {
+            self.cpus[ci].sirq.on_poll(now, k);
+        }
+        *job = self.cost(si, k, bytes, first, notify_ns);
+    }
+
+    /// A NAPI poll of `k` items finished (its items have moved on).
+    fn napi_poll_done(&mut self, si: usize, k: u32) {
+        if k == self.napi_weight {
+            // The poll used its whole weight: it stays scheduled and polls again.
+            self.napi_reschedule(si);
+            return;
+        }
+        // napi_complete_done: the adaptive algorithm sees the sample, as drivers call net_dim
+        // (and ixgbe its ITR update) when a poll completes; then the interrupt is re-armed.
+        let now = self.now;
+        let st = &mut self.stages[si];
+        if let Some(c) = st.controller.as_mut() {
+            let sample = DriverSample {
+                time_ns: now,
+                event_ctr: st.c.notifications as u16,
+                pkt_ctr: st.ctr_pkts as u32,
+                byte_ctr: st.ctr_bytes as u32,
+            };
+            if let Some(k) = c.ctl.on_notification(&sample) {
+                st.trigger = Trigger::Knobs(k);
+            }
+        }
+        st.masked = false;
+        st.ksoftirqd = false;
+        if st.pending == 0 {
+            return;
+        }
+        if st.recheck {
+            // virtqueue_napi_complete found new buffers: poll again, no interrupt.
+            st.masked = true;
+            self.napi_reschedule(si);
+        } else {
+            // A NIC with packets in its ring interrupts as soon as its knobs allow.
+            self.fire_or_arm(si);
+        }
+    }
+
+    /// A scheduled NAPI instance polls again: in the same softirq while its budget lasts, else
+    /// in ksoftirqd at thread priority.
+    fn napi_reschedule(&mut self, si: usize) {
+        let now = self.now;
+        let ci = self.stages[si].cpu;
+        let deferred = self.stages[si].ksoftirqd || self.cpus[ci].sirq.exhausted(now, &self.softirq);
+        let st = &mut self.stages[si];
+        st.jobs_out += 1;
+        st.ksoftirqd = deferred;
+        let prio = if deferred { Prio::Thread } else { Prio::Irq };
+        self.cpu_push(ci, Job::unclaimed(si), prio);
     }
 
     fn cpu_push(&mut self, ci: usize, job: Job, prio: Prio) {
@@ -1005,7 +1153,7 @@ impl Engine {
             Prio::Irq => cpu.irq.push_back(job),
             Prio::Thread => cpu.thread.push_back(job),
         }
-        if cpu.waking {
+        if cpu.waking || cpu.completing {
             return;
         }
         match cpu.running {
@@ -1039,14 +1187,21 @@ impl Engine {
             let cpu = &mut self.cpus[ci];
             let (mut job, prio) = if let Some(j) = cpu.irq.pop_front() {
                 (j, Prio::Irq)
-            } else if let Some(j) = cpu.thread.pop_front() {
-                (j, Prio::Thread)
             } else {
-                cpu.running = None;
-                cpu.idle_since = now;
-                return;
+                // No interrupt-context work left: a softirq run ends here.
+                cpu.sirq.end();
+                if let Some(j) = cpu.thread.pop_front() {
+                    (j, Prio::Thread)
+                } else {
+                    cpu.running = None;
+                    cpu.idle_since = now;
+                    return;
+                }
             };
-            if !job.claimed {
+            if !job.claimed && self.stages[job.stage as usize].napi {
+                // A poll runs even when it finds nothing: an empty poll still costs.
+                self.napi_claim(ci, &mut job, prio);
+            } else if !job.claimed {
                 self.claim(&mut job);
                 if job.k == 0 {
                     // Nothing to do after all (the queue was drained or downstream is full).
@@ -1076,8 +1231,10 @@ impl Engine {
         cpu.account(now);
         let Some((job, _, _)) = cpu.running.take() else { return };
         cpu.idle_since = now;
+        cpu.completing = true;
         self.account_job(&job);
         self.job_done(job);
+        self.cpus[ci].completing = false;
         if self.cpus[ci].running.is_none() && !self.cpus[ci].waking {
             self.cpu_start_next(ci);
         }
@@ -1133,7 +1290,9 @@ impl Engine {
                 }
             }
         }
-        if matches!(self.stages[si].trigger, Trigger::Worker { .. }) {
+        if self.stages[si].napi {
+            self.napi_poll_done(si, job.k);
+        } else if matches!(self.stages[si].trigger, Trigger::Worker { .. }) {
             self.kick_worker(si);
         }
     }

@@ -7,6 +7,7 @@
 
 mod arrivals;
 mod engine;
+mod napi;
 mod scenario;
 
 use std::sync::Arc;
@@ -21,7 +22,7 @@ pub use scenario::{
 
 use crate::controller::ControllerFactory;
 use crate::env::{Env, EnvError, EnvSpec, Step};
-use crate::info::{CpuBreakdown, EpisodeSummary, Info, IntervalTruth, LatencyStats, VmTruth};
+use crate::info::{CpuBreakdown, EpisodeSummary, Info, IntervalTruth, LatencyStats, PollCounts, VmTruth};
 use crate::obs::{CpuObs, GuestObs, HostObs, InterfaceObs, Observation, ProbeObs};
 use crate::reward::RewardConfig;
 use crate::settings::{ActionSpace, CoalescingSettings, Direction, LayerId};
@@ -274,6 +275,7 @@ impl SimEnv {
                 admitted_bytes: a.admitted_bytes - b.admitted_bytes,
                 drops: a.drops - b.drops,
                 notifications: a.notifications - b.notifications,
+                polls: a.polls - b.polls,
                 done: a.done - b.done,
                 done_bytes: a.done_bytes - b.done_bytes,
             }
@@ -393,6 +395,12 @@ impl SimEnv {
             completed_bytes: cur.completed_bytes - prev.completed_bytes,
             cpu: cur.cpu.minus(&prev.cpu),
             vms: vm_truth,
+            polls: PollCounts {
+                nic_rx: nrx.polls,
+                nic_tx: ntxc.polls,
+                guest_rx: (0..vms).map(|v| d(fe_rx(v)).polls).sum(),
+                guest_tx: (0..vms).map(|v| d(fe_txc(v)).polls).sum(),
+            },
         };
         let mut obs = Observation { interval_ns, host, guests };
         if self.cfg.obs_noise > 0.0 {

@@ -51,6 +51,20 @@ pub struct HostConfig {
     pub backend: BackendKind,
     /// Whether virtual interrupts are posted (APICv / posted interrupts: no VM exit).
     pub posted_interrupts: bool,
+    /// NAPI on the NIC's rx and tx-completion interrupts and the guest's rx and tx-completion
+    /// notifications, as every Linux NIC driver, virtio-net and netfront since 2.6 (see
+    /// `sim::napi`). `false` restores the pre-NAPI model: every notification is its own job, the
+    /// kernel of Mogul & Ramakrishnan (1997), for drivers without NAPI.
+    pub napi: bool,
+    /// Most items one NAPI poll takes (`NAPI_POLL_WEIGHT`, 64 in Linux).
+    pub napi_weight: u32,
+    /// Packets one softirq round (`net_rx_action`) may poll: `net.core.netdev_budget`, 300.
+    pub netdev_budget: u32,
+    /// Softirq restarts before the rest is left to ksoftirqd (`MAX_SOFTIRQ_RESTART`, 10).
+    pub softirq_max_restart: u32,
+    /// Time softirq processing may run in interrupt context before ksoftirqd takes over,
+    /// microseconds (`MAX_SOFTIRQ_TIME` = 2 ms; `netdev_budget_usecs` defaults to the same).
+    pub softirq_max_time_us: u64,
 }
 
 impl Default for HostConfig {
@@ -65,6 +79,11 @@ impl Default for HostConfig {
             worker_batch: 64,
             backend: BackendKind::Vhost,
             posted_interrupts: false,
+            napi: true,
+            napi_weight: 64,
+            netdev_budget: 300,
+            softirq_max_restart: 10,
+            softirq_max_time_us: 2000,
         }
     }
 }
@@ -120,6 +139,14 @@ pub struct Costs {
     /// Latency before a halted vCPU runs again when a notification arrives (IPI, scheduling,
     /// VM entry; the reason KVM has halt-polling). Latency only: no guest CPU time.
     pub vcpu_wakeup_us: f64,
+    /// A NAPI poll's fixed cost besides its packets, host NIC driver: the poll call, the GRO
+    /// flush and, on the poll that completes, re-enabling the interrupt (an MMIO write). Paid by
+    /// every poll that no interrupt scheduled (`nic_irq_us` covers the one that did), empty
+    /// ones included; only with `host.napi`.
+    pub nic_poll_us: f64,
+    /// The same in the guest's frontend (virtio-net / netfront: re-enabling callbacks is a
+    /// `used_event` write and a ring re-check).
+    pub frontend_poll_us: f64,
     /// Distribution of per-packet costs.
     pub service: ServiceDist,
 }
@@ -139,6 +166,8 @@ impl Default for Costs {
             stack_per_byte_ns: 0.1,
             app_wakeup_us: 0.5,
             vcpu_wakeup_us: 8.0,
+            nic_poll_us: 0.25,
+            frontend_poll_us: 0.25,
             service: ServiceDist::Deterministic,
         }
     }
@@ -166,6 +195,7 @@ impl Costs {
             kick_us: 0.0,
             backend_wakeup_us: 0.0,
             frontend_per_packet_us: 0.0,
+            frontend_poll_us: 0.0,
             vcpu_wakeup_us: 0.0,
             ..self.clone()
         }
@@ -459,6 +489,27 @@ impl Scenario {
         if h.cpus == 0 {
             return Err("host.cpus = 0: the host needs at least one core".into());
         }
+        if h.napi_weight == 0 || h.napi_weight > 4096 {
+            return Err(format!(
+                "host.napi_weight = {}: a poll takes 1..=4096 items (Linux: 64)",
+                h.napi_weight
+            ));
+        }
+        if h.netdev_budget == 0 || h.netdev_budget > 1_000_000 {
+            return Err(format!("host.netdev_budget = {}: use 1..=1000000 (Linux: 300)", h.netdev_budget));
+        }
+        if h.softirq_max_restart > 1000 {
+            return Err(format!(
+                "host.softirq_max_restart = {}: use 0..=1000 (Linux: 10)",
+                h.softirq_max_restart
+            ));
+        }
+        if h.softirq_max_time_us == 0 || h.softirq_max_time_us > 1_000_000 {
+            return Err(format!(
+                "host.softirq_max_time_us = {}: use 1..=1000000 (Linux: 2000)",
+                h.softirq_max_time_us
+            ));
+        }
         if h.nic_cpu >= h.cpus {
             return Err(format!(
                 "host.nic_cpu = {} but host.cpus = {}: use 0..{}",
@@ -491,6 +542,8 @@ impl Scenario {
             ("stack_per_byte_ns", c.stack_per_byte_ns),
             ("app_wakeup_us", c.app_wakeup_us),
             ("vcpu_wakeup_us", c.vcpu_wakeup_us),
+            ("nic_poll_us", c.nic_poll_us),
+            ("frontend_poll_us", c.frontend_poll_us),
         ] {
             if !(v.is_finite() && (0.0..=1e6).contains(&v)) {
                 return Err(format!("costs.{k} = {v}: must be a number of microseconds in [0, 1e6]"));
