@@ -24,6 +24,28 @@
 //! queues back-pressure (a full ring stalls its sender), so tx-completion knobs add latency only
 //! through back-pressure.
 //!
+//! # NAPI (`host.napi`, on by default; see [`super::napi`])
+//! Four knob stages are NAPI instances, as in Linux: `NicRx`, `NicTxc` (the host NIC driver),
+//! `FeRx`, `FeTxc` (virtio-net / netfront in the guest). Their notification is an interrupt that
+//! masks the stage and queues a *poll* job; the poll takes what is pending when it *starts*, up to
+//! the weight, so items that arrive while the interrupt waits or the poll runs raise nothing.
+//!
+//! ```text
+//!            knobs fire              poll starts: take ≤ weight        poll ends
+//!   armed ───────────────► masked ─────────────────────────────► took = weight? ─yes─► poll again
+//!     ▲      (interrupt:                                               │ no           (softirq, or
+//!     │       notify cost)                                             ▼               ksoftirqd past
+//!     └──── re-armed: knobs decide the next interrupt ◄──── napi_complete_done         the budget)
+//!           (virtio/netfront: pending items → poll again, no interrupt)
+//! ```
+//! Polls run at interrupt priority within one softirq run's budget (`netdev_budget × (1 +
+//! softirq_max_restart)` packets or `softirq_max_time_us`), then at thread priority until a poll
+//! completes. Adaptive controllers (DIM, ITR) see their sample when a poll completes, as drivers
+//! call `net_dim` from their poll. The other two knob stages are not NAPI: `SockRx` (the wake-up of
+//! the application) and `FeTx` (the guest's kick), which vhost and netback suppress by other means.
+//! With `host.napi = false` every notification is its own job that takes what was pending when it
+//! fired (the pre-NAPI kernel).
+//!
 //! # Performance
 //! A packet is 16 bytes in a preallocated `VecDeque`; a batch moves as a run of them. Arrivals are
 //! not heap events: the loop compares the next source time, the next wire arrival and the heap top.
@@ -1119,13 +1141,15 @@ impl Engine {
             }
         }
         st.masked = false;
-        st.ksoftirqd = false;
+        let in_ksoftirqd = std::mem::take(&mut st.ksoftirqd);
         if st.pending == 0 {
             return;
         }
         if st.recheck {
-            // virtqueue_napi_complete found new buffers: poll again, no interrupt.
+            // virtqueue_napi_complete found new buffers: poll again, no interrupt, in the same
+            // context (a poll in ksoftirqd stays there).
             st.masked = true;
+            st.ksoftirqd = in_ksoftirqd;
             self.napi_reschedule(si);
         } else {
             // A NIC with packets in its ring interrupts as soon as its knobs allow.

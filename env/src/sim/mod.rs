@@ -4,6 +4,22 @@
 //! episode length, reward, probes); [`SimEnv`] runs it. Time is an integer count of nanoseconds and
 //! one seed fixes every draw: the same scenario, seed and actions give bit-identical observations
 //! and rewards.
+//!
+//! # Model
+//! Packets cross stages: the NIC's rx ring, each VM's backend queue, its frontend ring, its socket
+//! buffers, and back out through the frontend, the backend and the NIC's tx ring to the wire.
+//! Knob stages notify with ethtool's semantics (`frames` pending or `usecs` after the first);
+//! workers (backend threads, the sending application) take what is pending when they run. Each
+//! CPU runs interrupt work before thread work, preemptively.
+//!
+//! NAPI (`[host] napi`, on by default) governs the NIC's rx and tx-completion interrupts and the
+//! guest's rx and tx-completion notifications as Linux does: an interrupt masks its queue and
+//! schedules a poll of at most `napi_weight` items, re-polled while it fills its weight, in
+//! ksoftirqd at thread priority past the softirq's budget, and re-armed by a poll that finds
+//! less; the knobs then decide the next interrupt. Under load interrupts fall away even at
+//! per-packet settings. `napi = false` is the pre-NAPI kernel, where every notification is its
+//! own job and receive livelock follows Mogul & Ramakrishnan (1997). The state machine and its
+//! diagram are in the engine's source (`sim/engine.rs`), the budgets in `sim/napi.rs`.
 
 mod arrivals;
 mod engine;
