@@ -222,7 +222,8 @@ impl Cache {
         use sha2::{Digest, Sha256};
         let dir = self.dir.as_ref()?;
         let key = serde_json::json!({
-            "v": 2,
+            // 3: the NAPI engine (results of the pre-NAPI physics are not reused).
+            "v": 3,
             "scenario": scenario,
             "sim": sim,
             "seed": seed,
