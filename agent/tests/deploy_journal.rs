@@ -174,9 +174,9 @@ fn restore_puts_back_a_killed_deploys_journal_and_removes_it() {
     assert!(dir.read("eth0").unwrap().is_none());
     // Again: nothing to do, and nothing set.
     let n = rig.sets().len();
-    let (out, others) = restore_all(&live, &dir, &mut rig.nic.clone()).unwrap();
-    assert_eq!(out, vec![("eth0".to_string(), Outcome::NoJournal)]);
-    assert!(others.is_empty());
+    let report = restore_all(&live, &dir, &mut rig.nic.clone()).unwrap();
+    assert_eq!(report.outcomes, vec![("eth0".to_string(), Outcome::NoJournal)]);
+    assert!(report.others.is_empty());
     assert_eq!(rig.sets().len(), n);
 }
 

@@ -348,3 +348,21 @@ fn a_policy_that_reads_no_probe_feature_ignores_a_silent_probe() {
     drop(h); // its responder is still asleep; the process ends it
     assert_eq!((s.fallbacks, s.fallback_decisions), (0, 0), "{s:?}");
 }
+
+#[test]
+fn a_deploy_whose_probe_cannot_open_its_socket_yet_starts_and_says_why() {
+    // Issue 14: a probe whose network is not up at start refused the deploy. 192.0.2.77 (TEST-NET-1)
+    // is on no interface here, as a bind address is before the network comes up; nothing is sent.
+    let (addr, stop, h) = late_echo(Duration::from_secs(60));
+    let p = ProbeConfig { bind: Some("192.0.2.77:0".parse().unwrap()), ..probe(addr) };
+    let mut rig = Rig::with_probe(Some(p));
+    let mut env = rig.env.take().unwrap();
+    let _ = env.start();
+    std::thread::sleep(Duration::from_millis(120));
+    let s = env.sample();
+    stop.store(true, Ordering::Relaxed);
+    drop(h);
+    assert!(s.obs.guests[0].probe.is_none());
+    let w = s.info.warnings.join("\n");
+    assert!(w.contains(&format!("latency probe to {addr}")) && w.contains("errors this interval"), "{w}");
+}

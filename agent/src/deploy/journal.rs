@@ -301,6 +301,14 @@ pub fn settle(
     }
 }
 
+/// What [`restore_all`] did: each interface's outcome, and the journals of interfaces the config
+/// does not name (left alone).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoreReport {
+    pub outcomes: Vec<(String, Outcome)>,
+    pub others: Vec<PathBuf>,
+}
+
 /// `moderato restore`'s work for one side: for every interface of `live` (locks taken, so that a
 /// running deploy is never undercut), restore its journal if there is one. Returns each
 /// interface's outcome and the journals of interfaces `live` does not name.
@@ -308,7 +316,7 @@ pub fn restore_all(
     live: &LiveConfig,
     state: &StateDir,
     coalescer: &mut dyn Coalescer,
-) -> Result<(Vec<(String, Outcome)>, Vec<PathBuf>)> {
+) -> Result<RestoreReport> {
     let interfaces: Vec<(LayerId, String)> = live.interfaces().map(|(id, i)| (id, i.name.clone())).collect();
     let mut locks = Vec::new();
     for (_, name) in &interfaces {
@@ -327,5 +335,5 @@ pub fn restore_all(
     let names: Vec<&str> = interfaces.iter().map(|(_, n)| n.as_str()).collect();
     let others = state.others(&names);
     drop(locks);
-    Ok((out, others))
+    Ok(RestoreReport { outcomes: out, others })
 }

@@ -155,7 +155,9 @@ fn init_logging(format: LogFormat) {
 /// The signals that stop a deploy (restoring the original settings first): every terminating
 /// signal a process can catch. SIGHUP stops too (no reload: a changed config takes a restart).
 /// SIGPIPE, ignored by Rust programs, is caught as well so that `kill -PIPE` cannot leave the
-/// host changed; sockets write with MSG_NOSIGNAL and never raise it.
+/// host changed; sockets write with MSG_NOSIGNAL and never raise it, so only someone else's kill
+/// or a log pipe whose reader is gone does (then the deploy stops and restores). Numbers are
+/// Linux's on x86 and ARM.
 pub const STOP_SIGNALS: [(&str, i32); 7] = [
     ("SIGTERM", 15),
     ("SIGINT", 2),
@@ -302,7 +304,7 @@ pub fn restore_with(
     coalescer: &mut dyn moderato_env::live::Coalescer,
 ) -> Result<()> {
     use journal::Outcome;
-    let (outcomes, others) = journal::restore_all(live, state, coalescer)?;
+    let journal::RestoreReport { outcomes, others } = journal::restore_all(live, state, coalescer)?;
     let mut failures = Vec::new();
     let mut restored = 0;
     for (name, o) in &outcomes {
