@@ -27,6 +27,8 @@ enum Command {
     Export(train::ExportArgs),
     /// Run a policy on a live host: observe, decide, set the knobs; restores them on exit.
     Deploy(deploy::DeployArgs),
+    /// Put back the original settings a deploy journalled (after it was killed), without a policy.
+    Restore(deploy::RestoreArgs),
     /// Print what a deployed policy would see on this host, each interval.
     Observe(deploy::ObserveArgs),
     /// Answer the udp-echo latency probe of a deploy (run it in the VM or on the peer host).
@@ -77,6 +79,7 @@ fn try_main() -> Result<()> {
         Command::Train(a) => train::run(a),
         Command::Export(a) => train::export(a),
         Command::Deploy(a) => deploy::run_deploy(a, &resolve::deploy_policy),
+        Command::Restore(a) => deploy::run_restore(a),
         Command::Observe(a) => deploy::run_observe(a),
         Command::Echo(a) => deploy::run_echo(a),
     }

@@ -159,3 +159,46 @@ fn an_interface_that_plays_two_layers_is_refused() {
     let e = format!("{:#}", cfg.live_config(Role::Host, &path).unwrap_err());
     assert!(e.contains("host.toml") && e.contains("`eth0` plays two layers"), "{e}");
 }
+
+#[test]
+fn an_empty_deploy_config_is_an_error_not_a_panic() {
+    // Issue 14: an empty file panicked in the key lookup of the error message (config.rs:111).
+    for text in ["", "\n", "   \n\n", "# only a comment\n"] {
+        let e = err(text);
+        assert!(e.starts_with("/etc/moderato/deploy.toml: "), "{text:?}: {e}");
+        assert!(e.contains("Fix: "), "{text:?}: {e}");
+    }
+    // One key short of everything, on the last line without a newline.
+    let e = err("interval_ms = 1000");
+    assert!(e.contains("missing field") && e.contains("Fix: add the key"), "{e}");
+}
+
+#[test]
+fn the_state_dir_and_the_slo_guard_are_checked() {
+    let (text, path) = example("host");
+    let cfg = DeployConfig::parse(&text, &path).unwrap();
+    assert_eq!(cfg.state_dir(), PathBuf::from("/run/moderato"));
+    let slo = cfg.slo.clone().unwrap();
+    assert_eq!((slo.p99_us, slo.after_intervals), (500.0, 3));
+    let e = err(&text.replace("state_dir = \"/run/moderato\"", "state_dir = \"run/moderato\""));
+    assert!(e.contains("key `state_dir`: `run/moderato` is not an absolute path"), "{e}");
+    for (from, to, key) in [
+        ("p99_us = 500.0", "p99_us = 0.0", "key `slo.p99_us`"),
+        ("p99_us = 500.0", "p99_us = 1e308", "key `slo.p99_us`"),
+        ("p99_us = 500.0", "p99_us = nan", "key `slo.p99_us`"),
+        ("\nafter_intervals = 3", "\nafter_intervals = 0", "key `slo.after_intervals`"),
+    ] {
+        let e = err(&text.replace(from, to));
+        assert!(e.contains(key) && e.contains("out of range") && e.contains("Fix: "), "{to}: {e}");
+    }
+    // A guard without a probe could never act.
+    let none: String = text
+        .lines()
+        .filter(|l| !l.starts_with("target") && !l.starts_with("period_ms") && !l.starts_with("timeout_ms"))
+        .map(|l| l.replace("source = \"udp-echo\"", "source = \"none\"") + "\n")
+        .collect();
+    let e = err(&none);
+    assert!(e.contains("key `slo`: the guard needs a latency probe"), "{e}");
+    let e = err(&text.replace("timeout_ms = 200", "timeout_ms = 99999999"));
+    assert!(e.contains("key `latency.timeout_ms`") && e.contains("out of range"), "{e}");
+}

@@ -41,10 +41,24 @@ fn json_and_human_logs_carry_each_decision_with_its_inputs() {
     assert_eq!(d["policy"], "steady");
     assert_eq!(d["step"], 1);
     assert_eq!(d["fallback"], false);
-    assert!(d["inputs"].as_str().unwrap().starts_with("frontend rx "), "{d}");
-    assert_eq!(d["decided"], "vm0.frontend(eth0) rx 400us/16f tx 40us/16f");
-    assert_eq!(d["applied"], "vm0.frontend(eth0) rx 16us/9f tx 16us/9f");
-    assert!(d["limited"].as_str().unwrap().contains("max change per step"), "{d}");
+    // Inputs, decision and applied knobs are JSON values, not prose (issue 15).
+    assert!(d["inputs"]["frontend"]["rx_pps"].is_number(), "{d}");
+    assert!(d["inputs"]["cpu"]["irq"].is_number(), "{d}");
+    assert!(d["inputs"]["probe"].is_null(), "no probe configured: {d}");
+    assert_eq!(d["inputs"]["complete"], true, "{d}");
+    let fe = |v: &serde_json::Value| v["vm0.frontend"].clone();
+    assert_eq!(
+        fe(&d["decided"]),
+        serde_json::json!({"interface": "eth0", "rx": {"usecs": 400, "frames": 16}, "tx": {"usecs": 40, "frames": 16}})
+    );
+    assert_eq!(
+        fe(&d["applied"]),
+        serde_json::json!({"interface": "eth0", "rx": {"usecs": 16, "frames": 9}, "tx": {"usecs": 16, "frames": 9}})
+    );
+    let limited = d["limited"].as_array().unwrap();
+    assert!(limited.iter().any(|n| n.as_str().unwrap().contains("max change per step")), "{d}");
+    assert_eq!(d["level"], "INFO");
+    assert_eq!(d["target"], "moderato::deploy");
     assert!(events.iter().any(|e| e["message"] == "restored the original settings"));
     assert!(events.iter().any(|e| e["original"].as_str().is_some_and(|o| o.contains("rx-usecs 0"))));
 
@@ -52,7 +66,9 @@ fn json_and_human_logs_carry_each_decision_with_its_inputs() {
     let decisions: Vec<&str> = text.lines().filter(|l| l.contains(" decision ")).collect();
     assert_eq!(decisions.len(), 2, "{text}");
     assert!(
-        decisions[1].contains("step=2") && decisions[1].contains("inputs=frontend rx"),
+        decisions[1].contains("step=2")
+            && decisions[1].contains("inputs={")
+            && decisions[1].contains("\"frontend\":{"),
         "{}",
         decisions[1]
     );

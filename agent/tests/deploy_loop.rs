@@ -211,7 +211,11 @@ fn metrics_are_served_over_http() {
     let body = rt().block_on(async move {
         let listener = deploy::metrics::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
         let addr = listener.local_addr().unwrap();
-        tokio::spawn(deploy::metrics::serve(listener, metrics));
+        tokio::spawn(deploy::metrics::serve(
+            listener,
+            metrics,
+            deploy::metrics::ServerLimits::for_this_process(),
+        ));
         let (_tx, rx) = watch::channel(false);
         lp.run(rx).await.unwrap();
         let get = |path: &'static str| {
@@ -228,7 +232,9 @@ fn metrics_are_served_over_http() {
         assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
         get("/metrics").await.unwrap()
     });
-    assert!(body.starts_with("HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4"), "{body}");
+    assert!(body.starts_with("HTTP/1.1 200 OK\r\n"), "{body}");
+    assert!(body.contains("content-type: application/openmetrics-text; version=1.0.0"), "{body}");
+    assert!(body.ends_with("# EOF\n"), "{body}");
     for want in [
         "moderato_decisions_total{policy=\"steady\"} 4",
         "moderato_knob{layer=\"vm0.frontend\",interface=\"eth0\",knob=\"rx_usecs\"} 40",

@@ -5,7 +5,7 @@
 //! required ones and values out of range, each naming the file, the key and the fix.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -35,7 +35,25 @@ pub struct DeployConfig {
     pub limits: LimitsSection,
     /// Where latency comes from.
     pub latency: LatencySection,
+    /// Where the state journal and the per-interface locks live (default `/run/moderato`).
+    pub state_dir: Option<PathBuf>,
+    /// The run-time latency guard; absent: no guard.
+    pub slo: Option<SloSection>,
 }
+
+/// `[slo]`: when the probe's p99 exceeds `p99_us` for `after_intervals` intervals in a row, the
+/// loop overrides the policy with the least coalescing the limits allow until it is back under.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SloSection {
+    /// Target p99 of the latency probe, microseconds.
+    pub p99_us: f64,
+    /// Consecutive intervals over the target before the guard takes over (K).
+    pub after_intervals: u32,
+}
+
+/// The state directory when the config names none.
+pub const DEFAULT_STATE_DIR: &str = "/run/moderato";
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -108,7 +126,8 @@ fn key_at(text: &str, offset: usize, msg: &str) -> (usize, String) {
     let line_no = text[..offset].matches('\n').count();
     let lines: Vec<&str> = text.lines().collect();
     let line = lines.get(line_no).map_or("", |l| l.trim());
-    let header = lines[..=line_no.min(lines.len().saturating_sub(1))]
+    // `lines` is empty for an empty file; `line_no` may be one past the last line.
+    let header = lines[..(line_no + 1).min(lines.len())]
         .iter()
         .rev()
         .map(|l| l.trim())
@@ -156,6 +175,12 @@ impl DeployConfig {
 
     /// Parses and checks `text`; `path` names the file in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Self> {
+        if text.trim().is_empty() {
+            bail!(
+                "{}: the file is empty. Fix: start from experiments/deploy/host.toml or guest.toml, which document every key",
+                path.display()
+            );
+        }
         let cfg: DeployConfig = toml::from_str(text).map_err(|e| {
             let msg = e.message().trim();
             let fix = if msg.contains("unknown field") {
@@ -225,8 +250,59 @@ impl DeployConfig {
                 ));
             }
         }
+        if let Some(t) = self.latency.timeout_ms
+            && t > 60_000
+        {
+            return Err(key_error(
+                path,
+                "latency.timeout_ms",
+                format!("{t} ms is out of range"),
+                "use 1 to 60000 (200 is a good start)",
+            ));
+        }
+        if let Some(dir) = &self.state_dir
+            && (dir.as_os_str().is_empty() || !dir.is_absolute())
+        {
+            return Err(key_error(
+                path,
+                "state_dir",
+                format!("`{}` is not an absolute path", dir.display()),
+                "use an absolute directory such as \"/run/moderato\"",
+            ));
+        }
         self.probe(path)?;
+        if let Some(slo) = &self.slo {
+            if !(slo.p99_us.is_finite() && slo.p99_us > 0.0 && slo.p99_us <= 10_000_000.0) {
+                return Err(key_error(
+                    path,
+                    "slo.p99_us",
+                    format!("{} is out of range", slo.p99_us),
+                    "use a target above 0 and at most 10000000 microseconds (10 s)",
+                ));
+            }
+            if !(1..=10_000).contains(&slo.after_intervals) {
+                return Err(key_error(
+                    path,
+                    "slo.after_intervals",
+                    format!("{} is out of range", slo.after_intervals),
+                    "use 1 to 10000 (3 is a good start)",
+                ));
+            }
+            if self.latency.source == LatencySource::None {
+                return Err(key_error(
+                    path,
+                    "slo",
+                    "the guard needs a latency probe, but `latency.source` is \"none\"",
+                    "set latency.source = \"udp-echo\" with a target, or remove the [slo] table",
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// The state directory (`state_dir`, else [`DEFAULT_STATE_DIR`]).
+    pub fn state_dir(&self) -> PathBuf {
+        self.state_dir.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR))
     }
 
     /// The latency probe this config asks for.

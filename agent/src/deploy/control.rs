@@ -1,26 +1,51 @@
 //! The deploy loop: observe → decide → limit → apply, once per control interval.
 //!
 //! [`DeployLoop::new`] takes the baseline readings, refuses a policy whose features this side
-//! cannot provide, and reads the original settings of every controlled interface. From then on
-//! the loop owns the duty to put them back: [`DeployLoop::run`] restores them on every exit it
-//! controls (shutdown signal, `--steps` reached, an error), and `Drop` does it for the rest (a
-//! panic, a caller that drops the loop). A dry run reads and decides but sets nothing, so it has
-//! nothing to restore.
+//! cannot provide, locks every configured interface in the state directory (one controller per
+//! interface), restores a journal that a dead deploy left behind, reads the original settings of
+//! every controlled interface and journals them before anything is set (see [`super::journal`]).
+//! From then on the loop owns the duty to put them back: [`DeployLoop::run`] restores them on
+//! every exit it controls (shutdown signal, `--steps` reached, an error), and `Drop` does it for
+//! the rest (a panic, a caller that drops the loop); the journal covers what no code can catch
+//! (SIGKILL). A dry run reads and decides but sets nothing, so it has nothing to restore, takes
+//! no lock and writes no journal.
+//!
+//! An interface that appears after start, or comes back re-created (a new ifindex), has its own
+//! settings read and journalled before the first set; a value is never restored onto another
+//! interface. A restore that fails (the interface is gone, the driver refuses) is counted in
+//! [`Summary::restore_failures`], which the binary turns into a non-zero exit.
+//!
+//! The SLO guard ([`SloTarget`]): when the latency probe's p99 exceeds the target for K
+//! consecutive intervals, the decision is overridden with per-packet settings (the least
+//! coalescing), which the safety limits then bound and step, until an interval's p99 is back
+//! under the target.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
+use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::{Result, bail};
-use moderato_env::live::{HostEnv, LiveSample, Original, Role};
+use anyhow::{Context, Result, bail};
+use moderato_env::live::{Control, HostEnv, LiveSample, Original, Role};
 use moderato_env::{
     BACKEND_FEATURES, CoalescingSettings, Env, GUEST_FEATURES, HOST_FEATURES, LayerId, LayerSettings,
+    Moderation,
 };
 use moderato_policies::Policy;
+use serde_json::{Value, json};
 use tokio::sync::watch;
 
-use super::limits::{Limits, show};
+use super::journal::{self, Entry, InterfaceLock, Outcome, StateDir};
+use super::limits::Limits;
 use super::metrics::Metrics;
+
+/// The run-time latency guard's target (the deploy config's `[slo]`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SloTarget {
+    /// Probe p99 target, microseconds.
+    pub p99_us: f64,
+    /// Consecutive intervals over the target before the guard overrides the policy (K).
+    pub after_intervals: u32,
+}
 
 /// How the loop runs.
 #[derive(Debug, Clone)]
@@ -33,11 +58,22 @@ pub struct LoopOptions {
     pub stale_after: u32,
     /// VM names for logs, in VM order (host role).
     pub vm_names: Vec<String>,
+    /// Where the journal and the interface locks live; `None`: neither (tests of the loop alone).
+    pub state_dir: Option<PathBuf>,
+    /// The run-time latency guard; `None`: none.
+    pub slo: Option<SloTarget>,
 }
 
 impl Default for LoopOptions {
     fn default() -> Self {
-        LoopOptions { dry_run: false, max_steps: None, stale_after: 3, vm_names: Vec::new() }
+        LoopOptions {
+            dry_run: false,
+            max_steps: None,
+            stale_after: 3,
+            vm_names: Vec::new(),
+            state_dir: None,
+            slo: None,
+        }
     }
 }
 
@@ -61,6 +97,12 @@ pub struct Summary {
     pub last: Option<CoalescingSettings>,
     /// Interfaces whose settings were restored at exit.
     pub restored: usize,
+    /// Interfaces whose settings could not be restored at exit, each with the reason.
+    pub restore_failures: Vec<String>,
+    /// Times the SLO guard took over from the policy.
+    pub slo_overrides: u64,
+    /// Decisions the SLO guard overrode.
+    pub slo_override_decisions: u64,
 }
 
 /// The loop with the host it controls. See the [module docs](self).
@@ -71,15 +113,26 @@ pub struct DeployLoop {
     limits: Limits,
     opts: LoopOptions,
     metrics: Arc<Metrics>,
-    /// Originals to put back; `None` once restored (or in a dry run).
+    /// Originals to put back, one per interface; `None` once restored (or in a dry run).
     restore: Option<Vec<Original>>,
     /// The layers this side sets, with their interface names.
     layers: Vec<(LayerId, String)>,
     previous: BTreeMap<LayerId, LayerSettings>,
-    /// Interfaces whose original settings are known (read at start or when they appeared).
-    known: std::collections::BTreeSet<String>,
+    /// The interfaces whose original settings are known, by name, with the ifindex they were
+    /// read from (at start, or when the interface appeared or came back re-created).
+    known: BTreeMap<String, Option<u64>>,
+    /// The state directory and this process's interface locks (none in a dry run).
+    state: Option<StateDir>,
+    _locks: Vec<InterfaceLock>,
     bad_in_a_row: u32,
     in_fallback: bool,
+    /// Whether the deployed policy reads a latency probe feature on this side: then an interval
+    /// without probe replies counts as a stale observation (the fallback decides until the probe
+    /// answers), since the policy would read zeros.
+    primary_reads_probe: bool,
+    /// Consecutive intervals with the probe's p99 over the SLO target.
+    slo_over: u32,
+    slo_active: bool,
     summary: Summary,
 }
 
@@ -131,79 +184,99 @@ pub fn check_requirements(env: &HostEnv, policy: &dyn Policy, which: &str) -> Re
     )
 }
 
-/// A one-line summary of this side's observation, for decision logs.
-fn inputs(role: Role, s: &LiveSample, vm_names: &[String]) -> String {
-    let mut o = String::new();
-    let kpps = |x: f64| x / 1000.0;
-    let irq = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{:.1}k", v / 1000.0));
-    match role {
+/// One interface's rates (VM direction) for decision logs.
+fn rates(o: &moderato_env::InterfaceObs) -> Value {
+    json!({
+        "rx_pps": o.rx_pps,
+        "tx_pps": o.tx_pps,
+        "irq_per_s": o.irq_per_s(),
+        "drops_per_s": o.drops_per_s,
+    })
+}
+
+/// This side's observation as a JSON object, for decision logs: rates per layer (VM direction),
+/// CPU shares and the probe's percentiles (`null` without replies).
+fn inputs(role: Role, s: &LiveSample, vm_names: &[String]) -> Value {
+    let probe = |p: Option<moderato_env::ProbeObs>| {
+        p.map_or(Value::Null, |p| json!({ "p50_us": p.p50_us, "p99_us": p.p99_us, "replies": p.samples }))
+    };
+    let mut o = match role {
         Role::Host => {
             let h = &s.obs.host;
-            let n = &h.nic;
-            let _ = write!(
-                o,
-                "nic rx {:.1}kpps tx {:.1}kpps irq {}/s drops {:.0}/s",
-                kpps(n.rx_pps),
-                kpps(n.tx_pps),
-                irq(n.irq_per_s()),
-                n.drops_per_s
-            );
-            for (v, b) in h.backends.iter().enumerate() {
-                let name = vm_names.get(v).cloned().unwrap_or_else(|| format!("vm{v}"));
-                let _ = write!(
-                    o,
-                    "; {name} to-guest {:.1}kpps from-guest {:.1}kpps drops {:.0}/s",
-                    kpps(b.rx_pps),
-                    kpps(b.tx_pps),
-                    b.drops_per_s
-                );
-            }
-            let _ = write!(o, "; cpu irq {:.1}% other {:.1}%", 100.0 * h.cpu.irq, 100.0 * h.cpu.other);
-            if let Some(p) = h.probe {
-                let _ = write!(o, "; probe p50 {:.0}us p99 {:.0}us", p.p50_us, p.p99_us);
-            }
+            let vms: Vec<Value> = h
+                .backends
+                .iter()
+                .enumerate()
+                .map(|(v, b)| {
+                    let mut r = rates(b);
+                    r["vm"] = json!(vm_names.get(v).cloned().unwrap_or_else(|| format!("vm{v}")));
+                    r
+                })
+                .collect();
+            json!({
+                "nic": rates(&h.nic),
+                "backends": vms,
+                "cpu": { "irq": h.cpu.irq, "other": h.cpu.other },
+                "probe": probe(h.probe),
+            })
         }
-        Role::Guest => {
-            if let Some(g) = s.obs.guests.first() {
-                let f = &g.frontend;
-                let _ = write!(
-                    o,
-                    "frontend rx {:.1}kpps tx {:.1}kpps irq rx {}/s tx {}/s drops {:.0}/s; cpu irq {:.1}% other {:.1}%",
-                    kpps(f.rx_pps),
-                    kpps(f.tx_pps),
-                    irq(f.rx_irq_per_s),
-                    irq(f.tx_irq_per_s),
-                    f.drops_per_s,
-                    100.0 * g.cpu.irq,
-                    100.0 * g.cpu.other
-                );
-                if let Some(p) = g.probe {
-                    let _ = write!(o, "; probe p50 {:.0}us p99 {:.0}us", p.p50_us, p.p99_us);
-                }
-            }
-        }
-    }
-    if !s.complete {
-        o.push_str("; INCOMPLETE");
-    }
+        Role::Guest => match s.obs.guests.first() {
+            Some(g) => json!({
+                "frontend": rates(&g.frontend),
+                "cpu": { "irq": g.cpu.irq, "other": g.cpu.other },
+                "probe": probe(g.probe),
+            }),
+            None => json!({}),
+        },
+    };
+    o["complete"] = json!(s.complete);
     o
 }
 
-/// This side's layers of `s`, as `layer rx .. tx ..`.
-fn side(s: &CoalescingSettings, layers: &[(LayerId, String)]) -> String {
-    layers
-        .iter()
-        .map(|(id, name)| {
-            let l = s.layer(*id);
-            format!("{id}({name}) rx {} tx {}", show(l.rx), show(l.tx))
-        })
-        .collect::<Vec<_>>()
-        .join("; ")
+/// One direction's setting as JSON: `{"usecs": u, "frames": f}` or `{"adaptive": "dim"}`.
+fn moderation(m: Moderation) -> Value {
+    match m {
+        Moderation::Fixed(k) => json!({ "usecs": k.usecs, "frames": k.frames }),
+        Moderation::Adaptive(a) => json!({ "adaptive": a.name() }),
+    }
+}
+
+/// This side's layers of `s` as a JSON object keyed by layer: interface, rx and tx (VM
+/// direction).
+fn side(s: &CoalescingSettings, layers: &[(LayerId, String)]) -> Value {
+    let mut o = serde_json::Map::new();
+    for (id, name) in layers {
+        let l = s.layer(*id);
+        o.insert(
+            id.to_string(),
+            json!({ "interface": name, "rx": moderation(l.rx), "tx": moderation(l.tx) }),
+        );
+    }
+    Value::Object(o)
+}
+
+/// Whether `policy` reads a latency probe feature on `role`'s side.
+fn reads_probe(policy: &dyn Policy, role: Role) -> bool {
+    let req = policy.requirements();
+    let wanted = match role {
+        Role::Host => req.host,
+        Role::Guest => req.guest,
+    };
+    wanted.iter().any(|f| f.contains(".probe_"))
+}
+
+/// This side's probe p99 in `s`, if the probe had replies.
+fn probe_p99(role: Role, s: &LiveSample) -> Option<f64> {
+    match role {
+        Role::Host => s.obs.host.probe.map(|p| p.p99_us),
+        Role::Guest => s.obs.guests.first().and_then(|g| g.probe).map(|p| p.p99_us),
+    }
 }
 
 impl DeployLoop {
-    /// Takes baseline readings, checks both policies against what this side can provide, and
-    /// reads the original settings. Nothing is set here.
+    /// Takes baseline readings, checks both policies against what this side can provide, locks
+    /// the interfaces, restores a dead deploy's journal, and reads and journals the original
+    /// settings. Nothing is set here but a stale journal's originals.
     pub fn new(
         mut env: HostEnv,
         primary: Box<dyn Policy>,
@@ -224,21 +297,56 @@ impl DeployLoop {
         let vms = env.spec().vms;
         let role = env.config().role;
         let layers: Vec<(LayerId, String)> = env.layers().into_iter().map(|l| (l.layer, l.ifname)).collect();
+        let primary_reads_probe = reads_probe(primary.as_ref(), role);
+
+        // One controller per interface, and what a dead one left behind.
+        let (state, locks) = match (&opts.state_dir, opts.dry_run) {
+            (Some(dir), false) => {
+                let state = StateDir::open(dir)?;
+                let mut locks = Vec::new();
+                for (_, name) in &layers {
+                    locks.push(state.lock(name, "deploy")?);
+                }
+                for (layer, name) in &layers {
+                    recover(&mut env, &state, *layer, name)?;
+                }
+                (Some(state), locks)
+            }
+            (Some(dir), true) => {
+                for (_, name) in &layers {
+                    let j = dir.join(format!("{name}.json"));
+                    if j.exists() {
+                        tracing::warn!(target: "moderato::deploy", interface = %name, journal = %j.display(),
+                            "a journal of original settings exists (a deploy died without restoring); \
+                             a dry run leaves it: run `moderato restore --config <this config>`");
+                    }
+                }
+                (None, Vec::new())
+            }
+            (None, _) => (None, Vec::new()),
+        };
+
         let (originals, warnings) = env.originals();
         for w in warnings {
             tracing::warn!(target: "moderato::deploy", "{w}");
         }
+        if let Some(state) = &state {
+            for o in &originals {
+                state.write(&Entry::of(o))?;
+            }
+        }
         let previous = originals.iter().map(|o| (o.layer, o.settings())).collect();
-        let known = originals.iter().map(|o| o.ifname.clone()).collect();
+        let known = originals.iter().map(|o| (o.ifname.clone(), o.ifindex)).collect();
         for o in &originals {
-            tracing::info!(target: "moderato::deploy", layer = %o.layer, interface = %o.ifname, original = %o.params,
-                "original settings{}", if opts.dry_run { "" } else { "; restored at exit" });
+            tracing::info!(target: "moderato::deploy", layer = %o.layer, interface = %o.ifname,
+                ifindex = o.ifindex, original = %o.params,
+                "original settings{}", if opts.dry_run { "" } else { "; journalled, restored at exit" });
         }
         for l in env.layers() {
             let state = match &l.control {
-                moderato_env::live::Control::ObserveOnly(why) => format!("observe-only: {why}"),
-                moderato_env::live::Control::Controlled => "controlled".into(),
-                moderato_env::live::Control::Unknown => "not present yet".into(),
+                Control::ObserveOnly(why) => format!("observe-only: {why}"),
+                Control::Controlled => "controlled".into(),
+                Control::Unknown => "not present yet".into(),
             };
             tracing::info!(target: "moderato::deploy", layer = %l.layer, interface = %l.ifname, "{state}");
         }
@@ -250,9 +358,14 @@ impl DeployLoop {
             vms,
             interval_ms = env.config().interval.as_millis() as u64,
             dry_run = opts.dry_run,
+            state_dir = %state.as_ref().map_or("none".to_string(), |s| s.path().display().to_string()),
+            slo_p99_us = opts.slo.map(|s| s.p99_us),
+            slo_after_intervals = opts.slo.map(|s| s.after_intervals),
             "deploy loop starting{}",
             if opts.dry_run { " (dry run: nothing will be set)" } else { "" }
         );
+        metrics.set_slo_target(opts.slo.map(|s| s.p99_us));
+        metrics.set_interval(env.config().interval);
         let restore = (!opts.dry_run).then_some(originals);
         Ok(DeployLoop {
             env,
@@ -265,8 +378,13 @@ impl DeployLoop {
             layers,
             previous,
             known,
+            state,
+            _locks: locks,
             bad_in_a_row: 0,
             in_fallback: false,
+            primary_reads_probe,
+            slo_over: 0,
+            slo_active: false,
             summary: Summary {
                 stop: StopReason::Shutdown,
                 decisions: 0,
@@ -274,6 +392,9 @@ impl DeployLoop {
                 fallbacks: 0,
                 last: None,
                 restored: 0,
+                restore_failures: Vec::new(),
+                slo_overrides: 0,
+                slo_override_decisions: 0,
             },
         })
     }
@@ -312,18 +433,61 @@ impl DeployLoop {
         }
     }
 
-    /// One interval: fallback bookkeeping, decision, limits, apply, log, metrics.
+    /// The SLO guard's bookkeeping for one interval; whether it overrides this decision.
+    fn slo_guard(&mut self, sample: &LiveSample) -> bool {
+        let Some(target) = self.opts.slo else { return false };
+        let role = self.env.config().role;
+        match probe_p99(role, sample) {
+            Some(p99) if p99 > target.p99_us => {
+                self.slo_over = self.slo_over.saturating_add(1);
+                self.metrics.slo_violation();
+                if !self.slo_active && self.slo_over >= target.after_intervals {
+                    self.slo_active = true;
+                    self.summary.slo_overrides += 1;
+                    self.metrics.slo_override(true);
+                    tracing::warn!(
+                        target: "moderato::deploy",
+                        p99_us = p99,
+                        target_p99_us = target.p99_us,
+                        intervals = self.slo_over,
+                        "SLO guard: probe p99 over the target for {} intervals in a row; overriding the policy \
+                         with the least coalescing the limits allow until it is back under",
+                        self.slo_over
+                    );
+                }
+            }
+            Some(p99) => {
+                self.slo_over = 0;
+                if self.slo_active {
+                    self.slo_active = false;
+                    self.metrics.slo_override(false);
+                    tracing::info!(
+                        target: "moderato::deploy",
+                        p99_us = p99,
+                        target_p99_us = target.p99_us,
+                        "SLO guard: probe p99 back under the target; the policy decides again"
+                    );
+                }
+            }
+            // No replies this interval: no evidence either way; the guard keeps its state.
+            None => {}
+        }
+        self.slo_active
+    }
+
+    /// One interval: fallback bookkeeping, decision, SLO guard, limits, apply, log, metrics.
     fn decide(&mut self, sample: LiveSample) -> Result<()> {
         let role = self.env.config().role;
         for w in &sample.info.warnings {
             tracing::warn!(target: "moderato::deploy", "{w}");
         }
-        if sample.complete {
+        let probe_missing = self.primary_reads_probe && probe_p99(role, &sample).is_none();
+        if sample.complete && !probe_missing {
             self.bad_in_a_row = 0;
         } else {
             self.bad_in_a_row = self.bad_in_a_row.saturating_add(1);
         }
-        self.adopt_new_interfaces();
+        self.adopt_new_interfaces()?;
         let stale = self.bad_in_a_row >= self.opts.stale_after.max(1);
         if stale && !self.in_fallback {
             self.in_fallback = true;
@@ -333,8 +497,10 @@ impl DeployLoop {
             tracing::warn!(
                 target: "moderato::deploy",
                 intervals = self.bad_in_a_row,
-                "observations stale or failing for {} intervals: fallback policy `{}` decides until they recover",
+                probe_missing,
+                "observations stale or failing for {} intervals{}: fallback policy `{}` decides until they recover",
                 self.bad_in_a_row,
+                if probe_missing { " (the policy reads the latency probe, which has no replies)" } else { "" },
                 self.fallback.name()
             );
         } else if !stale && self.in_fallback {
@@ -356,7 +522,18 @@ impl DeployLoop {
             Role::Host => LayerId::all(vms).filter(|id| !matches!(id, LayerId::Frontend(_))).collect(),
             Role::Guest => vec![LayerId::Frontend(0)],
         };
-        let (safe, notes) = self.limits.apply(&decided, &self.previous, &ids);
+        let guarded = self.slo_guard(&sample);
+        let wanted = if guarded {
+            self.summary.slo_override_decisions += 1;
+            let mut w = decided.clone();
+            for &id in &ids {
+                *w.layer_mut(id) = LayerSettings::PER_PACKET;
+            }
+            w
+        } else {
+            decided.clone()
+        };
+        let (safe, notes) = self.limits.apply(&wanted, &self.previous, &ids);
         self.env.apply(&safe)?;
         for id in ids {
             self.previous.insert(id, *safe.layer(id));
@@ -371,12 +548,13 @@ impl DeployLoop {
             step,
             policy = %policy_name,
             fallback = self.in_fallback,
+            slo_override = guarded,
             dry_run = self.opts.dry_run,
             complete = sample.complete,
             inputs = %inputs(role, &sample, &self.opts.vm_names),
             decided = %side(&decided, &self.layers),
             applied = %side(&safe, &self.layers),
-            limited = %notes.join("; "),
+            limited = %serde_json::Value::from(notes.clone()),
             "decision"
         );
         self.metrics.record(&sample, &policy_name, self.in_fallback, &safe, &self.layers, !notes.is_empty());
@@ -384,40 +562,126 @@ impl DeployLoop {
         Ok(())
     }
 
-    /// An interface that was absent at start and has appeared is about to be set: its settings as
-    /// first read are its originals (restored at exit) and the reference for the step limit.
-    fn adopt_new_interfaces(&mut self) {
+    /// An interface that was absent at start and has appeared, or came back re-created (a new
+    /// ifindex), is about to be set: its settings as just read are its originals (journalled
+    /// before the set, restored at exit) and the reference for the step limit. The originals of
+    /// an interface that was re-created belong to an interface that no longer exists and are
+    /// dropped.
+    fn adopt_new_interfaces(&mut self) -> Result<()> {
         for l in self.env.layers() {
-            let (moderato_env::live::Control::Controlled, Some(params)) = (&l.control, l.params) else {
+            let (Control::Controlled, Some(params)) = (&l.control, l.params) else {
                 continue;
             };
-            if !self.known.insert(l.ifname.clone()) {
-                continue;
+            let recreated = match self.known.get(&l.ifname) {
+                None => false,
+                Some(was) if l.ifindex.is_some() && *was != l.ifindex => true,
+                Some(_) => continue,
+            };
+            self.known.insert(l.ifname.clone(), l.ifindex);
+            let o = Original { layer: l.layer, ifname: l.ifname, ifindex: l.ifindex, params };
+            if let Some(state) = &self.state {
+                state.write(&Entry::of(&o)).context("journalling an interface's original settings")?;
             }
-            let o = Original { layer: l.layer, ifname: l.ifname, params };
-            tracing::info!(target: "moderato::deploy", layer = %o.layer, interface = %o.ifname, original = %o.params,
-                "interface appeared; original settings{}", if self.opts.dry_run { "" } else { "; restored at exit" });
+            tracing::info!(target: "moderato::deploy", layer = %o.layer, interface = %o.ifname,
+                ifindex = o.ifindex, original = %o.params,
+                "{}; original settings{}",
+                if recreated { "interface re-created (new ifindex)" } else { "interface appeared" },
+                if self.opts.dry_run { "" } else { " journalled, restored at exit" });
             self.previous.insert(o.layer, o.settings());
             if let Some(r) = self.restore.as_mut() {
+                r.retain(|x| x.ifname != o.ifname);
                 r.push(o);
             }
         }
+        Ok(())
     }
 
-    /// Puts the original settings back (once).
+    /// Puts the original settings back (once), each only onto the interface it was read from;
+    /// a journal entry is removed once it is restored or can never be.
     fn finish(&mut self) {
         let Some(originals) = self.restore.take() else { return };
-        let warnings = self.env.restore(&originals);
-        for w in &warnings {
-            tracing::error!(target: "moderato::deploy", "{w}");
+        let mut restored = 0;
+        for o in &originals {
+            let r = self.env.restore_one(o);
+            let outcome = match &self.state {
+                Some(state) => journal::settle(state, Entry::of(o), |_| r.clone()),
+                None => Ok(match r.clone() {
+                    Ok(()) => Outcome::Restored(Entry::of(o)),
+                    Err(why) => Outcome::Failed { entry: Entry::of(o), why, kept: false },
+                }),
+            };
+            match outcome {
+                Ok(Outcome::Restored(_)) => {
+                    restored += 1;
+                    tracing::info!(target: "moderato::deploy", layer = %o.layer, interface = %o.ifname,
+                        original = %o.params, "restored");
+                }
+                Ok(Outcome::Failed { why, kept, .. }) => {
+                    let msg = format!(
+                        "{} ({}): not restored to `{}`: {why}{}",
+                        o.ifname,
+                        o.layer,
+                        o.params,
+                        if kept {
+                            "; the journal stays: run `moderato restore` once it can succeed"
+                        } else {
+                            ""
+                        }
+                    );
+                    tracing::error!(target: "moderato::deploy", layer = %o.layer, interface = %o.ifname, "{msg}");
+                    self.summary.restore_failures.push(msg);
+                }
+                Ok(Outcome::NoJournal) => {}
+                Err(e) => {
+                    // Restored (or not), but the journal could not be removed: a later restore
+                    // would find it; say so.
+                    let msg = format!("{} ({}): {e:#}", o.ifname, o.layer);
+                    tracing::error!(target: "moderato::deploy", interface = %o.ifname, "{msg}");
+                    if r.is_ok() {
+                        restored += 1;
+                    }
+                    self.summary.restore_failures.push(msg);
+                }
+            }
         }
-        self.summary.restored = originals.len();
-        tracing::info!(
-            target: "moderato::deploy",
-            interfaces = originals.len(),
-            failures = warnings.len(),
-            "restored the original settings"
-        );
+        self.summary.restored = restored;
+        let failures = self.summary.restore_failures.len();
+        if failures == 0 {
+            tracing::info!(target: "moderato::deploy", interfaces = restored, failures, "restored the original settings");
+        } else {
+            tracing::error!(target: "moderato::deploy", interfaces = restored, failures,
+                "restored the original settings of {restored} of {} interfaces", originals.len());
+        }
+    }
+}
+
+/// At start, with `name`'s lock held: a journal there was left by a deploy that is gone.
+/// Restore it onto the same interface (logged); a failure that may pass keeps the journal and
+/// stops the start, since the settings in force now are not the true originals.
+fn recover(env: &mut HostEnv, state: &StateDir, layer: LayerId, name: &str) -> Result<()> {
+    let Some(entry) = state.read(name)? else { return Ok(()) };
+    let path = state.journal_path(name);
+    tracing::warn!(target: "moderato::deploy", interface = %name, journal = %path.display(), pid = entry.pid,
+        written_at = %entry.written_at,
+        "found the journal of a deploy (PID {}) that exited without restoring; restoring it first", entry.pid);
+    let o = entry.original(layer);
+    match journal::settle(state, entry, |_| env.restore_one(&o))? {
+        Outcome::Restored(e) => {
+            tracing::warn!(target: "moderato::deploy", interface = %name, original = %o.params, pid = e.pid,
+                "restored the original settings left by PID {}", e.pid);
+            Ok(())
+        }
+        Outcome::Failed { why, kept: false, .. } => {
+            tracing::warn!(target: "moderato::deploy", interface = %name,
+                "the journal's original settings were not restored: {why}; the journal is removed");
+            Ok(())
+        }
+        Outcome::Failed { why, kept: true, .. } => bail!(
+            "{name}: the journal {} of a deploy that died could not be restored: {why}. \
+             Fix: resolve that, then run `moderato restore --config <deploy.toml>` (the journal is kept)",
+            path.display()
+        ),
+        Outcome::NoJournal => Ok(()),
     }
 }
 

@@ -5,8 +5,11 @@
 //! - [`limits`]: safety bounds and the largest change per step, applied to every decision.
 //! - [`control`]: the loop: observe → decide → limit → apply on tokio, the fallback policy when
 //!   observations go stale, and restoration of the original settings on every exit.
-//! - [`metrics`]: Prometheus text metrics on `--metrics-addr`.
+//! - [`journal`]: the state directory: a journal of original settings and one lock per interface.
+//! - [`metrics`]: OpenMetrics on `--metrics-addr`, and `/healthz`.
 //! - [`observe`]: the operator's view of each interval.
+//!
+//! `moderato restore` ([`run_restore`]) puts back what a deploy that died left in the journal.
 //!
 //! `moderato echo` ([`run_echo`]) is the far end of the `udp-echo` latency source.
 //!
@@ -15,7 +18,9 @@
 
 pub mod config;
 pub mod control;
+pub mod journal;
 pub mod limits;
+pub mod logs;
 pub mod metrics;
 pub mod observe;
 
@@ -25,12 +30,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use moderato_env::live::{HostEnv, Role};
+use moderato_env::live::{HostEnv, LiveConfig, Role};
 use moderato_policies::Policy;
 use tokio::sync::watch;
 
 pub use config::DeployConfig;
-pub use control::{DeployLoop, LoopOptions, StopReason, Summary, check_requirements};
+pub use control::{DeployLoop, LoopOptions, SloTarget, StopReason, Summary, check_requirements};
 pub use limits::{LayerLimits, Limits, Range};
 pub use metrics::Metrics;
 
@@ -88,6 +93,21 @@ pub struct DeployArgs {
     pub steps: Option<u64>,
 }
 
+/// `moderato restore`: put back the original settings a deploy journalled, without starting a
+/// policy (after a deploy was killed with SIGKILL, or lost its host mid-run).
+#[derive(Debug, Clone, clap::Args)]
+pub struct RestoreArgs {
+    /// The deploy config of the deploy to undo (its interfaces and `state_dir`).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Which side (default: the one section the config has).
+    #[arg(long, value_enum)]
+    pub role: Option<RoleArg>,
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
+}
+
 /// `moderato echo`: answer the `udp-echo` latency probe of a deploy on another side.
 #[derive(Debug, Clone, clap::Args)]
 pub struct EchoArgs {
@@ -121,7 +141,7 @@ where
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(writer);
     match format {
         LogFormat::Human => Box::new(builder.finish()),
-        LogFormat::Json => Box::new(builder.json().flatten_event(true).finish()),
+        LogFormat::Json => Box::new(builder.event_format(logs::JsonLines).finish()),
     }
 }
 
@@ -132,22 +152,45 @@ fn init_logging(format: LogFormat) {
     let _ = tracing::subscriber::set_global_default(subscriber(format, ansi, std::io::stderr));
 }
 
-/// The shutdown channel, turned true by SIGINT or SIGTERM. The handlers are registered before this
-/// returns, so a signal that arrives while the loop starts is not lost.
+/// The signals that stop a deploy (restoring the original settings first): every terminating
+/// signal a process can catch. SIGHUP stops too (no reload: a changed config takes a restart).
+/// SIGPIPE, ignored by Rust programs, is caught as well so that `kill -PIPE` cannot leave the
+/// host changed; sockets write with MSG_NOSIGNAL and never raise it, so only someone else's kill
+/// or a log pipe whose reader is gone does (then the deploy stops and restores). Numbers are
+/// Linux's on x86 and ARM.
+pub const STOP_SIGNALS: [(&str, i32); 7] = [
+    ("SIGTERM", 15),
+    ("SIGINT", 2),
+    ("SIGHUP", 1),
+    ("SIGQUIT", 3),
+    ("SIGUSR1", 10),
+    ("SIGUSR2", 12),
+    ("SIGPIPE", 13),
+];
+
+/// The shutdown channel, turned true by any of [`STOP_SIGNALS`]. The handlers are registered
+/// before this returns, so a signal that arrives while the loop starts is not lost.
 fn signals(on_stop: &'static str) -> Result<(watch::Sender<bool>, watch::Receiver<bool>)> {
     use tokio::signal::unix::{SignalKind, signal};
     let (tx, rx) = watch::channel(false);
-    let mut term = signal(SignalKind::terminate()).context("registering a SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("registering a SIGINT handler")?;
-    let sender = tx.clone();
-    tokio::spawn(async move {
-        let name = tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
-        };
-        tracing::info!(target: "moderato::deploy", "{name}: {on_stop}");
-        let _ = sender.send(true);
-    });
+    for (name, num) in STOP_SIGNALS {
+        let mut s =
+            signal(SignalKind::from_raw(num)).with_context(|| format!("registering a {name} handler"))?;
+        let sender = tx.clone();
+        tokio::spawn(async move {
+            // Every later arrival is swallowed too: a second signal must not cut a restore short.
+            let mut first = true;
+            while s.recv().await.is_some() {
+                if first {
+                    tracing::info!(target: "moderato::deploy", signal = name, "{name}: {on_stop}");
+                    let _ = sender.send(true);
+                    first = false;
+                } else {
+                    tracing::info!(target: "moderato::deploy", signal = name, "{name} again: already stopping");
+                }
+            }
+        });
+    }
     Ok((tx, rx))
 }
 
@@ -155,9 +198,18 @@ fn signals(on_stop: &'static str) -> Result<(watch::Sender<bool>, watch::Receive
 pub type PolicyLoader = dyn Fn(&str, usize) -> Result<Box<dyn Policy>>;
 
 /// `moderato deploy`. `load_policy(name, vms)` resolves a model directory or baseline name for a
-/// side with `vms` VMs.
+/// side with `vms` VMs. A restore that fails at exit is an error (non-zero exit) after the
+/// summary has said so.
 pub fn run_deploy(args: DeployArgs, load_policy: &PolicyLoader) -> Result<()> {
     init_logging(args.log_format);
+    let r = deploy(args, load_policy);
+    if let Err(e) = &r {
+        tracing::error!(target: "moderato::deploy", error = %format!("{e:#}"), "deploy failed");
+    }
+    r
+}
+
+fn deploy(args: DeployArgs, load_policy: &PolicyLoader) -> Result<()> {
     let role: Role = args.role.into();
     let cfg = DeployConfig::load(&args.config)?;
     let live = cfg.live_config(role, &args.config)?;
@@ -172,35 +224,125 @@ pub fn run_deploy(args: DeployArgs, load_policy: &PolicyLoader) -> Result<()> {
             args.config.display()
         )
     })?;
-    let env = HostEnv::open(live).context("opening the live host")?;
-    let opts = LoopOptions {
-        dry_run: args.dry_run,
-        max_steps: args.steps,
-        stale_after: cfg.stale_after_intervals,
-        vm_names: cfg.vm_names(),
-    };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting tokio")?;
     rt.block_on(async move {
+        // Signals first: from here on, none of them can kill the process without a restore.
         let (_keep, shutdown) = signals("stopping and restoring the original settings")?;
+        let env = HostEnv::open(live).context("opening the live host")?;
+        let opts = LoopOptions {
+            dry_run: args.dry_run,
+            max_steps: args.steps,
+            stale_after: cfg.stale_after_intervals,
+            vm_names: cfg.vm_names(),
+            state_dir: Some(cfg.state_dir()),
+            slo: cfg.slo.as_ref().map(|s| SloTarget { p99_us: s.p99_us, after_intervals: s.after_intervals }),
+        };
         let metrics = Metrics::new(args.dry_run);
         if let Some(addr) = args.metrics_addr {
             let listener = metrics::bind(addr).await?;
-            tracing::info!(target: "moderato::deploy", "metrics at http://{}/metrics", listener.local_addr()?);
-            tokio::spawn(metrics::serve(listener, metrics.clone()));
+            let limits = metrics::ServerLimits::for_this_process();
+            tracing::info!(target: "moderato::deploy", max_connections = limits.max_connections,
+                timeout_s = limits.timeout.as_secs_f64(), open_file_limit = metrics::open_file_limit(),
+                "metrics at http://{}/metrics", listener.local_addr()?);
+            tokio::spawn(metrics::serve(listener, metrics.clone(), limits));
         }
         let lp = DeployLoop::new(env, primary, fallback, limits, opts, metrics)?;
         let summary = lp.run(shutdown).await?;
-        tracing::info!(
-            target: "moderato::deploy",
-            decisions = summary.decisions,
-            fallback_decisions = summary.fallback_decisions,
-            fallbacks = summary.fallbacks,
-            restored = summary.restored,
-            "deploy loop stopped ({:?})",
-            summary.stop
-        );
-        Ok(())
+        let failed = summary.restore_failures.len();
+        let line = format!("deploy loop stopped ({:?})", summary.stop);
+        if failed == 0 {
+            tracing::info!(
+                target: "moderato::deploy",
+                decisions = summary.decisions,
+                fallback_decisions = summary.fallback_decisions,
+                fallbacks = summary.fallbacks,
+                slo_overrides = summary.slo_overrides,
+                restored = summary.restored,
+                restore_failures = failed,
+                "{line}"
+            );
+            Ok(())
+        } else {
+            tracing::error!(
+                target: "moderato::deploy",
+                decisions = summary.decisions,
+                fallback_decisions = summary.fallback_decisions,
+                fallbacks = summary.fallbacks,
+                slo_overrides = summary.slo_overrides,
+                restored = summary.restored,
+                restore_failures = failed,
+                "{line}; {failed} interface(s) NOT restored"
+            );
+            anyhow::bail!(
+                "{failed} interface(s) could not be restored:\n  - {}",
+                summary.restore_failures.join("\n  - ")
+            )
+        }
     })
+}
+
+/// `moderato restore`: for every interface of the config's side, restores its journal (taking
+/// its lock, so a running deploy is refused rather than undercut); non-zero exit when any fails.
+pub fn run_restore(args: RestoreArgs) -> Result<()> {
+    init_logging(args.log_format);
+    let cfg = DeployConfig::load(&args.config)?;
+    let role = cfg.role(args.role.map(Role::from), &args.config)?;
+    let live = LiveConfig { probe: None, ..cfg.live_config(role, &args.config)? };
+    let state = journal::StateDir::open(&cfg.state_dir())?;
+    let mut coalescer = moderato_env::live::NetlinkCoalescer::new().context("opening ethtool netlink")?;
+    let r = restore_with(&live, &state, &mut coalescer);
+    if let Err(e) = &r {
+        tracing::error!(target: "moderato::restore", error = %format!("{e:#}"), "restore failed");
+    }
+    r
+}
+
+/// [`run_restore`]'s work with a given coalescer (a fake in tests); logs each interface.
+pub fn restore_with(
+    live: &LiveConfig,
+    state: &journal::StateDir,
+    coalescer: &mut dyn moderato_env::live::Coalescer,
+) -> Result<()> {
+    use journal::Outcome;
+    let journal::RestoreReport { outcomes, others } = journal::restore_all(live, state, coalescer)?;
+    let mut failures = Vec::new();
+    let mut restored = 0;
+    for (name, o) in &outcomes {
+        match o {
+            Outcome::NoJournal => {
+                tracing::info!(target: "moderato::restore", interface = %name, "no journal: nothing to restore")
+            }
+            Outcome::Restored(e) => {
+                restored += 1;
+                tracing::info!(target: "moderato::restore", interface = %name, pid = e.pid,
+                    original = %moderato_env::live::CoalesceParams::from(e.original),
+                    "restored the original settings journalled by PID {}", e.pid);
+            }
+            Outcome::Failed { entry, why, kept } => {
+                let msg = format!(
+                    "{name}: not restored: {why}{}",
+                    if *kept {
+                        " (the journal stays; try again once that is fixed)"
+                    } else {
+                        " (journal removed)"
+                    }
+                );
+                tracing::error!(target: "moderato::restore", interface = %name, pid = entry.pid, "{msg}");
+                failures.push(msg);
+            }
+        }
+    }
+    for p in &others {
+        tracing::warn!(target: "moderato::restore", journal = %p.display(),
+            "a journal for an interface this config does not name; restore it with the config that deployed it");
+    }
+    tracing::info!(target: "moderato::restore", restored, failures = failures.len(),
+        state_dir = %state.path().display(), "restore done");
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        anyhow::bail!("{} interface(s) not restored:\n  - {}", failures.len(), failures.join("\n  - "))
+    }
 }
 
 /// `moderato observe`: prints each interval's observation of this side; sets nothing.

@@ -8,6 +8,7 @@
 
 #[path = "../../../env/tests/common/mod.rs"]
 pub mod live;
+pub mod process;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -159,7 +160,7 @@ pub fn limits() -> Limits {
 }
 
 pub fn opts(steps: Option<u64>) -> LoopOptions {
-    LoopOptions { dry_run: false, max_steps: steps, stale_after: 2, vm_names: Vec::new() }
+    LoopOptions { dry_run: false, max_steps: steps, stale_after: 2, ..LoopOptions::default() }
 }
 
 pub fn rt() -> tokio::runtime::Runtime {
@@ -193,7 +194,7 @@ impl std::io::Write for Buf {
 
 /// A host-side deploy config in `dir` for a netns lab: its veth end as the NIC (observe-only), its
 /// tap as vm0's backend (bounds that let the tap's rx-frames climb 8, 16, 24), 100 ms intervals,
-/// `fallback`, and the `[latency]` section's body `latency`.
+/// `fallback`, the state directory `dir/state`, and the `[latency]` section's body `latency`.
 pub fn lab_host_config(
     lab: &live::netns::Lab,
     dir: &std::path::Path,
@@ -204,6 +205,7 @@ pub fn lab_host_config(
         r#"interval_ms = 100
 fallback = "{fallback}"
 stale_after_intervals = 3
+state_dir = "{state}"
 [host]
 nic = "{a}"
 [[host.vms]]
@@ -229,7 +231,8 @@ allow_adaptive = false
 {latency}
 "#,
         a = lab.a,
-        tap = lab.tap
+        tap = lab.tap,
+        state = dir.join("state").display()
     );
     let path = dir.join("deploy.toml");
     std::fs::write(&path, text).unwrap();

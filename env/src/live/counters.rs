@@ -50,6 +50,12 @@ fn read_u64(path: &Path) -> Result<u64, LiveError> {
     })
 }
 
+/// `ifname`'s interface index (`/sys/class/net/<if>/ifindex`), `None` where it cannot be read
+/// (no such interface). A re-created interface has a new index.
+pub fn read_ifindex(sysfs_root: &Path, ifname: &str) -> Option<u64> {
+    read_u64(&interface_dir(sysfs_root, ifname).join("ifindex")).ok()
+}
+
 /// Reads the counters of `ifname`. A missing interface is a [`LiveError::Read`] with
 /// `NotFound` on its statistics file.
 pub fn read_if_counters(sysfs_root: &Path, ifname: &str) -> Result<IfCounters, LiveError> {

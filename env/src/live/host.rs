@@ -43,6 +43,8 @@ pub struct LayerStatus {
     pub control: Control,
     /// Knobs as last read or set; `None` where they cannot be read.
     pub params: Option<CoalesceParams>,
+    /// The interface's index at the last sample; a new one means it was re-created.
+    pub ifindex: Option<u64>,
 }
 
 /// An interface's settings before anything was changed, to restore at exit.
@@ -50,7 +52,83 @@ pub struct LayerStatus {
 pub struct Original {
     pub layer: LayerId,
     pub ifname: String,
+    /// The index of the interface these settings were read from. A restore puts them back only
+    /// onto that interface: a re-created one (same name, new index) has its own originals.
+    /// `None`: not known (restored by name).
+    pub ifindex: Option<u64>,
     pub params: CoalesceParams,
+}
+
+/// Why an original could not be put back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RestoreFailure {
+    /// The interface no longer exists.
+    Gone,
+    /// An interface of that name exists, but it is another one (re-created: a new index); its
+    /// settings are its own and are left alone.
+    Recreated { was: u64, now: u64 },
+    /// Reading or setting the knobs failed.
+    Failed(String),
+}
+
+impl RestoreFailure {
+    /// Whether the original can never be applied (the interface it belongs to is gone for good),
+    /// so keeping it for a later restore is pointless.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, RestoreFailure::Gone | RestoreFailure::Recreated { .. })
+    }
+}
+
+impl std::fmt::Display for RestoreFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RestoreFailure::Gone => f.write_str("the interface is gone (ENODEV); nothing to restore onto"),
+            RestoreFailure::Recreated { was, now } => write!(
+                f,
+                "the interface was re-created (ifindex {was} is now {now}); the new one keeps its own settings"
+            ),
+            RestoreFailure::Failed(m) => f.write_str(m),
+        }
+    }
+}
+
+/// Puts `o` back through `coalescer`, onto the same interface only: the interface's index under
+/// `sysfs_root` must still be `o.ifindex` (where known). Knob values go first and adaptive modes
+/// after, since some drivers refuse knob values while adaptive moderation is on.
+pub fn restore_original(
+    coalescer: &mut dyn Coalescer,
+    sysfs_root: &std::path::Path,
+    o: &Original,
+) -> Result<(), RestoreFailure> {
+    let now = counters::read_ifindex(sysfs_root, &o.ifname);
+    match (o.ifindex, now) {
+        (_, None) if !counters::interface_exists(sysfs_root, &o.ifname) => return Err(RestoreFailure::Gone),
+        (Some(was), Some(now)) if was != now => return Err(RestoreFailure::Recreated { was, now }),
+        _ => {}
+    }
+    let current = match coalescer.get(&o.ifname) {
+        Ok(p) => p,
+        Err(CoalesceError::NoDevice { .. }) => return Err(RestoreFailure::Gone),
+        Err(e) => return Err(RestoreFailure::Failed(format!("reading the knobs: {e}"))),
+    };
+    let change = o.params.changes_from(&current);
+    let values = CoalesceParams { adaptive_rx: None, adaptive_tx: None, ..change };
+    let modes = CoalesceParams {
+        adaptive_rx: change.adaptive_rx,
+        adaptive_tx: change.adaptive_tx,
+        ..Default::default()
+    };
+    for part in [values, modes] {
+        if part.is_empty() {
+            continue;
+        }
+        match coalescer.set(&o.ifname, &part) {
+            Ok(()) => {}
+            Err(CoalesceError::NoDevice { .. }) => return Err(RestoreFailure::Gone),
+            Err(e) => return Err(RestoreFailure::Failed(format!("setting `{part}`: {e}"))),
+        }
+    }
+    Ok(())
 }
 
 impl Original {
@@ -102,6 +180,8 @@ pub struct LiveSample {
     pub interfaces: Vec<InterfaceReport>,
     /// Shares of each online CPU over the interval.
     pub per_cpu: Vec<(u32, CpuObs)>,
+    /// The latency probe's round-trip times of this interval, microseconds (for histograms).
+    pub probe_rtts_us: Vec<f64>,
 }
 
 #[derive(Debug)]
@@ -120,6 +200,8 @@ struct Layer {
     irqs: IrqSet,
     /// Warnings given once per layer (a parameter the driver lacks).
     said: BTreeSet<String>,
+    /// The interface's index at the last sample.
+    ifindex: Option<u64>,
 }
 
 impl Layer {
@@ -130,6 +212,7 @@ impl Layer {
             present: self.present,
             control: self.control.clone(),
             params: self.params,
+            ifindex: self.ifindex,
         }
     }
 }
@@ -192,6 +275,7 @@ impl HostEnv {
                 prev_irq: BTreeMap::new(),
                 irqs: IrqSet::default(),
                 said: BTreeSet::new(),
+                ifindex: None,
             })
             .collect();
         let probe = config.probe.map(UdpProbe::start).transpose()?;
@@ -254,9 +338,12 @@ impl HostEnv {
             if !self.layers[i].present || self.layers[i].control.is_observe_only() {
                 continue;
             }
+            // The index first: should the interface be re-created between the two reads, the
+            // knobs belong to the newer one and a restore onto it is refused rather than wrong.
+            let ifindex = counters::read_ifindex(&self.config.sysfs_root, &self.layers[i].cfg.name);
             if let Some(p) = self.read_knobs(i, &mut warnings) {
                 let l = &self.layers[i];
-                out.push(Original { layer: l.id, ifname: l.cfg.name.clone(), params: p });
+                out.push(Original { layer: l.id, ifname: l.cfg.name.clone(), ifindex, params: p });
             }
         }
         (out, warnings)
@@ -444,34 +531,24 @@ impl HostEnv {
     /// values go first and adaptive modes after, since some drivers refuse knob values while
     /// adaptive moderation is on. Applies even in a dry run; returns warnings.
     pub fn restore(&mut self, originals: &[Original]) -> Vec<String> {
-        let mut warnings = Vec::new();
-        for o in originals {
-            let Some(i) = self.layers.iter().position(|l| l.cfg.name == o.ifname) else { continue };
-            let current = match self.coalescer.get(&o.ifname) {
-                Ok(p) => p,
-                Err(e) => {
-                    warnings.push(format!("restoring {} ({}): {e}", o.ifname, o.layer));
-                    continue;
-                }
-            };
-            let change = o.params.changes_from(&current);
-            let values = CoalesceParams { adaptive_rx: None, adaptive_tx: None, ..change };
-            let modes = CoalesceParams {
-                adaptive_rx: change.adaptive_rx,
-                adaptive_tx: change.adaptive_tx,
-                ..Default::default()
-            };
-            for part in [values, modes] {
-                if part.is_empty() {
-                    continue;
-                }
-                if let Err(e) = self.coalescer.set(&o.ifname, &part) {
-                    warnings.push(format!("restoring {} ({}) to `{}`: {e}", o.ifname, o.layer, o.params));
-                }
-            }
-            self.layers[i].params = None;
+        originals
+            .iter()
+            .filter_map(|o| {
+                self.restore_one(o)
+                    .err()
+                    .map(|e| format!("restoring {} ({}) to `{}`: {e}", o.ifname, o.layer, o.params))
+            })
+            .collect()
+    }
+
+    /// Puts one original back, onto the interface it was read from only (see
+    /// [`restore_original`]). Applies even in a dry run.
+    pub fn restore_one(&mut self, o: &Original) -> Result<(), RestoreFailure> {
+        let r = restore_original(self.coalescer.as_mut(), &self.config.sysfs_root, o);
+        if let Some(l) = self.layers.iter_mut().find(|l| l.cfg.name == o.ifname) {
+            l.params = None;
         }
-        warnings
+        r
     }
 
     /// Feature names this side cannot provide, each with the reason. A policy that reads one of
@@ -661,8 +738,10 @@ impl HostEnv {
         }
 
         // Probe.
+        let mut probe_rtts_us = Vec::new();
         let probe = self.probe.as_ref().and_then(|p| {
             let t = p.take();
+            probe_rtts_us.clone_from(&t.rtts_us);
             if t.errors > 0 {
                 warnings.push(format!(
                     "latency probe to {}: {} send/receive errors this interval (last: {}); is an echo responder running there?",
@@ -706,7 +785,7 @@ impl HostEnv {
             reward_terms: Default::default(),
             warnings,
         };
-        LiveSample { obs, info, complete, interfaces: reports, per_cpu }
+        LiveSample { obs, info, complete, interfaces: reports, per_cpu, probe_rtts_us }
     }
 
     /// One interface's rates (interface orientation) and whether they are complete.
@@ -736,6 +815,7 @@ impl HostEnv {
             l.prev = None;
             l.prev_irq.clear();
             l.params = None;
+            l.ifindex = None;
             if !l.sticky {
                 l.control = Control::Unknown;
             }
@@ -751,6 +831,7 @@ impl HostEnv {
         match counters {
             Ok(c) => {
                 let l = &mut self.layers[i];
+                l.ifindex = c.ifindex;
                 match l.prev {
                     Some(p) if secs > 0.0 => {
                         let recreated = p.ifindex.is_some() && c.ifindex.is_some() && p.ifindex != c.ifindex;

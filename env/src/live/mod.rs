@@ -48,7 +48,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use coalesce::{CoalesceError, CoalesceParams, Coalescer, NetlinkCoalescer};
-pub use host::{Control, HostEnv, InterfaceReport, LayerStatus, LiveSample, Original};
+pub use host::{
+    Control, HostEnv, InterfaceReport, LayerStatus, LiveSample, Original, RestoreFailure, restore_original,
+};
 pub use probe::{ProbeConfig, UdpProbe, serve_udp_echo};
 
 use crate::env::EnvError;

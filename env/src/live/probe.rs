@@ -106,15 +106,12 @@ fn decode(b: &[u8]) -> Option<(u32, u64, u64)> {
 }
 
 impl UdpProbe {
-    /// Opens the socket and starts probing.
+    /// Opens the socket and starts probing. A network that is not up yet (no route to the
+    /// target, the bind address not configured yet) is not an error: the probe thread retries
+    /// once a period, and each interval's [`ProbeInterval::errors`] says why there are no replies
+    /// (a daemon started before the network must start, and fall back until the probe answers).
     pub fn start(config: ProbeConfig) -> Result<Self, LiveError> {
         let err = |source| LiveError::Probe { target: config.target, source };
-        let bind = config.bind.unwrap_or(match config.target {
-            SocketAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
-            SocketAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
-        });
-        let sock = UdpSocket::bind(bind).map_err(err)?;
-        sock.connect(config.target).map_err(err)?;
         if config.period.is_zero() || config.timeout.is_zero() {
             return Err(err(std::io::Error::new(
                 ErrorKind::InvalidInput,
@@ -122,6 +119,16 @@ impl UdpProbe {
             )));
         }
         let state = Arc::new(Mutex::new(ProbeInterval::default()));
+        let sock = match open(&config) {
+            Ok(s) => Some(s),
+            Err(e) if not_up_yet(&e) => {
+                let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+                s.errors += 1;
+                s.last_error = Some(e.to_string());
+                None
+            }
+            Err(e) => return Err(err(e)),
+        };
         let stop = Arc::new(AtomicBool::new(false));
         let (st, sp) = (state.clone(), stop.clone());
         let thread = std::thread::Builder::new()
@@ -150,7 +157,42 @@ impl Drop for UdpProbe {
     }
 }
 
-fn run(sock: UdpSocket, cfg: ProbeConfig, state: &Mutex<ProbeInterval>, stop: &AtomicBool) {
+/// The probe's socket: bound (to `bind`, else any address of the target's family) and connected.
+fn open(config: &ProbeConfig) -> std::io::Result<UdpSocket> {
+    let bind = config.bind.unwrap_or(match config.target {
+        SocketAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+        SocketAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
+    });
+    let sock = UdpSocket::bind(bind)?;
+    sock.connect(config.target)?;
+    Ok(sock)
+}
+
+/// Errors of a network that is not up yet, which pass without a restart.
+fn not_up_yet(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        ErrorKind::NetworkUnreachable
+            | ErrorKind::HostUnreachable
+            | ErrorKind::AddrNotAvailable
+            | ErrorKind::NetworkDown
+    )
+}
+
+fn run(sock: Option<UdpSocket>, cfg: ProbeConfig, state: &Mutex<ProbeInterval>, stop: &AtomicBool) {
+    let mut sock = sock;
+    while sock.is_none() && !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(cfg.period.max(Duration::from_millis(100)));
+        match open(&cfg) {
+            Ok(s) => sock = Some(s),
+            Err(e) => {
+                let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+                s.errors += 1;
+                s.last_error = Some(e.to_string());
+            }
+        }
+    }
+    let Some(sock) = sock else { return };
     let start = Instant::now();
     // Distinguishes this probe's replies from those to an earlier one on the same port.
     let session = std::process::id() ^ (start.elapsed().as_nanos() as u32).rotate_left(16) ^ 0x6d64_746f;
