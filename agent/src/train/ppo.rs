@@ -16,6 +16,15 @@
 //! end exactly at rollout boundaries; every random draw of an iteration is derived from
 //! `(seed, iteration)`. So a checkpoint at an iteration boundary (weights, optimiser, normalisers)
 //! is a complete resume point: training resumed from it makes the same updates bit for bit.
+//!
+//! Speed. The networks are a few thousand weights, so burn's cost per tensor operation, not
+//! arithmetic, sets the update's time; the code keeps operations few: the rollout goes into
+//! tensors once per iteration and each minibatch selects its rows; the heads' and critic's
+//! inputs (means and maxima over VMs, the host's features beside each VM's) are assembled on the
+//! host during the rollout; one log-probability over all action columns with a padding mask;
+//! diagnostics from one read-back; Adam with global clipping on the host ([`HostAdam`]); and the
+//! critic's forward and backward, a graph disjoint from the actor's, on a second thread. Each
+//! iteration's time by phase is in [`Perf`] (`perf/*` in TensorBoard).
 
 use std::sync::Arc;
 
