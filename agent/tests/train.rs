@@ -265,3 +265,47 @@ fn export_gives_the_trainers_actions() {
     assert_eq!(loaded.act(&o), live.act(&o));
     assert_eq!(loaded.meta().provenance.timesteps, t.state.global_step);
 }
+
+/// A checkpoint written by the trainer of revision 4546215 (burn's `ModuleOptimizer` state in
+/// `optimizer.bpk`; `moderato train` on the `SIM` config, 2 of 4 iterations) resumes, with its
+/// Adam state: the resumed run makes the updates of one that started from the same checkpoint
+/// files twice.
+#[test]
+fn a_checkpoint_from_revision_4546215_resumes() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/checkpoint-4546215");
+    let text = std::fs::read_to_string(fixture.join("config.toml")).unwrap();
+    let run = |dir: &Path| {
+        let mut t = Trainer::load_checkpoint(experiment(&text), dir, train_device()).unwrap();
+        assert_eq!(t.state.iteration, 2);
+        let mut m = Memory::default();
+        t.iteration(&mut m).unwrap();
+        (curve(&m), t.state.clone())
+    };
+    let (a, sa) = run(&fixture);
+    let (b, sb) = run(&fixture);
+    assert_eq!(a, b);
+    assert_eq!(sa, sb);
+    assert_eq!(sa.iteration, 3);
+    // Without its optimiser state the same checkpoint steps differently: the state was read.
+    let tmp = tempfile::tempdir().unwrap();
+    for f in ["config.toml", "model.bpk", "state.json"] {
+        std::fs::copy(fixture.join(f), tmp.path().join(f)).unwrap();
+    }
+    let fresh = moderato_agent::train::HostAdam::default().to_bytes().unwrap();
+    std::fs::write(tmp.path().join("optimizer.bpk"), &fresh[..]).unwrap();
+    let (c, _) = run(tmp.path());
+    assert_ne!(a, c, "the old optimizer.bpk made no difference");
+}
+
+#[test]
+fn a_checkpoint_whose_optimizer_state_is_unreadable_is_refused_with_the_reason() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/checkpoint-4546215");
+    let text = std::fs::read_to_string(fixture.join("config.toml")).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    for f in ["config.toml", "model.bpk", "state.json"] {
+        std::fs::copy(fixture.join(f), tmp.path().join(f)).unwrap();
+    }
+    std::fs::write(tmp.path().join("optimizer.bpk"), b"truncated").unwrap();
+    let e = Trainer::load_checkpoint(experiment(&text), tmp.path(), train_device()).unwrap_err().to_string();
+    assert!(e.contains("optimizer.bpk") && e.contains("not a burnpack file"), "{e}");
+}

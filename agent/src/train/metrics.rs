@@ -11,6 +11,11 @@ pub trait Metrics {
     /// A histogram of `values` (skipped when empty).
     fn histogram(&mut self, tag: &str, values: &[f64], step: u64);
     fn flush(&mut self);
+    /// A timing (`perf/*`): a scalar, but not part of the training curve, since it differs from
+    /// run to run.
+    fn perf(&mut self, tag: &str, value: f64, step: u64) {
+        self.scalar(tag, value, step);
+    }
 }
 
 /// TensorBoard event files under a directory.
@@ -83,6 +88,8 @@ impl Drop for TensorBoard {
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Memory {
     pub scalars: Vec<(String, u64, f64)>,
+    /// The timings (`perf/*`), kept apart from the curve.
+    pub perf: Vec<(String, u64, f64)>,
 }
 
 impl Memory {
@@ -98,4 +105,7 @@ impl Metrics for Memory {
     }
     fn histogram(&mut self, _tag: &str, _values: &[f64], _step: u64) {}
     fn flush(&mut self) {}
+    fn perf(&mut self, tag: &str, value: f64, step: u64) {
+        self.perf.push((tag.to_string(), step, value));
+    }
 }

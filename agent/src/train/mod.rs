@@ -2,7 +2,8 @@
 //!
 //! A run writes `runs/<name>-<time>/`:
 //! - `config.toml`: the resolved experiment;
-//! - `tb/`: TensorBoard event files (`charts/*`, `losses/*`);
+//! - `tb/`: TensorBoard event files (`charts/*`, `losses/*`, and `perf/*`: where each iteration's
+//!   time went, in milliseconds per phase; the same totals end the run's output);
 //! - `checkpoints/iter-NNNNNN/`: model, optimiser and trainer state, every
 //!   `checkpoint.every_iterations` and at the end (written to a temporary directory and renamed, so
 //!   a kill never leaves a half checkpoint);
@@ -12,6 +13,7 @@
 //! `--resume <run-dir>` continues from the newest checkpoint; since every iteration is a pure
 //! function of the checkpointed state and `(seed, iteration)`, nothing is lost.
 
+mod adam;
 pub mod config;
 pub mod metrics;
 pub mod ppo;
@@ -25,8 +27,9 @@ use burn::tensor::Device;
 use clap::Args;
 use moderato_policies::learned::{Actor, FeatureNames, LearnedPolicy, ModelMeta, Probes, Provenance};
 
+pub use adam::{AdamSettings, HostAdam};
 pub use config::{Experiment, ExperimentConfig};
-pub use ppo::{IterationStats, Model, TrainState, Trainer};
+pub use ppo::{IterationStats, Model, Perf, TrainState, Trainer};
 
 use crate::eval;
 use metrics::{Metrics, TensorBoard};
@@ -170,6 +173,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let finished = train_loop(&mut trainer, &run, &mut tb, args.max_iterations, true)?;
     tb.flush();
     if !finished {
+        eprint!("{}", trainer.perf.summary());
         eprintln!(
             "stopped after iteration {} of {}; continue with: moderato train {} --resume {}",
             trainer.state.iteration,
@@ -183,8 +187,14 @@ pub fn run(args: TrainArgs) -> Result<()> {
     freeze(&trainer, &model_dir)?;
     eprintln!("frozen model: {}", model_dir.display());
     if trainer.exp.config.evaluation.enabled && !args.no_eval {
+        let t0 = std::time::Instant::now();
         final_eval(&trainer, &run, &model_dir)?;
+        let secs = t0.elapsed().as_secs_f64();
+        trainer.perf.evaluation += secs;
+        tb.perf("perf/evaluation_s", secs, trainer.state.global_step);
+        tb.flush();
     }
+    eprint!("{}", trainer.perf.summary());
     Ok(())
 }
 
@@ -231,7 +241,11 @@ pub fn train_loop(
             );
         }
         if s.iteration % every == 0 || s.iteration == total {
+            let t0 = std::time::Instant::now();
             write_checkpoint(trainer, run, keep)?;
+            let secs = t0.elapsed().as_secs_f64();
+            trainer.perf.checkpoint += secs;
+            metrics.perf("perf/checkpoint_ms", 1e3 * secs, s.global_step);
             metrics.flush();
         }
     }

@@ -16,25 +16,36 @@
 //! end exactly at rollout boundaries; every random draw of an iteration is derived from
 //! `(seed, iteration)`. So a checkpoint at an iteration boundary (weights, optimiser, normalisers)
 //! is a complete resume point: training resumed from it makes the same updates bit for bit.
+//!
+//! Speed. The networks are a few thousand weights, so burn's cost per tensor operation, not
+//! arithmetic, sets the update's time; the code keeps operations few: the rollout goes into
+//! tensors once per iteration and each minibatch selects its rows; the heads' and critic's
+//! inputs (means and maxima over VMs, the host's features beside each VM's) are assembled on the
+//! host during the rollout; one log-probability over all action columns with a padding mask;
+//! diagnostics from one read-back; Adam with global clipping on the host ([`HostAdam`]); and the
+//! critic's forward and backward, a graph disjoint from the actor's, on a second thread. Each
+//! iteration's time by phase is in [`Perf`] (`perf/*` in TensorBoard).
 
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use burn::module::{Module, ModuleVisitor, Param};
-use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer};
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::module::Module;
+use burn::optim::GradientsParams;
+use burn::tensor::{Device, Int, Tensor, TensorData};
 use moderato_env::random::{splitmix64, standard_normal};
 use moderato_env::sim::SimEnv;
 use moderato_env::{
     ActionSpace, BACKEND_FEATURES, ControllerFactory, Env, GUEST_FEATURES, HOST_FEATURES, Observation,
 };
 use moderato_policies::learned::{
-    Actor, BatchTensors, FeatureBatch, Ignored, Mlp, NetConfig, Normalizer, RunningStats, decode_means,
+    Actor, BACKEND_IN, BatchTensors, FeatureBatch, GUEST_IN, HeadInputs, HeadTensors, Ignored, Mlp, NIC_IN,
+    NetConfig, Normalizer, RunningStats, decode_means, host_vm_max, host_vm_mean,
 };
 use rand::{Rng, SeedableRng};
 use rand_pcg::Pcg64Mcg;
 use serde::{Deserialize, Serialize};
 
+use super::adam::{AdamSettings, HostAdam};
 use super::config::Experiment;
 use super::metrics::Metrics;
 use super::randomize;
@@ -65,9 +76,34 @@ impl Critic {
             ],
             1,
         ); // [batch, CRITIC_IN]
+        self.value_of(input)
+    }
+
+    /// `[batch, CRITIC_IN]` inputs (as [`critic_input`] assembles them) `→ [batch]` state values.
+    pub fn value_of(&self, input: Tensor<2>) -> Tensor<1> {
         let [b, _] = input.dims();
         self.mlp.forward(input).reshape([b]) // [batch]
     }
+}
+
+/// The critic's inputs of a (normalised) batch, assembled on the host: `[rows, CRITIC_IN]`, what
+/// [`Critic::value`] builds with tensor operations.
+pub fn critic_input(x: &FeatureBatch) -> Vec<f32> {
+    let (h, bf, gf, v) = (HOST_FEATURES.len(), BACKEND_FEATURES.len(), GUEST_FEATURES.len(), x.vms);
+    let parts = [
+        host_vm_mean(&x.backend, &x.mask, v, bf),
+        host_vm_max(&x.backend, &x.mask, v, bf),
+        host_vm_mean(&x.guest, &x.mask, v, gf),
+        host_vm_max(&x.guest, &x.mask, v, gf),
+    ];
+    let mut out = Vec::with_capacity(x.rows * CRITIC_IN);
+    for r in 0..x.rows {
+        out.extend_from_slice(&x.host[r * h..(r + 1) * h]);
+        for (p, d) in parts.iter().zip([bf, bf, gf, gf]) {
+            out.extend_from_slice(&p[r * d..(r + 1) * d]);
+        }
+    }
+    out
 }
 
 /// Actor and critic, optimised together.
@@ -139,6 +175,117 @@ pub struct IterationStats {
     pub explained_variance: f64,
 }
 
+/// Where training time goes, in seconds, per phase (wall clock of the thread that runs the
+/// trainer; the rollout's simulation runs on worker threads and is timed as the wall time of
+/// those parallel steps).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Perf {
+    /// Stepping and starting the simulators (parallel, wall time).
+    pub simulation: f64,
+    /// Actor and critic forward passes during the rollout (features to tensors, the MLPs, back).
+    pub inference: f64,
+    /// Everything else of the rollout and the update's preparation: feature batches and
+    /// normalisation, sampling, reward scaling, GAE, minibatch assembly, diagnostics.
+    pub bookkeeping: f64,
+    /// The update's forward passes and losses.
+    pub update_forward: f64,
+    /// `loss.backward()` and collecting the gradients.
+    pub update_backward: f64,
+    /// Gradient clipping and the Adam step.
+    pub update_optimizer: f64,
+    /// Final evaluation against the baselines (once per run).
+    pub evaluation: f64,
+    /// Writing checkpoints.
+    pub checkpoint: f64,
+    /// Iterations and environment steps these times cover.
+    pub iterations: u64,
+    pub steps: u64,
+}
+
+impl Perf {
+    /// `(name, seconds)` of every phase, in order.
+    pub fn phases(&self) -> [(&'static str, f64); 8] {
+        [
+            ("simulation", self.simulation),
+            ("inference", self.inference),
+            ("bookkeeping", self.bookkeeping),
+            ("update_forward", self.update_forward),
+            ("update_backward", self.update_backward),
+            ("update_optimizer", self.update_optimizer),
+            ("evaluation", self.evaluation),
+            ("checkpoint", self.checkpoint),
+        ]
+    }
+
+    pub fn total(&self) -> f64 {
+        self.phases().iter().map(|p| p.1).sum()
+    }
+
+    pub fn add(&mut self, o: &Perf) {
+        self.simulation += o.simulation;
+        self.inference += o.inference;
+        self.bookkeeping += o.bookkeeping;
+        self.update_forward += o.update_forward;
+        self.update_backward += o.update_backward;
+        self.update_optimizer += o.update_optimizer;
+        self.evaluation += o.evaluation;
+        self.checkpoint += o.checkpoint;
+        self.iterations += o.iterations;
+        self.steps += o.steps;
+    }
+
+    /// Logs the iteration phases as `perf/<phase>_ms` (milliseconds per iteration) and
+    /// `perf/SPS` (evaluation and checkpoints are logged where they happen).
+    pub fn log(&self, metrics: &mut dyn Metrics, step: u64) {
+        let it = self.iterations.max(1) as f64;
+        for (name, s) in self.phases().into_iter().take(6) {
+            metrics.perf(&format!("perf/{name}_ms"), 1e3 * s / it, step);
+        }
+        let total = self.total();
+        if total > 0.0 {
+            metrics.perf("perf/SPS", self.steps as f64 / total, step);
+        }
+    }
+
+    /// The end-of-run summary: a line per phase with its total, its share and its time per
+    /// iteration.
+    pub fn summary(&self) -> String {
+        let total = self.total();
+        let it = self.iterations.max(1) as f64;
+        let mut s = format!(
+            "time by phase ({} iterations, {} environment steps, {:.1} s, {:.0} steps/s):\n",
+            self.iterations,
+            self.steps,
+            total,
+            if total > 0.0 { self.steps as f64 / total } else { 0.0 }
+        );
+        for (name, secs) in self.phases() {
+            let share = if total > 0.0 { 100.0 * secs / total } else { 0.0 };
+            s.push_str(&format!(
+                "  {name:<17} {secs:>9.2} s  {share:>5.1}%  {:>8.2} ms/iteration\n",
+                1e3 * secs / it
+            ));
+        }
+        s
+    }
+}
+
+/// A stopwatch that charges elapsed time to phases.
+struct Clock(std::time::Instant);
+
+impl Clock {
+    fn start() -> Clock {
+        Clock(std::time::Instant::now())
+    }
+    /// Seconds since the last lap (or the start), and restarts.
+    fn lap(&mut self) -> f64 {
+        let now = std::time::Instant::now();
+        let s = now.duration_since(self.0).as_secs_f64();
+        self.0 = now;
+        s
+    }
+}
+
 /// Builds the environment of one episode from its seed (which also seeds its reset).
 pub type EnvMaker = Arc<dyn Fn(u64) -> Result<Box<dyn Env + Send>> + Send + Sync>;
 
@@ -158,8 +305,11 @@ pub struct Trainer {
     pub exp: Experiment,
     pub device: Device,
     pub model: Model,
-    pub optim: ModuleOptimizer,
+    /// Adam (burn's arithmetic, on the host) with global gradient-norm clipping.
+    pub optim: HostAdam,
     pub state: TrainState,
+    /// Where this process's iterations spent their time (not checkpointed).
+    pub perf: Perf,
     /// VMs every batch row is padded to (the suite's largest host).
     pub vmax: usize,
     /// `network.ignore_features` as columns.
@@ -175,7 +325,12 @@ impl std::fmt::Debug for Trainer {
 
 /// Rollout storage, preallocated as `(num_steps, num_envs)` row-major (CleanRL's layout).
 struct Storage {
-    obs: FeatureBatch,
+    /// The actor heads' inputs (normalised observations).
+    heads: HeadInputs,
+    /// `[rows, CRITIC_IN]`
+    critic: Vec<f32>,
+    /// `[rows, 4 + 2·vmax·4]`: 1 for the knobs the row's host has, 0 for padding.
+    mask: Vec<f32>,
     /// `[rows, 4 + 2·vmax·4]`: NIC, then backends, then frontends.
     actions: Vec<f32>,
     logprobs: Vec<f32>,
@@ -197,7 +352,7 @@ impl Trainer {
         let c = &exp.config;
         let model = Model::new(&c.network, c.seed, &device);
         // Adam with ε = 1e-5, as CleanRL.
-        let optim: ModuleOptimizer = AdamConfig::new().with_epsilon(1e-5).init();
+        let optim = HostAdam::new(AdamSettings::default());
         let state = TrainState {
             iteration: 0,
             global_step: 0,
@@ -205,7 +360,7 @@ impl Trainer {
             return_stats: RunningStats::new(1),
         };
         let ignored = Ignored::new(&c.network.ignore_features).expect("a validated experiment config");
-        Trainer { exp, device, model, optim, state, vmax, ignored, make_env }
+        Trainer { exp, device, model, optim, state, perf: Perf::default(), vmax, ignored, make_env }
     }
 
     pub fn action_space(&self) -> &ActionSpace {
@@ -229,6 +384,8 @@ impl Trainer {
     /// Runs one iteration: rollout, then update.
     pub fn iteration(&mut self, metrics: &mut dyn Metrics) -> Result<IterationStats> {
         let started = std::time::Instant::now();
+        let mut perf = Perf { iterations: 1, ..Perf::default() };
+        let mut clock = Clock::start();
         let c = self.exp.config.clone();
         let it = self.state.iteration;
         let iseed = derive(c.seed, &[it]);
@@ -251,8 +408,11 @@ impl Trainer {
         let mut rng = Pcg64Mcg::seed_from_u64(derive(iseed, &[1]));
         let rows = n_envs * n_steps;
         let aw = self.action_width();
+        let v = self.vmax;
         let mut st = Storage {
-            obs: FeatureBatch::new(self.vmax),
+            heads: HeadInputs { vms: v, ..HeadInputs::default() },
+            critic: Vec::with_capacity(rows * CRITIC_IN),
+            mask: Vec::with_capacity(rows * aw),
             actions: Vec::with_capacity(rows * aw),
             logprobs: Vec::with_capacity(rows),
             rewards: vec![0.0; rows],
@@ -269,6 +429,8 @@ impl Trainer {
         } else {
             c.threads
         };
+        let mut raw = FeatureBatch::new(v);
+        perf.bookkeeping += clock.lap();
 
         for t in 0..n_steps {
             if t % ep_steps == 0 {
@@ -289,18 +451,25 @@ impl Trainer {
                     ep_return[i] = 0.0;
                     disc_return[i] = 0.0;
                 }
+                perf.simulation += clock.lap();
             }
             // Observe: normalise with the running statistics (updated with what we see).
-            let mut raw = FeatureBatch::new(self.vmax);
+            raw.clear();
             for o in &obs {
                 raw.push(o, self.action_space());
             }
             raw.update(&mut self.state.normalizer);
             let x = raw.normalized(&self.state.normalizer, &self.ignored);
-            let xt = x.tensors(&infer_device);
-            let means = infer.actor.means(&xt);
-            let values = to_vec(infer.critic.value(&xt));
+            let heads = HeadInputs::new(&x);
+            let critic_in = critic_input(&x);
+            perf.bookkeeping += clock.lap();
+            let means = infer.actor.means_of(&heads.tensors(&infer_device));
+            let values = to_vec(infer.critic.value_of(Tensor::from_data(
+                TensorData::new(critic_in.clone(), [n_envs, CRITIC_IN]),
+                &infer_device,
+            )));
             let (mu_nic, mu_be, mu_fe) = (to_vec(means.nic), to_vec(means.backend), to_vec(means.frontend));
+            perf.inference += clock.lap();
 
             // Act: a ~ N(μ, σ), with log π(a|s) summed over every existing knob.
             let mut settings = Vec::with_capacity(n_envs);
@@ -317,26 +486,29 @@ impl Trainer {
                 for k in 0..K {
                     sample(mu_nic[i * K + k], ls_nic[k], &mut a[k]);
                 }
-                for v in 0..vms {
+                for vm in 0..vms {
                     for k in 0..K {
-                        let j = (i * self.vmax + v) * K + k;
-                        sample(mu_be[j], ls_be[k], &mut a[K + v * K + k]);
-                        sample(mu_fe[j], ls_fe[k], &mut a[K + self.vmax * K + v * K + k]);
+                        let j = (i * v + vm) * K + k;
+                        sample(mu_be[j], ls_be[k], &mut a[K + vm * K + k]);
+                        sample(mu_fe[j], ls_fe[k], &mut a[K + v * K + vm * K + k]);
                     }
                 }
-                let s = decode_means(
-                    self.action_space(),
-                    vms,
-                    &a[..K],
-                    &a[K..K + self.vmax * K],
-                    &a[K + self.vmax * K..],
-                );
+                let s = decode_means(self.action_space(), vms, &a[..K], &a[K..K + v * K], &a[K + v * K..]);
                 settings.push(s);
                 st.actions.extend_from_slice(&a);
                 st.logprobs.push(lp as f32);
+                // Which action columns are knobs of this host (the rest is padding).
+                st.mask.extend(std::iter::repeat_n(1.0, K));
+                for _side in 0..2 {
+                    for vm in 0..v {
+                        st.mask.extend(std::iter::repeat_n(if vm < vms { 1.0 } else { 0.0 }, K));
+                    }
+                }
             }
-            st.obs.extend(&x);
+            st.heads.extend(&heads);
+            st.critic.extend_from_slice(&critic_in);
             st.values.extend_from_slice(&values);
+            perf.bookkeeping += clock.lap();
 
             // Step every environment in parallel.
             let mut taken: Vec<Box<dyn Env + Send>> =
@@ -351,6 +523,7 @@ impl Trainer {
                     Ok((env, step))
                 })
             };
+            perf.simulation += clock.lap();
             let truncating = (t + 1) % ep_steps == 0;
             for (i, r) in results.into_iter().enumerate() {
                 let (env, step) = r?;
@@ -380,23 +553,29 @@ impl Trainer {
                 obs[i] = step.obs;
                 envs[i] = Some(env);
             }
+            perf.bookkeeping += clock.lap();
             if truncating {
                 // Time limit: bootstrap from the value of the final observation.
-                let mut fin = FeatureBatch::new(self.vmax);
+                raw.clear();
                 for o in &obs {
-                    fin.push(o, self.action_space());
+                    raw.push(o, self.action_space());
                 }
-                let v =
-                    to_vec(infer.critic.value(
-                        &fin.normalized(&self.state.normalizer, &self.ignored).tensors(&infer_device),
-                    ));
-                for (r, v) in st.rewards[t * n_envs..(t + 1) * n_envs].iter_mut().zip(&v) {
+                let fin = critic_input(&raw.normalized(&self.state.normalizer, &self.ignored));
+                perf.bookkeeping += clock.lap();
+                let vals =
+                    to_vec(infer.critic.value_of(Tensor::from_data(
+                        TensorData::new(fin, [n_envs, CRITIC_IN]),
+                        &infer_device,
+                    )));
+                perf.inference += clock.lap();
+                for (r, v) in st.rewards[t * n_envs..(t + 1) * n_envs].iter_mut().zip(&vals) {
                     *r += (gamma * f64::from(*v)) as f32;
                 }
                 disc_return.iter_mut().for_each(|d| *d = 0.0);
             }
         }
         self.state.global_step += rows as u64;
+        perf.steps = rows as u64;
 
         // ------------------------------------------------------------------ GAE
         // A_t = δ_t + γλ(1 − done_t) A_{t+1},  δ_t = r_t + γ(1 − done_t) V(s_{t+1}) − V(s_t).
@@ -417,12 +596,16 @@ impl Trainer {
         let returns: Vec<f32> = adv.iter().zip(&st.values).map(|(a, v)| a + v).collect();
 
         // ------------------------------------------------------------------ update
+        // The whole rollout goes into tensors once; each minibatch selects its rows.
+        let batch = self.upload(&st, &returns);
         let mb_size = rows / c.ppo.num_minibatches;
         let mut inds: Vec<usize> = (0..rows).collect();
         let mut shuffle = Pcg64Mcg::seed_from_u64(derive(iseed, &[4]));
-        let (mut v_loss_last, mut pg_loss_last, mut ent_last, mut kl_last, mut old_kl_last) =
-            (0.0, 0.0, 0.0, 0.0, 0.0);
+        let mut last = MinibatchOut::default();
         let mut clipfracs = Vec::new();
+        let total_mb = c.ppo.update_epochs * c.ppo.num_minibatches;
+        let mut done_mb = 0;
+        perf.bookkeeping += clock.lap();
         'epochs: for _epoch in 0..c.ppo.update_epochs {
             // Fisher–Yates with our generator.
             for j in (1..rows).rev() {
@@ -431,14 +614,12 @@ impl Trainer {
             }
             for start in (0..rows).step_by(mb_size) {
                 let mb = &inds[start..start + mb_size];
-                let out = self.minibatch(&st, &adv, &returns, mb, lr)?;
-                v_loss_last = out.v_loss;
-                pg_loss_last = out.pg_loss;
-                ent_last = out.entropy;
-                kl_last = out.approx_kl;
-                old_kl_last = out.old_approx_kl;
+                done_mb += 1;
+                let out = self.minibatch(&batch, &adv, mb, lr, done_mb == total_mb, &mut perf, &mut clock)?;
                 clipfracs.push(out.clipfrac);
-                if c.ppo.target_kl.is_some_and(|target| out.approx_kl > target) {
+                let stop = c.ppo.target_kl.is_some_and(|target| out.approx_kl > target);
+                last = out;
+                if stop {
                     break 'epochs;
                 }
             }
@@ -462,10 +643,10 @@ impl Trainer {
             cpu_us_per_packet: mean(&eps.cpu_us_per_packet),
             p99_latency_us: mean(&eps.p99_us),
             slo_violation_rate: mean(&eps.slo_violation_rate),
-            value_loss: v_loss_last,
-            policy_loss: pg_loss_last,
-            entropy: ent_last,
-            approx_kl: kl_last,
+            value_loss: last.v_loss,
+            policy_loss: last.pg_loss,
+            entropy: last.entropy,
+            approx_kl: last.approx_kl,
             clipfrac: mean(&clipfracs),
             explained_variance,
         };
@@ -477,11 +658,11 @@ impl Trainer {
         metrics.scalar("charts/slo_violation_rate", stats.slo_violation_rate, step);
         metrics.scalar("charts/drop_rate", mean(&eps.drop_rate), step);
         metrics.scalar("charts/SPS", rows as f64 / secs, step);
-        metrics.scalar("losses/value_loss", v_loss_last, step);
-        metrics.scalar("losses/policy_loss", pg_loss_last, step);
-        metrics.scalar("losses/entropy", ent_last, step);
-        metrics.scalar("losses/old_approx_kl", old_kl_last, step);
-        metrics.scalar("losses/approx_kl", kl_last, step);
+        metrics.scalar("losses/value_loss", last.v_loss, step);
+        metrics.scalar("losses/policy_loss", last.pg_loss, step);
+        metrics.scalar("losses/entropy", last.entropy, step);
+        metrics.scalar("losses/old_approx_kl", last.old_approx_kl, step);
+        metrics.scalar("losses/approx_kl", last.approx_kl, step);
         metrics.scalar("losses/clipfrac", stats.clipfrac, step);
         metrics.scalar("losses/explained_variance", explained_variance, step);
         let [a, b, f] = self.log_stds();
@@ -491,113 +672,205 @@ impl Trainer {
             step,
         );
         metrics.histogram("charts/episodic_returns", &eps.returns, step);
+        perf.bookkeeping += clock.lap();
+        perf.log(metrics, step);
+        self.perf.add(&perf);
         Ok(stats)
     }
 
-    /// One gradient step on the rows `mb` of the rollout.
+    /// The rollout in tensors on the training device, for the update.
+    fn upload(&self, st: &Storage, returns: &[f32]) -> Batch {
+        let dev = &self.device;
+        let rows = st.values.len();
+        let v = self.vmax;
+        let aw = self.action_width();
+        let t2 = |d: &[f32], c: usize| Tensor::<2>::from_data(TensorData::new(d.to_vec(), [rows, c]), dev);
+        let t1 = |d: &[f32]| Tensor::<1>::from_data(TensorData::new(d.to_vec(), [rows]), dev);
+        // log π_old without its constant −½ log 2π per existing knob: the update's log π_new
+        // leaves it out too, and only their difference is used.
+        let lp_old: Vec<f32> = st
+            .logprobs
+            .iter()
+            .zip(st.mask.chunks_exact(aw))
+            .map(|(lp, m)| {
+                (f64::from(*lp) + 0.5 * LN_2PI * m.iter().map(|x| f64::from(*x)).sum::<f64>()) as f32
+            })
+            .collect();
+        // Which of the 12 log standard deviations each action column uses.
+        let mut ls_cols: Vec<i64> = (0..K as i64).collect();
+        for side in 1..=2 {
+            for _ in 0..v {
+                ls_cols.extend((0..K as i64).map(|k| side * K as i64 + k));
+            }
+        }
+        Batch {
+            nic: t2(&st.heads.nic, NIC_IN),
+            backend: t2(&st.heads.backend, v * BACKEND_IN),
+            guest: t2(&st.heads.guest, v * GUEST_IN),
+            critic: t2(&st.critic, CRITIC_IN),
+            actions: t2(&st.actions, aw),
+            mask: t2(&st.mask, aw),
+            logprobs: t1(&lp_old),
+            returns: t1(returns),
+            values: t1(&st.values),
+            ls_cols: Tensor::<1, Int>::from_data(TensorData::new(ls_cols, [aw]), dev),
+        }
+    }
+
+    /// One gradient step on the rows `mb` of the rollout; the losses are read back only when
+    /// `report` (the last minibatch) or when they decide an early stop.
+    #[allow(clippy::too_many_arguments)]
     fn minibatch(
         &mut self,
-        st: &Storage,
+        b: &Batch,
         adv: &[f32],
-        returns: &[f32],
         mb: &[usize],
         lr: f64,
+        report: bool,
+        perf: &mut Perf,
+        clock: &mut Clock,
     ) -> Result<MinibatchOut> {
         let c = &self.exp.config.ppo;
         let dev = &self.device;
         let n = mb.len();
         let v = self.vmax;
-        let x = st.obs.select(mb).tensors(dev);
         let aw = self.action_width();
-        let mut a_nic = Vec::with_capacity(n * K);
-        let mut a_be = Vec::with_capacity(n * v * K);
-        let mut a_fe = Vec::with_capacity(n * v * K);
-        for &r in mb {
-            let a = &st.actions[r * aw..(r + 1) * aw];
-            a_nic.extend_from_slice(&a[..K]);
-            a_be.extend_from_slice(&a[K..K + v * K]);
-            a_fe.extend_from_slice(&a[K + v * K..]);
-        }
-        let t1 = |d: Vec<f32>| Tensor::<1>::from_data(TensorData::new(d, [n]), dev);
+        let idx = Tensor::<1, Int>::from_data(
+            TensorData::new(mb.iter().map(|&r| r as i64).collect::<Vec<i64>>(), [n]),
+            dev,
+        );
         let mut b_adv: Vec<f32> = mb.iter().map(|&r| adv[r]).collect();
         if c.norm_adv && n > 1 {
             let m = b_adv.iter().map(|x| f64::from(*x)).sum::<f64>() / n as f64;
             let sd = (b_adv.iter().map(|x| (f64::from(*x) - m).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt();
             b_adv.iter_mut().for_each(|x| *x = ((f64::from(*x) - m) / (sd + 1e-8)) as f32);
         }
-        let b_adv = t1(b_adv);
-        let b_returns = t1(mb.iter().map(|&r| returns[r]).collect());
-        let b_values = t1(mb.iter().map(|&r| st.values[r]).collect());
-        let b_logprobs = t1(mb.iter().map(|&r| st.logprobs[r]).collect());
-        let a_nic = Tensor::<2>::from_data(TensorData::new(a_nic, [n, K]), dev);
-        let a_be = Tensor::<3>::from_data(TensorData::new(a_be, [n, v, K]), dev);
-        let a_fe = Tensor::<3>::from_data(TensorData::new(a_fe, [n, v, K]), dev);
+        let b_adv = Tensor::<1>::from_data(TensorData::new(b_adv, [n]), dev);
+        let sel2 = |t: &Tensor<2>| t.clone().select(0, idx.clone());
+        let sel1 = |t: &Tensor<1>| t.clone().select(0, idx.clone());
+        let heads = HeadTensors {
+            rows: n,
+            vms: v,
+            nic: sel2(&b.nic),
+            backend: sel2(&b.backend).reshape([n * v, BACKEND_IN]),
+            guest: sel2(&b.guest).reshape([n * v, GUEST_IN]),
+        };
+        let (a, mask) = (sel2(&b.actions), sel2(&b.mask)); // [n, aw]
+        let (b_logprobs, b_returns, b_values) = (sel1(&b.logprobs), sel1(&b.returns), sel1(&b.values));
+        perf.bookkeeping += clock.lap();
 
+        // The actor's and the critic's losses share no parameter, so their graphs are disjoint:
+        // the critic's forward and backward run on a second thread beside the actor's. The
+        // gradients are those of the summed loss, bit for bit (the sum passes 1 to each term).
         let model = &self.model;
-        let means = model.actor.means(&x);
-        let ls_nic = model.actor.log_std_nic.val().unsqueeze::<2>(); // [1, 4]
-        let ls_be = model.actor.log_std_backend.val().unsqueeze::<3>(); // [1, 1, 4]
-        let ls_fe = model.actor.log_std_frontend.val().unsqueeze::<3>(); // [1, 1, 4]
-        // log N(a; μ, σ) = −(a − μ)² / (2σ²) − log σ − ½ log 2π, per knob.
-        let lp2 = |a: Tensor<2>, mu: Tensor<2>, ls: Tensor<2>| {
-            (a - mu).square().div((ls.clone() * 2.0).exp() * 2.0).neg() - ls - 0.5 * LN_2PI
-        };
-        let lp3 = |a: Tensor<3>, mu: Tensor<3>, ls: Tensor<3>| {
-            (a - mu).square().div((ls.clone() * 2.0).exp() * 2.0).neg() - ls - 0.5 * LN_2PI
-        };
-        let mask = x.mask.clone(); // [n, vms]
-        let vm_sum = |t: Tensor<3>| (t.sum_dim(2).reshape([n, v]) * mask.clone()).sum_dim(1).reshape([n]);
-        let newlogprob = lp2(a_nic, means.nic, ls_nic.clone()).sum_dim(1).reshape([n]) // [n]
-            + vm_sum(lp3(a_be, means.backend, ls_be.clone()))
-            + vm_sum(lp3(a_fe, means.frontend, ls_fe.clone()));
-        // Entropy of a Gaussian: ½ + ½ log 2π + log σ per knob; padded VMs count nothing.
-        let h = 0.5 + 0.5 * LN_2PI;
-        let vms_per_row = mask.clone().sum_dim(1).reshape([n]); // [n]
-        let entropy = (ls_nic + h).sum().expand([n])
-            + vms_per_row * ((ls_be + h).sum() + (ls_fe + h).sum()).expand([n]);
-        let newvalue = model.critic.value(&x); // [n]
-
-        let logratio = newlogprob - b_logprobs;
-        let ratio = logratio.clone().exp();
-        // Diagnostics (no gradient): old and new approximations of KL (Schulman's k1, k3).
-        let old_approx_kl = f64::from(to_vec(logratio.clone().neg().mean().inner())[0]);
-        let approx_kl = f64::from(to_vec(((ratio.clone() - 1.0) - logratio).mean().inner())[0]);
-        let r = to_vec(ratio.clone().inner());
-        let clipfrac =
-            r.iter().filter(|x| (f64::from(**x) - 1.0).abs() > c.clip_coef).count() as f64 / n as f64;
-
-        // Clipped surrogate: max(−A·ρ, −A·clip(ρ, 1 − ε, 1 + ε)).
-        let pg1 = b_adv.clone().neg() * ratio.clone();
-        let pg2 = b_adv.neg() * ratio.clamp(1.0 - c.clip_coef, 1.0 + c.clip_coef);
-        let pg_loss = pg1.max_pair(pg2).mean();
-        // Value loss, optionally clipped around the old values.
-        let v_loss = if c.clip_vloss {
-            let unclipped = (newvalue.clone() - b_returns.clone()).square();
-            let clipped = b_values.clone() + (newvalue - b_values).clamp(-c.clip_coef, c.clip_coef);
-            let clipped = (clipped - b_returns).square();
-            unclipped.max_pair(clipped).mean() * 0.5
-        } else {
-            (newvalue - b_returns).square().mean() * 0.5
-        };
-        let entropy_loss = entropy.mean();
-        let loss = pg_loss.clone() - entropy_loss.clone() * c.ent_coef + v_loss.clone() * c.vf_coef;
-
-        let grads = GradientsParams::from_grads(loss.backward(), &self.model);
-        let grads = clip_global_norm(&self.model, grads, c.max_grad_norm);
-        let model = std::mem::replace(&mut self.model, Model::new(&NetConfig::default(), 0, dev));
-        self.model = self.optim.step(lr, model, grads);
+        let critic_in = sel2(&b.critic);
         let scalar = |t: Tensor<1>| f64::from(to_vec(t.inner())[0]);
-        Ok(MinibatchOut {
-            v_loss: scalar(v_loss),
-            pg_loss: scalar(pg_loss),
-            entropy: scalar(entropy_loss),
-            approx_kl,
-            old_approx_kl,
-            clipfrac,
-        })
+        let read_losses = report || c.target_kl.is_some();
+        let (out, actor_grads, critic_grads) = std::thread::scope(|s| {
+            let critic = s.spawn(move || {
+                let newvalue = model.critic.value_of(critic_in); // [n]
+                // Value loss, optionally clipped around the old values.
+                let v_loss = if c.clip_vloss {
+                    let unclipped = (newvalue.clone() - b_returns.clone()).square();
+                    let clipped = b_values.clone() + (newvalue - b_values).clamp(-c.clip_coef, c.clip_coef);
+                    let clipped = (clipped - b_returns).square();
+                    unclipped.max_pair(clipped).mean() * 0.5
+                } else {
+                    (newvalue - b_returns).square().mean() * 0.5
+                };
+                let grads =
+                    GradientsParams::from_grads((v_loss.clone() * c.vf_coef).backward(), &model.critic);
+                (if read_losses { scalar(v_loss) } else { 0.0 }, grads)
+            });
+            let means = model.actor.means_of(&heads);
+            let mu = Tensor::cat(
+                vec![means.nic, means.backend.reshape([n, v * K]), means.frontend.reshape([n, v * K])],
+                1,
+            ); // [n, aw]
+            let a_ = &model.actor;
+            let ls = Tensor::cat(
+                vec![a_.log_std_nic.val(), a_.log_std_backend.val(), a_.log_std_frontend.val()],
+                0,
+            )
+            .select(0, b.ls_cols.clone())
+            .reshape([1, aw]); // [1, aw]
+            // log N(a; μ, σ) + ½ log 2π = −½ ((a − μ)/σ)² − log σ, per existing knob.
+            let z = (a - mu) * ls.clone().neg().exp();
+            let newlogprob = ((z.square() * -0.5 - ls.clone()) * mask.clone()).sum_dim(1).reshape([n]); // [n]
+            // Entropy of a Gaussian: ½ + ½ log 2π + log σ per knob; padded VMs count nothing.
+            let h = 0.5 + 0.5 * LN_2PI;
+            let entropy_loss = (mask.mean_dim(0) * (ls + h)).sum(); // [1]
+
+            let logratio = newlogprob - b_logprobs;
+            let ratio = logratio.clone().exp();
+            // Clipped surrogate: max(−A·ρ, −A·clip(ρ, 1 − ε, 1 + ε)).
+            let pg1 = b_adv.clone().neg() * ratio.clone();
+            let pg2 = b_adv.neg() * ratio.clamp(1.0 - c.clip_coef, 1.0 + c.clip_coef);
+            let pg_loss = pg1.max_pair(pg2).mean();
+            let actor_loss = pg_loss.clone() - entropy_loss.clone() * c.ent_coef;
+            perf.update_forward += clock.lap();
+
+            // Diagnostics (no gradient), on the host: old and new approximations of KL
+            // (Schulman's k1, k3) and the clipped fraction.
+            let lr_host = to_vec(logratio.inner());
+            let (mut k1, mut k3, mut clipped) = (0.0f64, 0.0f64, 0usize);
+            for x in &lr_host {
+                let x = f64::from(*x);
+                let r = x.exp();
+                k1 -= x;
+                k3 += (r - 1.0) - x;
+                if (r - 1.0).abs() > c.clip_coef {
+                    clipped += 1;
+                }
+            }
+            let mut out = MinibatchOut {
+                approx_kl: k3 / n as f64,
+                old_approx_kl: k1 / n as f64,
+                clipfrac: clipped as f64 / n as f64,
+                ..MinibatchOut::default()
+            };
+            if read_losses {
+                out.pg_loss = scalar(pg_loss);
+                out.entropy = scalar(entropy_loss);
+            }
+            perf.bookkeeping += clock.lap();
+            let actor_grads = GradientsParams::from_grads(actor_loss.backward(), &model.actor);
+            let (v_loss, critic_grads) = critic.join().expect("the critic's update thread panicked");
+            out.v_loss = v_loss;
+            perf.update_backward += clock.lap();
+            (out, actor_grads, critic_grads)
+        });
+        let (model, _norm) =
+            self.optim.step(lr, self.model.clone(), &[&actor_grads, &critic_grads], c.max_grad_norm);
+        self.model = model;
+        perf.update_optimizer += clock.lap();
+        Ok(out)
     }
 }
 
+/// The rollout in tensors on the training device.
+struct Batch {
+    /// `[rows, NIC_IN]`
+    nic: Tensor<2>,
+    /// `[rows, vmax · BACKEND_IN]`
+    backend: Tensor<2>,
+    /// `[rows, vmax · GUEST_IN]`
+    guest: Tensor<2>,
+    /// `[rows, CRITIC_IN]`
+    critic: Tensor<2>,
+    /// `[rows, aw]`
+    actions: Tensor<2>,
+    /// `[rows, aw]`
+    mask: Tensor<2>,
+    /// `[rows]`: log π_old + ½ log 2π per existing knob.
+    logprobs: Tensor<1>,
+    returns: Tensor<1>,
+    values: Tensor<1>,
+    /// `[aw]`: the index into (NIC, backend, frontend) log standard deviations of each column.
+    ls_cols: Tensor<1, Int>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
 struct MinibatchOut {
     v_loss: f64,
     pg_loss: f64,
@@ -607,60 +880,30 @@ struct MinibatchOut {
     clipfrac: f64,
 }
 
-/// Sum of squares of every gradient of a module's float parameters.
-struct SquaredNorm<'a> {
-    grads: &'a GradientsParams,
-    sum: f64,
-}
-
-impl ModuleVisitor for SquaredNorm<'_> {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        if let Some(g) = self.grads.get::<D>(param.id) {
-            self.sum += f64::from(to_vec(g.square().sum())[0]);
-        }
-    }
-}
-
-/// Multiplies every gradient by a factor.
-struct Scale<'a> {
-    grads: &'a mut GradientsParams,
-    factor: f64,
-}
-
-impl ModuleVisitor for Scale<'_> {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        if let Some(g) = self.grads.remove::<D>(param.id) {
-            self.grads.register::<D>(param.id, g * self.factor);
-        }
-    }
-}
-
-/// Global gradient-norm clipping (PyTorch's `clip_grad_norm_`): if the norm over all parameters
-/// exceeds `max_norm`, every gradient is scaled by `max_norm / (norm + 1e-6)`. burn's
-/// `GradientClipping::Norm` clips each tensor on its own, which is not what PPO uses.
-pub fn clip_global_norm<M: Module>(module: &M, mut grads: GradientsParams, max_norm: f64) -> GradientsParams {
-    let mut sq = SquaredNorm { grads: &grads, sum: 0.0 };
-    module.visit(&mut sq);
-    let norm = sq.sum.sqrt();
-    if norm > max_norm {
-        let mut s = Scale { grads: &mut grads, factor: max_norm / (norm + 1e-6) };
-        module.visit(&mut s);
-    }
-    grads
-}
-
 /// Computes `f(i)` for `i in 0..n` on up to `threads` scoped threads; results in index order.
+/// Each thread claims the next index when it is free, so a slow simulator holds up one thread,
+/// not a fixed share of the others' work.
 fn parallel_map<T: Send>(n: usize, threads: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
     if threads <= 1 || n <= 1 {
         return (0..n).map(f).collect();
     }
-    let chunk = n.div_ceil(threads);
+    let next = std::sync::atomic::AtomicUsize::new(0);
     let mut out: Vec<Option<T>> = (0..n).map(|_| None).collect();
     std::thread::scope(|s| {
-        let f = &f;
-        let handles: Vec<_> = (0..n)
-            .step_by(chunk)
-            .map(|lo| s.spawn(move || (lo..(lo + chunk).min(n)).map(|i| (i, f(i))).collect::<Vec<_>>()))
+        let (f, next) = (&f, &next);
+        let handles: Vec<_> = (0..threads.min(n))
+            .map(|_| {
+                s.spawn(move || {
+                    let mut done = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if i >= n {
+                            break done;
+                        }
+                        done.push((i, f(i)));
+                    }
+                })
+            })
             .collect();
         for h in handles {
             for (i, v) in h.join().expect("a rollout worker panicked") {
@@ -683,7 +926,7 @@ impl Trainer {
         let model = self.model.clone().into_record().into_bytes().map_err(|e| anyhow::anyhow!("{e:?}"))?;
         std::fs::write(dir.join("model.bpk"), &model[..])
             .with_context(|| ctx(dir, "cannot write model.bpk"))?;
-        let bytes = self.optim.into_bytes().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let bytes = self.optim.to_bytes()?;
         std::fs::write(dir.join("optimizer.bpk"), &bytes[..])
             .with_context(|| ctx(dir, "cannot write optimizer.bpk"))?;
         let state = serde_json::to_string_pretty(&self.state)?;
@@ -728,11 +971,8 @@ impl Trainer {
             .map_err(|e| anyhow::anyhow!("{}: model.bpk: {e:?}", dir.display()))?;
         let bytes = std::fs::read(dir.join("optimizer.bpk"))
             .with_context(|| ctx(dir, "cannot read optimizer.bpk"))?;
-        t.optim = AdamConfig::new()
-            .with_epsilon(1e-5)
-            .init()
-            .from_bytes(burn::tensor::Bytes::from_bytes_vec(bytes))
-            .map_err(|e| anyhow::anyhow!("{}: optimizer.bpk: {e:?}", dir.display()))?;
+        t.optim = HostAdam::from_bytes(AdamSettings::default(), burn::tensor::Bytes::from_bytes_vec(bytes))
+            .map_err(|e| anyhow::anyhow!("{}: optimizer.bpk: {e:#}", dir.display()))?;
         let state = std::fs::read_to_string(dir.join("state.json"))
             .with_context(|| ctx(dir, "cannot read state.json"))?;
         t.state = serde_json::from_str(&state).with_context(|| ctx(dir, "state.json"))?;

@@ -152,6 +152,15 @@ impl FeatureBatch {
         FeatureBatch { vms, ..Default::default() }
     }
 
+    /// Empties the batch, keeping its padding and its buffers.
+    pub fn clear(&mut self) {
+        self.rows = 0;
+        self.host.clear();
+        self.backend.clear();
+        self.guest.clear();
+        self.mask.clear();
+    }
+
     /// Appends one observation's raw features (it must have at most `self.vms` VMs).
     pub fn push(&mut self, obs: &Observation, space: &ActionSpace) {
         let n = obs.guests.len();

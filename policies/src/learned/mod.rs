@@ -27,7 +27,10 @@ use moderato_env::{
 };
 
 pub use features::{FeatureBatch, Ignored, Normalizer, RunningStats};
-pub use net::{Activation, Actor, BatchTensors, Means, Mlp, NetConfig};
+pub use net::{
+    Activation, Actor, BACKEND_IN, BatchTensors, GUEST_IN, HeadInputs, HeadTensors, Means, Mlp, NIC_IN,
+    NetConfig, host_vm_max, host_vm_mean,
+};
 
 use crate::{Policy, Requirements};
 
@@ -328,8 +331,9 @@ impl LearnedPolicy {
 
     /// Mean actions for a batch of observations (all with `vms` VMs or fewer, padded).
     pub fn mean_actions(&self, batch: &FeatureBatch) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-        let x = batch.normalized(&self.meta.normalizer, &self.ignored).tensors(&self.device);
-        let m = self.actor.means(&x);
+        let x =
+            HeadInputs::new(&batch.normalized(&self.meta.normalizer, &self.ignored)).tensors(&self.device);
+        let m = self.actor.means_of(&x);
         let v = |t: burn::tensor::TensorData| t.convert::<f32>().try_into_vec::<f32>().unwrap_or_default();
         (v(m.nic.into_data()), v(m.backend.into_data()), v(m.frontend.into_data()))
     }

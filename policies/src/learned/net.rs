@@ -16,6 +16,8 @@ use serde::{Deserialize, Serialize};
 
 use moderato_env::{BACKEND_FEATURES, GUEST_FEATURES, HOST_FEATURES, KNOBS_PER_LAYER};
 
+use super::features::FeatureBatch;
+
 /// Hidden-layer activation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -273,5 +275,166 @@ impl Actor {
         let g_in = x.guest.clone().reshape([b * v, GUEST_IN]);
         let frontend = self.guest.forward(g_in).reshape([b, v, KNOBS_PER_LAYER]); // [batch, vms, 4]
         Means { nic, backend, frontend }
+    }
+
+    /// The Gaussian means from head inputs assembled on the host ([`HeadInputs`]): the MLPs only.
+    pub fn means_of(&self, x: &HeadTensors) -> Means {
+        let (b, v) = (x.rows, x.vms);
+        Means {
+            nic: self.nic.forward(x.nic.clone()), // [batch, 4]
+            backend: self.backend.forward(x.backend.clone()).reshape([b, v, KNOBS_PER_LAYER]),
+            frontend: self.guest.forward(x.guest.clone()).reshape([b, v, KNOBS_PER_LAYER]),
+        }
+    }
+}
+
+/// Mean over existing VMs of per-VM rows `x` (`[rows, vms, d]`, `mask`: `[rows, vms]`), on the
+/// host: `[rows, d]`, as [`BatchTensors::vm_mean`] computes it (the same `f32` operations).
+pub fn host_vm_mean(x: &[f32], mask: &[f32], vms: usize, d: usize) -> Vec<f32> {
+    let rows = mask.len() / vms.max(1);
+    let mut out = vec![0f32; rows * d];
+    for r in 0..rows {
+        let m = &mask[r * vms..(r + 1) * vms];
+        let n = m.iter().sum::<f32>().max(1.0);
+        let o = &mut out[r * d..(r + 1) * d];
+        for (v, mv) in m.iter().enumerate() {
+            let xv = &x[(r * vms + v) * d..(r * vms + v + 1) * d];
+            o.iter_mut().zip(xv).for_each(|(s, x)| *s += x * mv);
+        }
+        o.iter_mut().for_each(|s| *s /= n);
+    }
+    out
+}
+
+/// Max over existing VMs of per-VM rows `x`, on the host: `[rows, d]`, as
+/// [`BatchTensors::vm_max`] computes it (padding offset by −10⁶ so it never wins).
+pub fn host_vm_max(x: &[f32], mask: &[f32], vms: usize, d: usize) -> Vec<f32> {
+    let rows = mask.len() / vms.max(1);
+    let mut out = vec![f32::NEG_INFINITY; rows * d];
+    for r in 0..rows {
+        let o = &mut out[r * d..(r + 1) * d];
+        for v in 0..vms {
+            let off = (mask[r * vms + v] - 1.0) * 1e6;
+            let xv = &x[(r * vms + v) * d..(r * vms + v + 1) * d];
+            o.iter_mut().zip(xv).for_each(|(s, x)| *s = s.max(x + off));
+        }
+    }
+    out
+}
+
+/// The inputs of the three heads for a batch, assembled on the host: what [`Actor::means`]
+/// builds with tensor operations before its MLPs (the backends' mean; the host's features
+/// beside each VM's), in plain loops. On networks this small burn's per-operation overhead, not
+/// arithmetic, is the cost, so [`Actor::means_of`] on these is the cheaper path to the same
+/// means.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HeadInputs {
+    pub rows: usize,
+    pub vms: usize,
+    /// `[rows, NIC_IN]`: host features, then the backends' mean.
+    pub nic: Vec<f32>,
+    /// `[rows, vms, BACKEND_IN]`: host features, this VM's backend features, the backends' mean.
+    pub backend: Vec<f32>,
+    /// `[rows, vms, GUEST_IN]`
+    pub guest: Vec<f32>,
+}
+
+/// [`HeadInputs`] in tensors (each head's rows flattened over VMs).
+#[derive(Debug, Clone)]
+pub struct HeadTensors {
+    pub rows: usize,
+    pub vms: usize,
+    /// `[rows, NIC_IN]`
+    pub nic: Tensor<2>,
+    /// `[rows · vms, BACKEND_IN]`
+    pub backend: Tensor<2>,
+    /// `[rows · vms, GUEST_IN]`
+    pub guest: Tensor<2>,
+}
+
+impl HeadInputs {
+    /// The head inputs of a (normalised) batch.
+    pub fn new(x: &FeatureBatch) -> HeadInputs {
+        let (h, bf, v) = (HOST_FEATURES.len(), BACKEND_FEATURES.len(), x.vms);
+        let mean_b = host_vm_mean(&x.backend, &x.mask, v, bf);
+        let mut nic = Vec::with_capacity(x.rows * NIC_IN);
+        let mut backend = Vec::with_capacity(x.rows * v * BACKEND_IN);
+        for r in 0..x.rows {
+            let host = &x.host[r * h..(r + 1) * h];
+            let mb = &mean_b[r * bf..(r + 1) * bf];
+            nic.extend_from_slice(host);
+            nic.extend_from_slice(mb);
+            for vm in 0..v {
+                backend.extend_from_slice(host);
+                backend.extend_from_slice(&x.backend[(r * v + vm) * bf..(r * v + vm + 1) * bf]);
+                backend.extend_from_slice(mb);
+            }
+        }
+        HeadInputs { rows: x.rows, vms: v, nic, backend, guest: x.guest.clone() }
+    }
+
+    pub fn tensors(&self, device: &Device) -> HeadTensors {
+        let (b, v) = (self.rows, self.vms);
+        let t = |d: &Vec<f32>, r: usize, c: usize| {
+            Tensor::<2>::from_data(TensorData::new(d.clone(), [r, c]), device)
+        };
+        HeadTensors {
+            rows: b,
+            vms: v,
+            nic: t(&self.nic, b, NIC_IN),
+            backend: t(&self.backend, b * v, BACKEND_IN),
+            guest: t(&self.guest, b * v, GUEST_IN),
+        }
+    }
+}
+
+impl HeadInputs {
+    /// Appends another batch's inputs (same padding).
+    pub fn extend(&mut self, o: &HeadInputs) {
+        assert_eq!(self.vms, o.vms, "head inputs with different padding");
+        self.nic.extend_from_slice(&o.nic);
+        self.backend.extend_from_slice(&o.backend);
+        self.guest.extend_from_slice(&o.guest);
+        self.rows += o.rows;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The host-assembled path gives the means of the tensor path, padding included.
+    #[test]
+    fn means_from_host_inputs_equal_the_tensor_paths() {
+        let device = Device::flex();
+        let actor = Actor::new(&NetConfig::default(), 11, &device);
+        let (h, bf, gf, v) = (HOST_FEATURES.len(), BACKEND_FEATURES.len(), GUEST_FEATURES.len(), 3);
+        let rows = 4;
+        let val = |i: usize| ((i as f32) * 0.731).sin() * 2.0;
+        let mut b = FeatureBatch::new(v);
+        b.rows = rows;
+        b.host = (0..rows * h).map(val).collect();
+        b.backend = (0..rows * v * bf).map(|i| val(i + 1000)).collect();
+        b.guest = (0..rows * v * gf).map(|i| val(i + 2000)).collect();
+        // Rows with 1, 2, 3 and 2 VMs.
+        b.mask = [1, 0, 0, 1, 1, 0, 1, 1, 1, 0, 1, 1].iter().map(|&m| m as f32).collect();
+        let plain = actor.means(&b.tensors(&device));
+        let host = actor.means_of(&HeadInputs::new(&b).tensors(&device));
+        let data = |t: burn::tensor::TensorData| t.convert::<f32>().try_into_vec::<f32>().unwrap();
+        for (a, c) in [
+            (data(plain.nic.into_data()), data(host.nic.into_data())),
+            (data(plain.backend.into_data()), data(host.backend.into_data())),
+            (data(plain.frontend.into_data()), data(host.frontend.into_data())),
+        ] {
+            assert_eq!(a.len(), c.len());
+            let d = a.iter().zip(&c).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+            assert!(d < 1e-6, "means differ by {d}");
+        }
+        let mean = host_vm_mean(&b.backend, &b.mask, v, bf);
+        let t = b.tensors(&device);
+        let tm = data(t.vm_mean(t.backend.clone()).into_data());
+        let tx = data(t.vm_max(t.backend.clone()).into_data());
+        assert_eq!(mean, tm);
+        assert_eq!(host_vm_max(&b.backend, &b.mask, v, bf), tx);
     }
 }
