@@ -130,7 +130,10 @@ fn every_numeric_scenario_key_has_an_upper_bound() {
         &with_arrivals(r#"{ process = "diurnal", mean_pps = 1000, amplitude = 0.5, period_s = 1e-300 }"#),
     );
     assert!(e.contains("period_s"), "{e}");
-    let e = load_err(dir.path(), &with_arrivals(r#"{ process = "ramp", from_pps = 0, to_pps = 1, over_s = 1e300 }"#));
+    let e = load_err(
+        dir.path(),
+        &with_arrivals(r#"{ process = "ramp", from_pps = 0, to_pps = 1, over_s = 1e300 }"#),
+    );
     assert!(e.contains("over_s"), "{e}");
 }
 

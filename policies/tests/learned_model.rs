@@ -235,7 +235,10 @@ fn negative_normalizer_clip_is_refused_not_a_panic() {
     for clip in [-1.0f32, 0.0, f32::MAX] {
         edit(tmp.path(), |m| m.normalizer.clip = clip, true);
         let e = LearnedPolicy::load(tmp.path(), &Device::flex()).unwrap_err().to_string();
-        assert!(e.contains(META_FILE) && e.contains("normalizer.clip = ") && e.contains("positive"), "{clip}: {e}");
+        assert!(
+            e.contains(META_FILE) && e.contains("normalizer.clip = ") && e.contains("positive"),
+            "{clip}: {e}"
+        );
     }
     edit(tmp.path(), |m| m.normalizer.clip = 10.0, true);
     LearnedPolicy::load(tmp.path(), &Device::flex()).unwrap();
@@ -266,7 +269,9 @@ fn models_without_a_semantics_hash_load_and_can_be_resealed() {
     }
     // Once sealed, an edit is refused.
     edit(tmp.path(), |m| m.network.activation = moderato_policies::learned::Activation::Relu, false);
-    assert!(LearnedPolicy::load(tmp.path(), &Device::flex()).unwrap_err().to_string().contains("edited by hand"));
+    assert!(
+        LearnedPolicy::load(tmp.path(), &Device::flex()).unwrap_err().to_string().contains("edited by hand")
+    );
 }
 
 #[test]
@@ -275,5 +280,8 @@ fn the_shipped_default_model_is_sealed_and_loads() {
     let p = LearnedPolicy::load(&dir, &Device::flex()).unwrap();
     let m = p.meta();
     assert_eq!(m.provenance.semantics_sha256.as_deref(), Some(semantics_sha256(m).as_str()));
-    assert_eq!(m.provenance.weights_sha256, "6427fcb9ee358ef141f18abdbd8fe8394eed4274a16b8408f2a8ee7418a4d996");
+    assert_eq!(
+        m.provenance.weights_sha256,
+        "6427fcb9ee358ef141f18abdbd8fe8394eed4274a16b8408f2a8ee7418a4d996"
+    );
 }

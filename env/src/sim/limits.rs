@@ -14,8 +14,8 @@
 use std::io::Read;
 use std::path::Path;
 
-use super::scenario::{Arrivals, FlowKind, Scenario};
 use super::SimConfig;
+use super::scenario::{Arrivals, FlowKind, Scenario};
 use crate::settings::{ActionSpace, Direction, LayerKind, Moderation};
 
 /// Host cores (`host.cpus`).
@@ -252,7 +252,12 @@ pub fn check_action_space(space: &ActionSpace) -> Result<(), String> {
     for kind in LayerKind::ALL {
         let b = space.bounds(kind);
         let k = kind.name();
-        at_most(&format!("action_space.{k}.usecs_max"), b.usecs_max, MAX_USECS, "a timer of 100 s never fires within an interval")?;
+        at_most(
+            &format!("action_space.{k}.usecs_max"),
+            b.usecs_max,
+            MAX_USECS,
+            "a timer of 100 s never fires within an interval",
+        )?;
         if b.frames_max == 0 || b.frames_max > MAX_FRAMES {
             return Err(format!(
                 "action_space.{k}.frames_max = {}: use 1..={MAX_FRAMES} (1: per-packet only)",
