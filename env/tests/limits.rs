@@ -178,3 +178,13 @@ fn action_space_and_initial_settings_are_bounded() {
     let e = c.validate().unwrap_err();
     assert!(e.contains("initial: nic rx = 5000us/1f is outside action_space.nic"), "{e}");
 }
+
+#[test]
+fn scenario_file_dev_zero_is_refused_not_a_hang() {
+    // An eval config listing "/dev/zero" as a scenario read it forever (found by the fuzz test).
+    let e = Scenario::load("/dev/zero").unwrap_err().to_string();
+    assert!(e.contains("/dev/zero") && e.contains("not a regular file"), "{e}");
+    let dir = tempfile::tempdir().unwrap();
+    let e = Scenario::load(dir.path()).unwrap_err().to_string();
+    assert!(e.contains("not a regular file"), "{e}");
+}

@@ -268,6 +268,36 @@ pub fn check_action_space(space: &ActionSpace) -> Result<(), String> {
     Ok(())
 }
 
+/// Largest config file read (scenario, experiment, eval, `model.json`), bytes.
+pub const MAX_CONFIG_BYTES: u64 = 16 << 20;
+
+/// Reads a file a user named: a regular file (a device such as `/dev/zero`, a FIFO or a directory
+/// would make the read endless or meaningless) of at most `max` bytes, read through that limit.
+pub fn read_bounded(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
+    let meta = std::fs::metadata(path)?;
+    if !meta.is_file() {
+        return Err(std::io::Error::other("not a regular file (a device, FIFO or directory); name a file"));
+    }
+    if meta.len() > max {
+        return Err(std::io::Error::other(format!(
+            "{} bytes, more than the {max} a file may have",
+            meta.len()
+        )));
+    }
+    let mut out = Vec::new();
+    std::fs::File::open(path)?.take(max + 1).read_to_end(&mut out)?;
+    if out.len() as u64 > max {
+        return Err(std::io::Error::other(format!("grew past {max} bytes while read")));
+    }
+    Ok(out)
+}
+
+/// [`read_bounded`] for UTF-8 text of at most [`MAX_CONFIG_BYTES`].
+pub fn read_config(path: &Path) -> std::io::Result<String> {
+    String::from_utf8(read_bounded(path, MAX_CONFIG_BYTES)?)
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8 text"))
+}
+
 /// Opens a trace for reading: a regular file (not a device, FIFO or directory) of at most
 /// [`MAX_TRACE_BYTES`], read through a limit so that a file growing while it is read cannot make
 /// the read endless.

@@ -416,7 +416,7 @@ impl Scenario {
     /// Reads and validates a scenario file; trace paths are resolved against its directory.
     pub fn load(path: impl AsRef<Path>) -> Result<Scenario, EnvError> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| EnvError::Io {
+        let text = super::limits::read_config(path).map_err(|e| EnvError::Io {
             context: format!("cannot read scenario {}", path.display()),
             err: e,
         })?;

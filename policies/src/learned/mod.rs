@@ -35,6 +35,8 @@ use crate::{Policy, Requirements};
 pub const FORMAT_VERSION: u32 = 1;
 pub const META_FILE: &str = "model.json";
 pub const WEIGHTS_FILE: &str = "actor.bpk";
+/// Largest weights file read, bytes (16 layers of 4096 × 4096 f32 weights are 1 GiB).
+pub const MAX_WEIGHTS_BYTES: u64 = 2 << 30;
 
 /// Feature names, per group, in network input order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -285,7 +287,7 @@ impl LearnedPolicy {
 
     fn load_checked(dir: &Path, device: &Device, check_seal: bool) -> Result<LearnedPolicy, ModelError> {
         let meta_path = dir.join(META_FILE);
-        let text = std::fs::read_to_string(&meta_path).map_err(|e| ModelError::Io {
+        let text = moderato_env::sim::limits::read_config(&meta_path).map_err(|e| ModelError::Io {
             path: meta_path.clone(),
             message: format!("{e} (a model directory holds {META_FILE} and {WEIGHTS_FILE})"),
         })?;
@@ -316,7 +318,7 @@ impl LearnedPolicy {
         check_meta_values(&meta).map_err(|m| ModelError::Mismatch { path: meta_path.clone(), message: m })?;
         meta.network.validate().map_err(|m| ModelError::Mismatch { path: meta_path.clone(), message: m })?;
         let w_path = dir.join(WEIGHTS_FILE);
-        let bytes = std::fs::read(&w_path)
+        let bytes = moderato_env::sim::limits::read_bounded(&w_path, MAX_WEIGHTS_BYTES)
             .map_err(|e| ModelError::Io { path: w_path.clone(), message: e.to_string() })?;
         let found = sha256_hex(&bytes);
         if found != meta.provenance.weights_sha256 {
