@@ -973,6 +973,15 @@ fn check(cases: usize, which: Inputs) {
         s.unclear.len(),
         s.slowest.as_secs_f64()
     );
+    // Panics grouped by message, so that one bug hit a thousand times reads as one.
+    let mut kinds: BTreeMap<&str, usize> = BTreeMap::new();
+    for p in &s.panics {
+        let m = p.lines().next().unwrap_or("").split_once("panic: ").map_or("", |x| x.1);
+        *kinds.entry(m).or_default() += 1;
+    }
+    for (m, n) in &kinds {
+        println!("  {n} × panic: {m}");
+    }
     let bad: Vec<&String> = s.hangs.iter().chain(&s.panics).chain(&s.unclear).collect();
     assert!(
         bad.is_empty(),
