@@ -69,3 +69,62 @@ fn bad_eval_configs_list_valid_policy_names() {
     let e = format!("{:#}", EvalConfig::load(&p).unwrap_err());
     assert!(e.contains("scenario"), "{e}");
 }
+
+#[test]
+fn eval_name_with_dot_dot_cannot_leave_runs() {
+    // `runs/eval-<name>-<time>` with this name was /tmp/x-<time>: the report landed outside runs/.
+    let dir = tempfile::tempdir().unwrap();
+    let scen = experiments().join("scenarios/rr-latency.toml");
+    let p = dir.path().join("escape.toml");
+    for name in ["../../../../tmp/x", "/tmp/x", "a/../../b", ""] {
+        std::fs::write(
+            &p,
+            format!("name = {name:?}\nscenarios = [{scen:?}]\npolicies = [\"dim\"]\nseeds = [1, 2, 3]\n"),
+        )
+        .unwrap();
+        let e = format!("{:#}", EvalConfig::load(&p).unwrap_err());
+        assert!(
+            e.contains("escape.toml") && e.contains(&format!("name = {name:?}")) && e.contains("rename"),
+            "{e}"
+        );
+    }
+    // The experiment's name makes runs/<name>-<time> the same way.
+    let base = experiments().join("example.toml");
+    let text = std::fs::read_to_string(&base).unwrap();
+    let bad = text.replace("name = \"example\"", "name = \"../../../../tmp/x\"");
+    assert_ne!(bad, text);
+    let e = format!("{:#}", ExperimentConfig::parse(&bad, &base).unwrap_err());
+    assert!(e.contains("example.toml") && e.contains("name = \"../../../../tmp/x\""), "{e}");
+}
+
+#[test]
+fn experiment_numbers_have_upper_bounds() {
+    let base = experiments().join("example.toml");
+    let text = std::fs::read_to_string(&base).unwrap();
+    for (from, to, key) in [
+        ("episode_steps = 64", "episode_steps = 4000000000", "[sim] episode_steps = 4000000000"),
+        ("slo_p99_us = 200.0", "slo_p99_us = 1e308", "reward.slo_p99_us = 1e308"),
+        ("rate_scale = [0.7, 1.3]", "rate_scale = [0.7, 1e300]", "suite.rate_scale"),
+        ("update_epochs = 10", "update_epochs = 1000000", "ppo.update_epochs = 1000000"),
+    ] {
+        let bad = text.replace(from, to);
+        assert_ne!(bad, text, "example.toml has no `{from}`");
+        let e = format!("{:#}", ExperimentConfig::parse(&bad, &base).unwrap_err());
+        assert!(e.contains("example.toml") && e.contains(key), "expected `{key}` in: {e}");
+    }
+}
+
+#[test]
+fn eval_scenario_dev_zero_is_refused_not_a_hang() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("zero.toml");
+    std::fs::write(
+        &p,
+        "name = \"x\"\nscenarios = [\"/dev/zero\"]\npolicies = [\"dim\"]\nseeds = [1, 2, 3]\n",
+    )
+    .unwrap();
+    let e = format!("{:#}", EvalConfig::load(&p).unwrap_err());
+    assert!(e.contains("zero.toml") && e.contains("/dev/zero") && e.contains("not a regular file"), "{e}");
+    let e = format!("{:#}", EvalConfig::load(Path::new("/dev/zero")).unwrap_err());
+    assert!(e.contains("/dev/zero") && e.contains("not a regular file"), "{e}");
+}

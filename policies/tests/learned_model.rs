@@ -9,7 +9,7 @@ use moderato_env::{ActionSpace, Env, KnobBounds};
 use moderato_policies::Policy;
 use moderato_policies::learned::{
     Actor, FORMAT_VERSION, FeatureBatch, FeatureNames, LearnedPolicy, META_FILE, ModelMeta, NetConfig,
-    Normalizer, Probes, Provenance, WEIGHTS_FILE,
+    Normalizer, Probes, Provenance, WEIGHTS_FILE, semantics_sha256,
 };
 
 fn meta() -> ModelMeta {
@@ -81,6 +81,8 @@ fn weights_that_do_not_fit_the_network_are_refused() {
     let p = tmp.path().join(META_FILE);
     let mut m: ModelMeta = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
     m.network.hidden = vec![32];
+    // Resealed, so that the weights loader (not the semantics hash) is what refuses it.
+    m.provenance.semantics_sha256 = Some(semantics_sha256(&m));
     std::fs::write(&p, serde_json::to_string(&m).unwrap()).unwrap();
     let e = LearnedPolicy::load(tmp.path(), &Device::flex()).unwrap_err().to_string();
     assert!(e.contains("cannot load the weights"), "{e}");
@@ -183,4 +185,103 @@ fn ignored_features_are_not_required_survive_a_save_and_do_not_move_the_actions(
     std::fs::write(&p, serde_json::to_string(&m).unwrap()).unwrap();
     let e = LearnedPolicy::load(tmp.path(), &device).unwrap_err().to_string();
     assert!(e.contains("`nic.irq_rate` is not a feature"), "{e}");
+}
+
+fn edit(dir: &Path, f: impl FnOnce(&mut ModelMeta), reseal: bool) {
+    let p = dir.join(META_FILE);
+    let mut m: ModelMeta = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    f(&mut m);
+    if reseal {
+        m.provenance.semantics_sha256 = Some(semantics_sha256(&m));
+    }
+    std::fs::write(&p, serde_json::to_string_pretty(&m).unwrap()).unwrap();
+}
+
+#[test]
+fn model_json_relu_on_tanh_weights_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    saved(tmp.path());
+    let p = tmp.path().join(META_FILE);
+    let text = std::fs::read_to_string(&p).unwrap();
+    assert!(text.contains("\"activation\": \"tanh\""), "{text}");
+    // Edited by hand: the weights' checksum still matches, the semantics hash does not.
+    std::fs::write(&p, text.replace("\"activation\": \"tanh\"", "\"activation\": \"relu\"")).unwrap();
+    let e = LearnedPolicy::load(tmp.path(), &Device::flex()).unwrap_err().to_string();
+    assert!(e.contains(META_FILE) && e.contains("edited by hand") && e.contains("reseal"), "{e}");
+    // Every semantic section is covered: normaliser, action space, interval, probes.
+    for f in [
+        (|m: &mut ModelMeta| m.normalizer.host.mean[0] += 1.0) as fn(&mut ModelMeta),
+        |m| m.action_space.nic.usecs_max = 999,
+        |m| m.interval_us = 20_000,
+        |m| m.probes.guest = false,
+        |m| m.network.init_log_std = -1.0,
+    ] {
+        std::fs::write(&p, &text).unwrap();
+        edit(tmp.path(), f, false);
+        let e = LearnedPolicy::load(tmp.path(), &Device::flex()).unwrap_err().to_string();
+        assert!(e.contains("edited by hand"), "{e}");
+    }
+    // Whitespace is not semantics.
+    std::fs::write(&p, text.replace("\n", "\n  ")).unwrap();
+    LearnedPolicy::load(tmp.path(), &Device::flex()).unwrap();
+}
+
+#[test]
+fn negative_normalizer_clip_is_refused_not_a_panic() {
+    let tmp = tempfile::tempdir().unwrap();
+    saved(tmp.path());
+    // Resealed: the value check itself must refuse it (it used to panic in f64::clamp at the first
+    // decision, in simulate, eval and deploy alike).
+    for clip in [-1.0f32, 0.0, f32::MAX] {
+        edit(tmp.path(), |m| m.normalizer.clip = clip, true);
+        let e = LearnedPolicy::load(tmp.path(), &Device::flex()).unwrap_err().to_string();
+        assert!(
+            e.contains(META_FILE) && e.contains("normalizer.clip = ") && e.contains("positive"),
+            "{clip}: {e}"
+        );
+    }
+    edit(tmp.path(), |m| m.normalizer.clip = 10.0, true);
+    LearnedPolicy::load(tmp.path(), &Device::flex()).unwrap();
+    edit(tmp.path(), |m| m.normalizer.guest.count = -3.0, true);
+    let e = LearnedPolicy::load(tmp.path(), &Device::flex()).unwrap_err().to_string();
+    assert!(e.contains("normalizer.guest.count = -3"), "{e}");
+    edit(tmp.path(), |m| m.normalizer.guest.count = 1.0, true);
+    edit(tmp.path(), |m| m.action_space.backend.frames_max = 0, true);
+    let e = LearnedPolicy::load(tmp.path(), &Device::flex()).unwrap_err().to_string();
+    assert!(e.contains("action_space.backend.frames_max = 0"), "{e}");
+}
+
+#[test]
+fn models_without_a_semantics_hash_load_and_can_be_resealed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut fresh = saved(tmp.path());
+    // A model.json written before the hash existed.
+    edit(tmp.path(), |m| m.provenance.semantics_sha256 = None, false);
+    let text = std::fs::read_to_string(tmp.path().join(META_FILE)).unwrap();
+    assert!(!text.contains("semantics_sha256"), "{text}");
+    let mut old = LearnedPolicy::load(tmp.path(), &Device::flex()).unwrap();
+    let sealed = LearnedPolicy::reseal(tmp.path()).unwrap();
+    assert_eq!(sealed.provenance.semantics_sha256, Some(semantics_sha256(&sealed)));
+    let mut resealed = LearnedPolicy::load(tmp.path(), &Device::flex()).unwrap();
+    for o in observations() {
+        assert_eq!(old.act(&o), fresh.act(&o));
+        assert_eq!(resealed.act(&o), fresh.act(&o));
+    }
+    // Once sealed, an edit is refused.
+    edit(tmp.path(), |m| m.network.activation = moderato_policies::learned::Activation::Relu, false);
+    assert!(
+        LearnedPolicy::load(tmp.path(), &Device::flex()).unwrap_err().to_string().contains("edited by hand")
+    );
+}
+
+#[test]
+fn the_shipped_default_model_is_sealed_and_loads() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/default");
+    let p = LearnedPolicy::load(&dir, &Device::flex()).unwrap();
+    let m = p.meta();
+    assert_eq!(m.provenance.semantics_sha256.as_deref(), Some(semantics_sha256(m).as_str()));
+    assert_eq!(
+        m.provenance.weights_sha256,
+        "6427fcb9ee358ef141f18abdbd8fe8394eed4274a16b8408f2a8ee7418a4d996"
+    );
 }

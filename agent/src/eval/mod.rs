@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result, bail};
+use moderato_env::sim::limits::check_name;
 use moderato_env::sim::{Scenario, SimConfig, SimEnv};
 use moderato_env::{Env, EpisodeSummary};
 use moderato_policies::Policy;
@@ -59,6 +60,9 @@ fn d_seeds() -> Vec<u64> {
     vec![1, 2, 3]
 }
 
+/// Most scenarios, policies, seeds and threads an eval config may list.
+pub const MAX_LIST: usize = 1024;
+
 /// An eval config with its scenarios loaded and its policy names resolved.
 #[derive(Debug, Clone)]
 pub struct Suite {
@@ -70,7 +74,7 @@ pub struct Suite {
 
 impl EvalConfig {
     pub fn load(path: &Path) -> Result<Suite> {
-        let text = std::fs::read_to_string(path)
+        let text = moderato_env::sim::limits::read_config(path)
             .with_context(|| format!("cannot read eval config {}", path.display()))?;
         let config: EvalConfig = toml::from_str(&text).map_err(|e| {
             anyhow::anyhow!(
@@ -86,8 +90,22 @@ impl EvalConfig {
     pub fn into_suite(self, path: &Path) -> Result<Suite> {
         let base = path.parent().unwrap_or(Path::new("."));
         let at = path.display();
+        // The name becomes runs/eval-<name>-<time>: it must not leave runs/.
+        check_name("name", &self.name).map_err(|m| anyhow::anyhow!("{at}: {m}"))?;
         if self.scenarios.is_empty() {
             bail!("{at}: `scenarios` is empty: list at least one scenario file");
+        }
+        for (k, n) in [
+            ("scenarios", self.scenarios.len()),
+            ("policies", self.policies.len()),
+            ("seeds", self.seeds.len()),
+        ] {
+            if n > MAX_LIST {
+                bail!("{at}: `{k}` has {n} entries: at most {MAX_LIST}; split the evaluation");
+            }
+        }
+        if self.threads > MAX_LIST {
+            bail!("{at}: threads = {}: at most {MAX_LIST} (0: one per core)", self.threads);
         }
         if self.policies.is_empty() {
             bail!("{at}: `policies` is empty: list baseline names or model directories");

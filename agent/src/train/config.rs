@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
+use moderato_env::sim::limits::check_name;
 use moderato_env::sim::{Scenario, SimConfig};
 use moderato_policies::baselines::StaticSpec;
 use moderato_policies::learned::NetConfig;
@@ -57,6 +58,12 @@ fn d_num_envs() -> usize {
 fn d_num_steps() -> usize {
     128
 }
+
+/// Upper bounds: environment steps of one run (10^10 is about a month of this 2-core machine),
+/// steps per environment per rollout and samples per rollout (each sample holds a few KB).
+pub const MAX_TIMESTEPS: u64 = 10_000_000_000;
+pub const MAX_NUM_STEPS: u64 = 100_000;
+pub const MAX_BATCH: u64 = 4_000_000;
 
 /// Domain randomisation: each episode draws a scenario and perturbs it, so that the policy
 /// generalises rather than memorises.
@@ -207,7 +214,7 @@ pub struct Experiment {
 
 impl ExperimentConfig {
     pub fn load(path: &Path) -> Result<Experiment> {
-        let text = std::fs::read_to_string(path)
+        let text = moderato_env::sim::limits::read_config(path)
             .with_context(|| format!("cannot read experiment {}", path.display()))?;
         Self::parse(&text, path)
     }
@@ -239,9 +246,11 @@ impl ExperimentConfig {
     fn validate(&self, path: &Path) -> Result<()> {
         let at = path.display();
         let c = self;
+        check_name("name", &c.name).map_err(|m| anyhow::anyhow!("{at}: {m}"))?;
         if c.total_timesteps == 0 {
             bail!("{at}: total_timesteps = 0: train for at least one step");
         }
+        c.check_bounds().map_err(|m| anyhow::anyhow!("{at}: {m}"))?;
         if c.num_envs == 0 || c.num_envs > 1024 {
             bail!("{at}: num_envs = {}: use 1..=1024", c.num_envs);
         }
@@ -306,6 +315,41 @@ impl ExperimentConfig {
         }
         if c.evaluation.enabled && c.evaluation.seeds.len() < 3 {
             bail!("{at}: evaluation.seeds has {} seed(s): give at least 3", c.evaluation.seeds.len());
+        }
+        Ok(())
+    }
+
+    /// Upper bounds on the numeric keys the sense checks leave open: what fits in memory and ends.
+    fn check_bounds(&self) -> std::result::Result<(), String> {
+        let c = self;
+        let over = |k: &str, v: u64, max: u64, fix: &str| -> std::result::Result<(), String> {
+            if v > max { Err(format!("{k} = {v}: at most {max}; {fix}")) } else { Ok(()) }
+        };
+        over("total_timesteps", c.total_timesteps, MAX_TIMESTEPS, "split the run, or resume it")?;
+        over("num_steps", c.num_steps as u64, MAX_NUM_STEPS, "use more environments")?;
+        let batch = c.num_envs as u64 * c.num_steps as u64;
+        over("num_envs × num_steps", batch, MAX_BATCH, "the rollout must fit in memory")?;
+        over("threads", c.threads as u64, 1024, "0 means one per core")?;
+        over("ppo.num_minibatches", c.ppo.num_minibatches as u64, batch, "at most one per sample")?;
+        over("ppo.update_epochs", c.ppo.update_epochs as u64, 1000, "PPO uses 3 to 30")?;
+        if let Some(kl) = c.ppo.target_kl
+            && !(kl.is_finite() && kl > 0.0 && kl <= 100.0)
+        {
+            return Err(format!("ppo.target_kl = {kl}: use a value in (0, 100], or leave it out"));
+        }
+        over("checkpoint.every_iterations", c.checkpoint.every_iterations, 1 << 32, "checkpoint more often")?;
+        over("checkpoint.keep", c.checkpoint.keep as u64, 1 << 20, "0 keeps all")?;
+        over("network.hidden (layers)", c.network.hidden.len() as u64, 16, "use fewer layers")?;
+        for (k, r) in [("suite.rate_scale", c.suite.rate_scale), ("suite.cost_scale", c.suite.cost_scale)] {
+            if !(r[0] >= 1e-3 && r[1] <= 100.0) {
+                return Err(format!("{k} = {r:?}: keep the range within [0.001, 100]"));
+            }
+        }
+        if c.suite.scenarios.len() > 1024
+            || c.evaluation.seeds.len() > 1024
+            || c.evaluation.policies.len() > 1024
+        {
+            return Err("suite.scenarios, evaluation.seeds and evaluation.policies: at most 1024 each".into());
         }
         Ok(())
     }

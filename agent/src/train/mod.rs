@@ -54,7 +54,9 @@ pub struct TrainArgs {
 
 #[derive(Debug, Args)]
 pub struct ExportArgs {
-    /// A checkpoint directory (runs/<run>/checkpoints/iter-NNNNNN).
+    /// A checkpoint directory (runs/<run>/checkpoints/iter-NNNNNN), or a frozen model directory:
+    /// then its model.json is checked and sealed (provenance.semantics_sha256 added) into
+    /// `model_dir`, which may be the same directory.
     pub checkpoint: PathBuf,
     /// Where to write the frozen model.
     pub model_dir: PathBuf,
@@ -131,6 +133,7 @@ pub fn model_meta(exp_name: &str, toml: &str, cfg: &ExperimentConfig, state: &Tr
                 .map_or(0, |d| d.as_secs()),
             evaluation: None,
             weights_sha256: String::new(),
+            semantics_sha256: None,
         },
     }
 }
@@ -286,9 +289,33 @@ fn final_eval(t: &Trainer, run: &Path, model_dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// `moderato export <model-dir> <out>`: a frozen model's files copied to `out` (unless it is the
+/// same directory) and its semantics sealed, after every check a load makes.
+fn reseal(from: &Path, to: &Path) -> Result<()> {
+    use moderato_policies::learned::{META_FILE, WEIGHTS_FILE};
+    let same = to.exists() && std::fs::canonicalize(from)? == std::fs::canonicalize(to)?;
+    if !same {
+        std::fs::create_dir_all(to).with_context(|| format!("cannot create {}", to.display()))?;
+        for f in [META_FILE, WEIGHTS_FILE] {
+            std::fs::copy(from.join(f), to.join(f))
+                .with_context(|| format!("cannot copy {} to {}", from.join(f).display(), to.display()))?;
+        }
+    }
+    let meta = LearnedPolicy::reseal(to)?;
+    eprintln!(
+        "sealed {}: semantics SHA-256 {}",
+        to.join(META_FILE).display(),
+        meta.provenance.semantics_sha256.as_deref().unwrap_or("")
+    );
+    Ok(())
+}
+
 /// `moderato export`: a frozen model from any checkpoint.
 pub fn export(args: ExportArgs) -> Result<()> {
     let dir = &args.checkpoint;
+    if dir.join(moderato_policies::learned::META_FILE).is_file() && !dir.join("state.json").exists() {
+        return reseal(dir, &args.model_dir);
+    }
     let toml = std::fs::read_to_string(dir.join("config.toml"))
         .with_context(|| format!("{}: not a checkpoint (no config.toml)", dir.display()))?;
     let cfg: ExperimentConfig =

@@ -23,6 +23,7 @@
 
 mod arrivals;
 mod engine;
+pub mod limits;
 mod napi;
 mod scenario;
 
@@ -135,7 +136,9 @@ impl SimConfig {
                 return Err(format!("{k} = {v}: a lognormal sigma in [0, 2]"));
             }
         }
-        self.reward.validate()
+        self.reward.validate()?;
+        // Upper bounds on every numeric key (see limits.rs).
+        limits::check_sim(self)
     }
 }
 

@@ -446,7 +446,7 @@ impl Scenario {
     /// Reads and validates a scenario file; trace paths are resolved against its directory.
     pub fn load(path: impl AsRef<Path>) -> Result<Scenario, EnvError> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| EnvError::Io {
+        let text = super::limits::read_config(path).map_err(|e| EnvError::Io {
             context: format!("cannot read scenario {}", path.display()),
             err: e,
         })?;
@@ -590,7 +590,8 @@ impl Scenario {
                 }
             }
         }
-        Ok(())
+        // Upper bounds on every numeric key, and the name (see limits.rs).
+        super::limits::check_scenario(self)
     }
 
     /// Mean offered packet rate of the whole host at time `t_s` (both directions, requests and
@@ -693,7 +694,7 @@ fn check_size(s: &SizeDist) -> Result<(), String> {
 
 /// Reads a `time_s,rate_pps` CSV: times strictly increasing from 0, rates >= 0.
 fn load_trace(path: &Path) -> Result<Vec<(f64, f64)>, String> {
-    let mut rd = csv::Reader::from_path(path).map_err(|e| format!("cannot read the trace: {e}"))?;
+    let mut rd = csv::Reader::from_reader(super::limits::open_trace(path)?);
     let headers = rd.headers().map_err(|e| e.to_string())?.clone();
     if headers.len() != 2 || &headers[0] != "time_s" || &headers[1] != "rate_pps" {
         return Err(format!("header is {:?}; the trace needs the header `time_s,rate_pps`", headers));
@@ -705,6 +706,7 @@ fn load_trace(path: &Path) -> Result<Vec<(f64, f64)>, String> {
             row[j].trim().parse::<f64>().map_err(|_| format!("row {}: `{}` is not a number", i + 2, &row[j]))
         };
         let (t, r) = (parse(0)?, parse(1)?);
+        super::limits::check_trace_row(i + 1, t)?;
         if !(r.is_finite() && r >= 0.0) {
             return Err(format!("row {}: rate_pps = {r} must be >= 0", i + 2));
         }
@@ -728,7 +730,10 @@ impl WithSpan for EnvError {
                 let before = &text[..sp.start.min(text.len())];
                 let line = before.matches('\n').count() + 1;
                 let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
-                EnvError::Config { path, message: format!("line {line}, column {col}: {message}") }
+                // The line itself names the key a type error is about (`cpus = 1e9`).
+                let src = text.lines().nth(line - 1).unwrap_or("").trim();
+                let src: String = src.chars().take(120).collect();
+                EnvError::Config { path, message: format!("line {line}, column {col} (`{src}`): {message}") }
             }
             (e, _) => e,
         }

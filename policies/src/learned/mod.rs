@@ -38,6 +38,8 @@ use crate::{Policy, Requirements};
 pub const FORMAT_VERSION: u32 = 1;
 pub const META_FILE: &str = "model.json";
 pub const WEIGHTS_FILE: &str = "actor.bpk";
+/// Largest weights file read, bytes (16 layers of 4096 × 4096 f32 weights are 1 GiB).
+pub const MAX_WEIGHTS_BYTES: u64 = 2 << 30;
 
 /// Feature names, per group, in network input order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,6 +87,13 @@ pub struct Provenance {
     #[serde(default)]
     pub evaluation: Option<String>,
     pub weights_sha256: String,
+    /// SHA-256 of what the weights mean: format version, features, normaliser, action space,
+    /// network config, interval, probes and `weights_sha256` (see [`semantics_sha256`]). A
+    /// `model.json` edited by hand (`activation = "relu"` on tanh weights, another clip) no longer
+    /// matches it and is refused. Models saved before it existed have none and load unchecked;
+    /// `moderato export <model-dir> <model-dir>` adds it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub semantics_sha256: Option<String>,
 }
 
 /// `model.json`.
@@ -117,6 +126,12 @@ pub enum ModelError {
     Features { path: PathBuf, group: &'static str, diff: String },
     #[error("{path}: corrupt weights: SHA-256 is {found}, model.json says {expected}; copy the model again")]
     Checksum { path: PathBuf, found: String, expected: String },
+    #[error(
+        "{path}: edited by hand: its semantics (features, normalizer, action space, network, interval, probes) \
+         hash to {found}, provenance.semantics_sha256 says {expected}; copy the model again, or if the edit \
+         is deliberate and matches the weights, reseal it with `moderato export <dir> <dir>`"
+    )]
+    Semantics { path: PathBuf, found: String, expected: String },
     #[error("{path}: cannot load the weights: {message}")]
     Weights { path: PathBuf, message: String },
     #[error("{path}: {message}")]
@@ -161,6 +176,77 @@ fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
+/// What [`Provenance::semantics_sha256`] covers, in a fixed order (a struct, not a JSON map, so
+/// that the bytes do not depend on serde_json's map ordering).
+#[derive(Serialize)]
+struct Semantics<'a> {
+    format_version: u32,
+    features: &'a FeatureNames,
+    normalizer: &'a Normalizer,
+    action_space: &'a ActionSpace,
+    network: &'a NetConfig,
+    interval_us: u64,
+    probes: &'a Probes,
+    weights_sha256: &'a str,
+}
+
+/// SHA-256 (hex) of `meta`'s semantics: its compact JSON serialisation of every field except the
+/// rest of the provenance. Floats serialise as their shortest round-trip form, so a value read
+/// from `model.json` hashes as it was written.
+pub fn semantics_sha256(meta: &ModelMeta) -> String {
+    let s = Semantics {
+        format_version: meta.format_version,
+        features: &meta.features,
+        normalizer: &meta.normalizer,
+        action_space: &meta.action_space,
+        network: &meta.network,
+        interval_us: meta.interval_us,
+        probes: &meta.probes,
+        weights_sha256: &meta.provenance.weights_sha256,
+    };
+    sha256_hex(&serde_json::to_vec(&s).unwrap_or_default())
+}
+
+/// Checks the values of `meta` that parse but would make inference panic or meaningless: the
+/// normaliser's statistics and clip, the interval, the action space.
+fn check_meta_values(meta: &ModelMeta) -> Result<(), String> {
+    let n = &meta.normalizer;
+    if !(n.clip.is_finite() && n.clip > 0.0 && n.clip <= 1e6) {
+        return Err(format!(
+            "normalizer.clip = {:e}: normalised features are clipped to [-clip, clip]; use a positive number \
+             up to 1e6 (training writes 10)",
+            n.clip
+        ));
+    }
+    for (group, st, len) in [
+        ("host", &n.host, HOST_FEATURES.len()),
+        ("backend", &n.backend, BACKEND_FEATURES.len()),
+        ("guest", &n.guest, GUEST_FEATURES.len()),
+    ] {
+        if st.mean.len() != len || st.var.len() != len {
+            return Err(format!(
+                "normalizer.{group} has {} means and {} variances for {len} features; the statistics do not \
+                 match the feature lists",
+                st.mean.len(),
+                st.var.len()
+            ));
+        }
+        if let Some(v) = st.mean.iter().find(|v| !v.is_finite()) {
+            return Err(format!("normalizer.{group}.mean holds {v}: means must be finite numbers"));
+        }
+        if let Some(v) = st.var.iter().find(|v| !(v.is_finite() && **v >= 0.0)) {
+            return Err(format!("normalizer.{group}.var holds {v}: variances must be finite and >= 0"));
+        }
+        if !(st.count.is_finite() && st.count >= 0.0) {
+            return Err(format!("normalizer.{group}.count = {}: a count is finite and >= 0", st.count));
+        }
+    }
+    if meta.interval_us == 0 || meta.interval_us > 60_000_000 {
+        return Err(format!("interval_us = {}: use 1..=60000000", meta.interval_us));
+    }
+    moderato_env::sim::limits::check_action_space(&meta.action_space)
+}
+
 /// A frozen actor acting on observations.
 #[derive(Debug)]
 pub struct LearnedPolicy {
@@ -183,8 +269,28 @@ impl LearnedPolicy {
 
     /// Loads and checks a frozen model directory.
     pub fn load(dir: &Path, device: &Device) -> Result<LearnedPolicy, ModelError> {
+        Self::load_checked(dir, device, true)
+    }
+
+    /// Writes `provenance.semantics_sha256` into the `model.json` of `dir` (replacing it
+    /// atomically), after every other check of [`LearnedPolicy::load`] passed: for models saved
+    /// before the hash existed, and for deliberate edits. Returns the new metadata.
+    pub fn reseal(dir: &Path) -> Result<ModelMeta, ModelError> {
+        let p = Self::load_checked(dir, &Device::flex(), false)?;
+        let mut meta = p.meta;
+        meta.provenance.semantics_sha256 = Some(semantics_sha256(&meta));
+        let m_path = dir.join(META_FILE);
+        let io = |e: &dyn std::fmt::Display| ModelError::Io { path: m_path.clone(), message: e.to_string() };
+        let json = serde_json::to_string_pretty(&meta).map_err(|e| io(&e))?;
+        let tmp = dir.join(format!("{META_FILE}.tmp"));
+        std::fs::write(&tmp, json).map_err(|e| io(&e))?;
+        std::fs::rename(&tmp, &m_path).map_err(|e| io(&e))?;
+        Ok(meta)
+    }
+
+    fn load_checked(dir: &Path, device: &Device, check_seal: bool) -> Result<LearnedPolicy, ModelError> {
         let meta_path = dir.join(META_FILE);
-        let text = std::fs::read_to_string(&meta_path).map_err(|e| ModelError::Io {
+        let text = moderato_env::sim::limits::read_config(&meta_path).map_err(|e| ModelError::Io {
             path: meta_path.clone(),
             message: format!("{e} (a model directory holds {META_FILE} and {WEIGHTS_FILE})"),
         })?;
@@ -212,24 +318,10 @@ impl LearnedPolicy {
                 return Err(ModelError::Features { path: meta_path, group, diff });
             }
         }
-        let norm_ok = [
-            (&meta.normalizer.host, HOST_FEATURES.len()),
-            (&meta.normalizer.backend, BACKEND_FEATURES.len()),
-            (&meta.normalizer.guest, GUEST_FEATURES.len()),
-        ]
-        .iter()
-        .all(|(s, n)| {
-            s.mean.len() == *n && s.var.len() == *n && s.var.iter().all(|v| v.is_finite() && *v >= 0.0)
-        });
-        if !norm_ok {
-            return Err(ModelError::Mismatch {
-                path: meta_path,
-                message: "normalizer statistics do not match the feature lists".into(),
-            });
-        }
+        check_meta_values(&meta).map_err(|m| ModelError::Mismatch { path: meta_path.clone(), message: m })?;
         meta.network.validate().map_err(|m| ModelError::Mismatch { path: meta_path.clone(), message: m })?;
         let w_path = dir.join(WEIGHTS_FILE);
-        let bytes = std::fs::read(&w_path)
+        let bytes = moderato_env::sim::limits::read_bounded(&w_path, MAX_WEIGHTS_BYTES)
             .map_err(|e| ModelError::Io { path: w_path.clone(), message: e.to_string() })?;
         let found = sha256_hex(&bytes);
         if found != meta.provenance.weights_sha256 {
@@ -238,6 +330,12 @@ impl LearnedPolicy {
                 found,
                 expected: meta.provenance.weights_sha256,
             });
+        }
+        if let Some(expected) = meta.provenance.semantics_sha256.as_ref().filter(|_| check_seal) {
+            let found = semantics_sha256(&meta);
+            if &found != expected {
+                return Err(ModelError::Semantics { path: meta_path, found, expected: expected.clone() });
+            }
         }
         let record = ModuleRecord::from_bytes(burn::tensor::Bytes::from_bytes_vec(bytes))
             .map_err(|e| ModelError::Weights { path: w_path.clone(), message: format!("{e:?}") })?;
@@ -273,6 +371,7 @@ impl LearnedPolicy {
             .map_err(|e| ModelError::Weights { path: w_path.clone(), message: format!("{e:?}") })?;
         meta.provenance.weights_sha256 = sha256_hex(&bytes);
         meta.format_version = FORMAT_VERSION;
+        meta.provenance.semantics_sha256 = Some(semantics_sha256(&meta));
         std::fs::write(&w_path, &bytes[..]).map_err(|e| io(&w_path, &e))?;
         let m_path = dir.join(META_FILE);
         let json = serde_json::to_string_pretty(&meta).map_err(|e| io(&m_path, &e))?;
