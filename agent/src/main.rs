@@ -57,7 +57,7 @@ enum Command {
     },
     /// Print the man page, or write one page per command into a directory.
     Man {
-        /// Write moderato.1 and moderato-<command>.1 into this directory instead of printing moderato.1.
+        /// Write `moderato.1` and `moderato-<command>.1` into this directory instead of printing moderato.1.
         #[arg(long, value_name = "DIR")]
         out: Option<PathBuf>,
     },
@@ -92,7 +92,7 @@ impl ConfigArg {
 struct EvalArgs {
     #[command(flatten)]
     config: ConfigArg,
-    /// Output directory (default: runs/eval-<name>-<time>).
+    /// Output directory (default: `runs/eval-<name>-<time>`).
     #[arg(long)]
     out: Option<PathBuf>,
     /// Where best-static searches are cached.
@@ -114,7 +114,7 @@ struct TrainCli {
     /// Continue the run in this directory from its newest checkpoint.
     #[arg(long, value_name = "RUN_DIR")]
     resume: Option<PathBuf>,
-    /// Run directory for a new run (default: runs/<name>-<time>); refused if it exists, unless --force.
+    /// Run directory for a new run (default: `runs/<name>-<time>`); refused if it exists, unless --force.
     #[arg(long, value_name = "RUN_DIR", conflicts_with = "resume")]
     out: Option<PathBuf>,
     /// Start a new run in an existing --out directory, deleting its checkpoints, model and evaluation.

@@ -38,7 +38,7 @@ pub struct TrainArgs {
     pub experiment: PathBuf,
     /// Continue the run in this directory from its newest checkpoint.
     pub resume: Option<PathBuf>,
-    /// Run directory for a new run (default: runs/<name>-<time>).
+    /// Run directory for a new run (default: `runs/<name>-<time>`).
     pub out: Option<PathBuf>,
     /// Start over in an existing `out`, deleting what an earlier run wrote there.
     pub force: bool,
@@ -50,7 +50,7 @@ pub struct TrainArgs {
 
 #[derive(Debug, Args)]
 pub struct ExportArgs {
-    /// A checkpoint directory (runs/<run>/checkpoints/iter-NNNNNN).
+    /// A checkpoint directory (`runs/<run>/checkpoints/iter-NNNNNN`).
     pub checkpoint: PathBuf,
     /// Where to write the frozen model; refused if it holds files, unless --force.
     pub model_dir: PathBuf,
