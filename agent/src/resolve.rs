@@ -1,11 +1,15 @@
 //! Turning policy names from configs and the command line into policies.
+//!
+//! A name is, in this order: `best-static` (evaluation only); a frozen-model directory; a knob
+//! file (`*.toml`, the format of an eval config's `[static.<name>]` table); per-layer knobs
+//! (`nic=20/32,backend=0/1,frontend=8/16`, the same as `static:nic=...`); or a baseline name.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{Result, anyhow};
-use moderato_env::{ControllerFactory, EnvSpec};
+use anyhow::{Context, Result, anyhow};
+use moderato_env::{ActionSpace, ControllerFactory, EnvSpec};
 use moderato_policies::Policy;
 use moderato_policies::adaptive::AdaptiveFactory;
 use moderato_policies::baselines::{self, StaticSpec};
@@ -23,7 +27,8 @@ pub enum PolicySource {
 }
 
 impl PolicySource {
-    /// The name used in reports.
+    /// The name used in reports: the baseline's name, or the model's directory (relative to the
+    /// working directory where it lies below it).
     pub fn label(&self) -> String {
         match self {
             PolicySource::Baseline { name, .. } => name.clone(),
@@ -47,27 +52,92 @@ impl PolicySource {
             }
         }
     }
+
+    /// Refuses a static setting with knobs beyond `space`'s bounds (which the simulator would
+    /// clamp without a word).
+    pub fn check_bounds(&self, space: &ActionSpace) -> Result<()> {
+        if let PolicySource::Baseline { name, statics } = self
+            && let Some(spec) = name.strip_prefix("static:").and_then(|w| baselines::static_spec(w, statics))
+        {
+            baselines::check_bounds(name, &spec, space)?;
+        }
+        Ok(())
+    }
 }
 
-/// Resolves `name`: a baseline name, `best-static`, or a model directory (relative to `base`).
+/// A model's name in reports: its directory relative to the working directory when it lies
+/// below it (`models/default`, `runs/quickstart-…/model`), else the path as found.
+fn model_label(dir: &Path) -> String {
+    let cwd = std::env::current_dir().ok().and_then(|c| std::fs::canonicalize(c).ok());
+    let full = std::fs::canonicalize(dir).ok();
+    if let (Some(cwd), Some(full)) = (cwd, full.as_ref())
+        && let Ok(rel) = full.strip_prefix(&cwd)
+        && !rel.as_os_str().is_empty()
+    {
+        return rel.display().to_string();
+    }
+    full.unwrap_or_else(|| dir.to_path_buf()).display().to_string()
+}
+
+/// Resolves `name` for an evaluation: a baseline name, `best-static`, a knob file or a model
+/// directory (paths relative to `base`).
 pub fn resolve(name: &str, base: &Path, statics: &BTreeMap<String, StaticSpec>) -> Result<PolicySource> {
     if name == "best-static" {
         return Ok(PolicySource::BestStatic);
     }
+    resolve_fixed(name, base, statics).map_err(|e| anyhow!("{e:#} (an eval config also takes best-static)"))
+}
+
+/// Resolves `name` for one run (simulate, deploy): like [`resolve`] but without `best-static`,
+/// which is refused with what to do instead.
+pub fn resolve_fixed(
+    name: &str,
+    base: &Path,
+    statics: &BTreeMap<String, StaticSpec>,
+) -> Result<PolicySource> {
+    if name == "best-static" {
+        return Err(anyhow!(
+            "best-static is found in hindsight, per scenario and seed, by `moderato eval`; give the \
+             setting it found (static:<usecs>/<frames>, or per layer: nic=U/F,backend=U/F,frontend=U/F), \
+             a baseline or a model"
+        ));
+    }
+    let path = if Path::new(name).is_absolute() { PathBuf::from(name) } else { base.join(name) };
     if !name.starts_with("static:") {
-        let dir = if Path::new(name).is_absolute() { PathBuf::from(name) } else { base.join(name) };
-        if dir.is_dir() {
-            let label = format!(
-                "model:{}",
-                dir.file_name().map_or(name.into(), |f| f.to_string_lossy().into_owned())
-            );
-            return Ok(PolicySource::Model { dir, label });
+        if path.is_dir() {
+            return Ok(PolicySource::Model { label: model_label(&path), dir: path });
+        }
+        if path.is_file() && name.ends_with(".toml") {
+            return knob_file(name, &path, statics);
+        }
+        if name.contains('=') {
+            return resolve_fixed(&format!("static:{name}"), base, statics);
         }
     }
     match baselines::baseline(name, statics) {
         Ok(_) => Ok(PolicySource::Baseline { name: name.to_string(), statics: statics.clone() }),
-        Err(e) => Err(anyhow!("{e}, or a frozen-model directory (none at {})", base.join(name).display())),
+        Err(e @ baselines::UnknownPolicy::Malformed { .. }) => Err(e.into()),
+        Err(e) => {
+            Err(anyhow!("{e}, a knob file (*.toml) or a frozen-model directory (none at {})", path.display()))
+        }
     }
+}
+
+/// A knob file: one static setting in the format of an eval config's `[static.<name>]` table,
+/// known as `static:<name as given>`.
+fn knob_file(name: &str, path: &Path, statics: &BTreeMap<String, StaticSpec>) -> Result<PolicySource> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read knob file {}", path.display()))?;
+    let spec: StaticSpec = toml::from_str(&text).map_err(|e| {
+        anyhow!(
+            "knob file {}: {e}\n(a knob file has nic, backend and frontend, each \
+             {{ rx = {{ usecs = 20, frames = 32 }}, tx = {{ usecs = 20, frames = 32 }} }})",
+            path.display()
+        )
+    })?;
+    let mut statics = statics.clone();
+    statics.insert(name.to_string(), spec);
+    Ok(PolicySource::Baseline { name: format!("static:{name}"), statics })
 }
 
 /// The in-layer adaptive algorithms (DIM, ITR) for the simulator.
@@ -79,16 +149,75 @@ pub fn controller_factory() -> Arc<dyn ControllerFactory> {
 /// directory (relative to the working directory). The deploy loop checks the model's feature
 /// requirements against what the host provides, and clamps its decisions to the operator's bounds.
 pub fn deploy_policy(name: &str, vms: usize) -> Result<Box<dyn Policy>> {
-    match resolve(name, Path::new("."), &BTreeMap::new())? {
+    match resolve_fixed(name, Path::new("."), &BTreeMap::new())? {
         PolicySource::Model { dir, .. } => {
             let p = LearnedPolicy::load(&dir, &burn::tensor::Device::flex())?;
             p.check_vms(vms)?;
             Ok(Box::new(p))
         }
-        PolicySource::BestStatic => Err(anyhow!(
-            "best-static is found in hindsight by `moderato eval`; deploy the setting it found \
-             (static:<usecs>/<frames> or a [static.<name>] set) or a model"
-        )),
-        baseline => baseline.instantiate(&moderato_env::sim::SimConfig::default().spec(vms)),
+        other => other.instantiate(&moderato_env::sim::SimConfig::default().spec(vms)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_files_and_per_layer_knobs_resolve() {
+        let none = BTreeMap::new();
+        let here = Path::new(".");
+        let p = resolve_fixed("nic=20/32,backend=0/1,frontend=8/16", here, &none).unwrap();
+        assert_eq!(p.label(), "static:nic=20/32,backend=0/1,frontend=8/16");
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("mine.toml");
+        std::fs::write(
+            &f,
+            "nic = { rx = { usecs = 20, frames = 32 }, tx = { usecs = 64, frames = 64 } }\n\
+             backend = { rx = { usecs = 0, frames = 1 }, tx = { usecs = 0, frames = 1 } }\n\
+             frontend = { rx = { usecs = 8, frames = 16 }, tx = { usecs = 8, frames = 16 } }\n",
+        )
+        .unwrap();
+        let p = resolve_fixed("mine.toml", dir.path(), &none).unwrap();
+        assert_eq!(p.label(), "static:mine.toml");
+        let mut pol = p.instantiate(&moderato_env::sim::SimConfig::default().spec(1)).unwrap();
+        let obs = moderato_env::Observation { guests: vec![Default::default()], ..Default::default() };
+        assert_eq!(pol.act(&obs).nic.tx, moderato_env::Moderation::fixed(64, 64));
+        std::fs::write(&f, "nic = 3\n").unwrap();
+        let e = format!("{:#}", resolve_fixed("mine.toml", dir.path(), &none).unwrap_err());
+        assert!(e.contains("mine.toml") && e.contains("knob file"), "{e}");
+    }
+
+    #[test]
+    fn best_static_only_in_an_evaluation() {
+        let none = BTreeMap::new();
+        assert_eq!(resolve("best-static", Path::new("."), &none).unwrap(), PolicySource::BestStatic);
+        let e = resolve_fixed("best-static", Path::new("."), &none).unwrap_err().to_string();
+        assert!(e.contains("moderato eval"), "{e}");
+        let e = resolve_fixed("dimm", Path::new("."), &none).unwrap_err().to_string();
+        assert!(e.contains("valid names") && !e.contains("best-static"), "{e}");
+        let e = resolve("dimm", Path::new("."), &none).unwrap_err().to_string();
+        assert!(e.contains("best-static"), "{e}");
+    }
+
+    #[test]
+    fn out_of_bounds_knobs_are_refused() {
+        let none = BTreeMap::new();
+        let space = ActionSpace::default();
+        let p = resolve_fixed("static:1000000/4", Path::new("."), &none).unwrap();
+        let e = p.check_bounds(&space).unwrap_err().to_string();
+        assert!(e.contains("1000000") && e.contains("1000"), "{e}");
+        resolve_fixed("static:1000/4", Path::new("."), &none).unwrap().check_bounds(&space).unwrap();
+        resolve_fixed("dim", Path::new("."), &none).unwrap().check_bounds(&space).unwrap();
+    }
+
+    #[test]
+    fn a_model_is_named_by_its_directory() {
+        // Below the working directory (the crate's, in tests): relative, however it was written.
+        assert_eq!(model_label(Path::new("src")), "src");
+        assert_eq!(model_label(Path::new("./src/../src")), "src");
+        // Elsewhere: the full path, not just the last component.
+        let label = model_label(Path::new("../models/default"));
+        assert!(label.ends_with("models/default") && label.len() > "models/default".len(), "{label}");
     }
 }

@@ -7,19 +7,31 @@ use clap::Args;
 use moderato_env::sim::{Scenario, SimConfig, SimEnv};
 use moderato_env::{Env, EpisodeSummary};
 
-use crate::resolve::{PolicySource, controller_factory, resolve};
+use crate::resolve::{controller_factory, resolve_fixed};
 
 #[derive(Debug, Args)]
+#[command(after_help = "POLICY is a baseline (per-packet, static:mlx5, static:16/32, dim, itr, ...), \
+per-layer knobs (nic=20/32,backend=0/1,frontend=8/16; nic.rx=U/F sets one direction; a layer not \
+named stays per-packet), a knob file (*.toml: nic, backend, frontend, each { rx = { usecs, frames }, \
+tx = { usecs, frames } }) or a frozen-model directory. Knobs beyond the action space's bounds \
+(usecs 1000; frames 256 at the NIC, 128 elsewhere) are refused. \
+The episode starts with one reset interval under per-packet settings (the virtio default) that is \
+never counted; --warmup N excludes N more intervals under the policy from the summary.")]
 pub struct SimulateArgs {
     /// Scenario file (see experiments/scenarios/).
     pub scenario: PathBuf,
-    /// Settings: a baseline name (per-packet, static:mlx5, static:16/32, dim, itr, ...) or a
-    /// frozen-model directory.
-    #[arg(long, default_value = "static:moderate")]
-    pub settings: String,
-    /// Simulated seconds.
-    #[arg(long, default_value_t = 1.0)]
+    /// The policy (see below).
+    #[arg(long, alias = "settings", default_value = "static:moderate")]
+    pub policy: String,
+    /// Simulated seconds after the warm-up (rounded up to whole intervals).
+    #[arg(long, default_value_t = 1.0, conflicts_with = "steps")]
     pub seconds: f64,
+    /// Control intervals after the warm-up (instead of --seconds).
+    #[arg(long, value_name = "N")]
+    pub steps: Option<u32>,
+    /// Intervals run under the policy before the summary's statistics start (printed, not counted).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub warmup: u32,
     /// Seed of every random draw.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -31,22 +43,58 @@ pub struct SimulateArgs {
     pub quiet: bool,
 }
 
+/// What a simulate run measured, for printing and tests.
+#[derive(Debug, Clone)]
+pub struct SimulateResult {
+    pub scenario: String,
+    pub policy: String,
+    pub slo_p99_us: f64,
+    /// Simulated time from the reset to the end, ns (reset interval and warm-up included).
+    pub simulated_ns: u64,
+    pub warmup_intervals: u32,
+    /// Over the intervals after the warm-up.
+    pub summary: EpisodeSummary,
+}
+
 pub fn run(args: SimulateArgs) -> Result<()> {
+    let r = simulate(&args)?;
+    print_summary(&r);
+    Ok(())
+}
+
+/// Runs the simulation `args` describe, printing a row per interval unless `quiet`.
+pub fn simulate(args: &SimulateArgs) -> Result<SimulateResult> {
     let scenario = Scenario::load(&args.scenario)?;
     let interval_us = (args.interval_ms * 1000.0).round() as u64;
-    anyhow::ensure!(interval_us > 0, "--interval-ms {} is too small", args.interval_ms);
     anyhow::ensure!(
-        args.seconds.is_finite() && args.seconds > 0.0 && args.seconds <= 1e5,
-        "--seconds {}: give a positive number of simulated seconds (at most 1e5)",
-        args.seconds
+        args.interval_ms.is_finite() && interval_us > 0,
+        "--interval-ms {}: give a positive number of milliseconds",
+        args.interval_ms
     );
-    let steps = ((args.seconds * 1e6) / interval_us as f64).ceil().max(1.0) as u32;
-    let source = resolve(&args.settings, std::path::Path::new("."), &Default::default())?;
-    anyhow::ensure!(
-        source != PolicySource::BestStatic,
-        "best-static is found by `moderato eval`; simulate takes a fixed setting, a baseline or a model"
-    );
+    let measured = match args.steps {
+        Some(n) => {
+            anyhow::ensure!(n > 0, "--steps 0: give at least one interval");
+            n
+        }
+        None => {
+            anyhow::ensure!(
+                args.seconds.is_finite() && args.seconds > 0.0 && args.seconds <= 1e5,
+                "--seconds {}: give a positive number of simulated seconds (at most 1e5)",
+                args.seconds
+            );
+            // Whole microseconds first: 0.03 s is 30 000 µs, three 10 ms intervals, not
+            // ceil(3.0000000000000004) = 4.
+            let total_us = (args.seconds * 1e6).round().max(1.0) as u64;
+            u32::try_from(total_us.div_ceil(interval_us)).context("--seconds: too many intervals")?
+        }
+    };
+    let steps = measured
+        .checked_add(args.warmup)
+        .context("--warmup and --seconds/--steps together are too many intervals")?;
+    let source = resolve_fixed(&args.policy, std::path::Path::new("."), &Default::default())
+        .with_context(|| format!("--policy {}", args.policy))?;
     let cfg = SimConfig { interval_us, episode_steps: steps, ..SimConfig::default() };
+    source.check_bounds(&cfg.action_space)?;
     let mut policy = source.instantiate(&cfg.spec(scenario.vms.len()))?;
     let slo = cfg.reward.slo_p99_us;
     let mut env = SimEnv::new(scenario.clone(), cfg, Some(controller_factory()))?;
@@ -58,10 +106,21 @@ pub fn run(args: SimulateArgs) -> Result<()> {
             "t_ms", "rx_kpps", "tx_kpps", "irq_k/s", "cpu_us", "p50_us", "p99_us", "drops/s", "reward"
         );
     }
-    for _ in 0..steps {
+    let mut end_ns = 0;
+    for i in 0..steps {
+        if i == args.warmup && args.warmup > 0 {
+            env.restart_summary();
+            if !args.quiet {
+                println!(
+                    "{:>8} warm-up of {} intervals ends; the summary counts from here",
+                    "--", args.warmup
+                );
+            }
+        }
         let action = policy.act(&obs);
         let st = env.step(&action).with_context(|| format!("{} on {}", policy.name(), scenario.name))?;
         let t = st.info.truth.as_ref().context("the simulator reports ground truth")?;
+        end_ns = st.info.time_ns;
         if !args.quiet {
             let worst = t
                 .worst_sensitive_p99_us()
@@ -89,15 +148,32 @@ pub fn run(args: SimulateArgs) -> Result<()> {
         }
     }
     bar.finish_and_clear();
-    let s = env.episode_summary().context("episode summary")?;
-    print_summary(&scenario.name, policy.name(), slo, &s);
-    Ok(())
+    let summary = env.episode_summary().context("episode summary")?;
+    Ok(SimulateResult {
+        scenario: scenario.name.clone(),
+        policy: source.label(),
+        slo_p99_us: slo,
+        simulated_ns: end_ns,
+        warmup_intervals: args.warmup,
+        summary,
+    })
 }
 
-fn print_summary(scenario: &str, policy: &str, slo: f64, s: &EpisodeSummary) {
+fn print_summary(r: &SimulateResult) {
+    let (s, slo) = (&r.summary, r.slo_p99_us);
     let t = &s.totals;
     let per = |ns: u64| if t.completed == 0 { 0.0 } else { ns as f64 / 1000.0 / t.completed as f64 };
-    println!("\n{scenario} under {policy}, {:.3} s simulated", s.duration_ns as f64 / 1e9);
+    println!("\n{} under {}, {:.3} s simulated", r.scenario, r.policy, r.simulated_ns as f64 / 1e9);
+    println!(
+        "  counted         the last {} intervals, {:.3} s (not counted: the reset interval{})",
+        s.intervals,
+        s.duration_ns as f64 / 1e9,
+        if r.warmup_intervals > 0 {
+            format!(" and a warm-up of {} intervals", r.warmup_intervals)
+        } else {
+            String::new()
+        }
+    );
     println!(
         "  throughput      {:.1} kpps, {:.3} Gbit/s",
         t.throughput_pps() / 1e3,
@@ -111,10 +187,23 @@ fn print_summary(scenario: &str, policy: &str, slo: f64, s: &EpisodeSummary) {
         per(t.cpu.frontend.total_ns()),
         per(t.cpu.stack.total_ns())
     );
+    let sensitive = t.vms.iter().any(|v| v.latency_sensitive);
     println!(
-        "  latency µs      p50 {:.1}  p99 {:.1}  p99.9 {:.1}  (mean {:.1}, {} samples)",
-        s.latency.p50_us, s.latency.p99_us, s.latency.p999_us, s.latency.mean_us, s.latency.count
+        "  latency µs      p50 {:.1}  p99 {:.1}  p99.9 {:.1}  (mean {:.1}, {} samples; {})",
+        s.latency.p50_us,
+        s.latency.p99_us,
+        s.latency.p999_us,
+        s.latency.mean_us,
+        s.latency.count,
+        if sensitive { "latency-sensitive flows" } else { "all flows, none latency-sensitive" }
     );
-    println!("  SLO p99 ≤ {slo} µs violated in {} of {} intervals", s.slo_violations, s.intervals);
+    if sensitive {
+        println!(
+            "  SLO p99 ≤ {slo} µs (latency-sensitive flows) violated in {} of {} intervals",
+            s.slo_violations, s.intervals
+        );
+    } else {
+        println!("  SLO p99 ≤ {slo} µs covers latency-sensitive flows; this scenario has none (bulk only)");
+    }
     println!("  drops           {} of {} offered ({:.3}%)", t.dropped, t.offered, 100.0 * t.drop_fraction());
 }

@@ -145,6 +145,7 @@ keep = 0
         experiment: exp,
         resume: None,
         out: Some(run.clone()),
+        force: false,
         max_iterations: None,
         no_eval: true,
     })

@@ -16,6 +16,7 @@ fn suite(policies: &[&str]) -> eval::Suite {
         statics: Default::default(),
         adaptive: Default::default(),
         threads: 2,
+        warmup_steps: 0,
     };
     cfg.into_suite(&dir.join("test.toml")).unwrap()
 }
@@ -124,4 +125,82 @@ fn best_static_is_cached_and_the_cache_is_used() {
         assert_eq!(planted.cpu_us_per_packet, pp.cpu_us_per_packet, "seed {seed}: the cache was not read");
         assert_ne!(by(&a, "best-static", seed).cpu_us_per_packet, pp.cpu_us_per_packet);
     }
+}
+
+#[test]
+fn a_warm_up_is_run_but_not_counted() {
+    let s = suite(&["static:moderate"]);
+    let sim = &s.config.sim;
+    let sc = &s.scenarios[0];
+    let adaptive = Default::default();
+    let mut p = s.policies[0].instantiate(&sim.spec(sc.vms.len())).unwrap();
+    let (plain, _) = eval::run_episode(sc, sim, &adaptive, p.as_mut(), 1, 0).unwrap();
+    let (warm, _) = eval::run_episode(sc, sim, &adaptive, p.as_mut(), 1, 10).unwrap();
+    // The same number of counted intervals, over a later stretch of the same simulation.
+    assert_eq!(plain.intervals, u64::from(sim.episode_steps));
+    assert_eq!(warm.intervals, u64::from(sim.episode_steps));
+    assert_eq!(warm.duration_ns, plain.duration_ns);
+    assert_ne!(warm.totals.completed, plain.totals.completed, "the warm-up was counted");
+    // The warm-up of a suite is on the cache key and in the report.
+    let mut ws = s.clone();
+    ws.config.warmup_steps = 10;
+    let rows = eval::run_suite(&ws, &Cache { dir: None }, false).unwrap();
+    assert!(eval::report::markdown(&ws, &eval::aggregate(&rows)).contains("warm-up of 10 intervals"));
+}
+
+#[test]
+fn a_saved_config_re_runs_as_it_is_and_names_models_by_their_directory() {
+    let s = suite(&["dim", "../../models/default"]);
+    let label = s.policies[1].label();
+    assert!(label.ends_with("models/default") && !label.starts_with("model:"), "{label}");
+    let rows = eval::run_suite(&s, &Cache { dir: None }, false).unwrap();
+    assert!(rows.iter().any(|r| r.policy == label), "rows carry the label");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    eval::write_outputs(&out, &s, &rows, &eval::aggregate(&rows)).unwrap();
+    let again = EvalConfig::load(&out.join("config.toml")).unwrap();
+    assert_eq!(again.scenarios.iter().map(|x| &x.name).collect::<Vec<_>>(), ["rr-latency"]);
+    assert_eq!(again.policies[1].label(), label, "the model resolves to the same directory");
+}
+
+#[test]
+fn the_report_says_which_flows_the_slo_covers() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../experiments/eval");
+    let cfg = EvalConfig {
+        name: "t".into(),
+        scenarios: vec!["../scenarios/rr-latency.toml".into(), "../scenarios/bulk-tx.toml".into()],
+        policies: vec!["static:moderate".into()],
+        seeds: vec![1, 2, 3],
+        sim: SimConfig { interval_us: 10_000, episode_steps: 5, ..SimConfig::default() },
+        statics: Default::default(),
+        adaptive: Default::default(),
+        threads: 2,
+        warmup_steps: 0,
+    };
+    let s = cfg.into_suite(&dir.join("t.toml")).unwrap();
+    let rows = eval::run_suite(&s, &Cache { dir: None }, false).unwrap();
+    let md = eval::report::markdown(&s, &eval::aggregate(&rows));
+    assert!(md.contains("of the latency-sensitive flows"), "{md}");
+    let bulk = md.split("### bulk-tx").nth(1).unwrap();
+    assert!(bulk.contains("No latency-sensitive flow"), "{bulk}");
+    let rr = md.split("### rr-latency").nth(1).unwrap().split("###").next().unwrap();
+    assert!(!rr.contains("No latency-sensitive flow"), "{rr}");
+}
+
+#[test]
+fn out_of_bounds_knobs_in_an_eval_config_are_refused() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../experiments/eval");
+    let cfg = EvalConfig {
+        name: "t".into(),
+        scenarios: vec!["../scenarios/rr-latency.toml".into()],
+        policies: vec!["static:nic=2000/32".into()],
+        seeds: vec![1, 2, 3],
+        sim: SimConfig::default(),
+        statics: Default::default(),
+        adaptive: Default::default(),
+        threads: 1,
+        warmup_steps: 0,
+    };
+    let e = format!("{:#}", cfg.into_suite(&dir.join("t.toml")).unwrap_err());
+    assert!(e.contains("t.toml") && e.contains("2000") && e.contains("usecs_max"), "{e}");
 }

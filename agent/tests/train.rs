@@ -248,11 +248,18 @@ fn export_gives_the_trainers_actions() {
     train_loop(&mut t, tmp.path(), &mut m, Some(2), false).unwrap();
     let last = checkpoints(tmp.path()).unwrap().pop().unwrap();
     let model = tmp.path().join("model");
-    moderato_agent::train::export(moderato_agent::train::ExportArgs {
-        checkpoint: last,
-        model_dir: model.clone(),
-    })
-    .unwrap();
+    let export = |force| {
+        moderato_agent::train::export(moderato_agent::train::ExportArgs {
+            checkpoint: last.clone(),
+            model_dir: model.clone(),
+            force,
+        })
+    };
+    export(false).unwrap();
+    // A second export into the same directory is refused, unless forced.
+    let e = export(false).unwrap_err().to_string();
+    assert!(e.contains("--force") && e.contains("model"), "{e}");
+    export(true).unwrap();
     let mut loaded = LearnedPolicy::load(&model, &burn::tensor::Device::flex()).unwrap();
     let meta = moderato_agent::train::model_meta("tiny", "", &t.exp.config, &t.state);
     let mut live = LearnedPolicy::new("live", t.model.actor.clone(), meta, burn::tensor::Device::flex());
@@ -308,4 +315,52 @@ fn a_checkpoint_whose_optimizer_state_is_unreadable_is_refused_with_the_reason()
     std::fs::write(tmp.path().join("optimizer.bpk"), b"truncated").unwrap();
     let e = Trainer::load_checkpoint(experiment(&text), tmp.path(), train_device()).unwrap_err().to_string();
     assert!(e.contains("optimizer.bpk") && e.contains("not a burnpack file"), "{e}");
+
+#[test]
+fn a_max_iterations_stop_leaves_a_checkpoint_to_resume_from() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut t = Trainer::new(experiment(SIM), train_device());
+    // every_iterations = 2: without the stop's own checkpoint there would be none after one.
+    let finished = train_loop(&mut t, tmp.path(), &mut Memory::default(), Some(1), false).unwrap();
+    assert!(!finished);
+    let last = checkpoints(tmp.path()).unwrap().pop().expect("a checkpoint at the stop");
+    assert!(last.ends_with("iter-000001"), "{}", last.display());
+    // A second stop at a checkpointed iteration writes nothing new and keeps it.
+    let finished = train_loop(&mut t, tmp.path(), &mut Memory::default(), Some(1), false).unwrap();
+    assert!(!finished);
+    let names: Vec<_> =
+        checkpoints(tmp.path()).unwrap().iter().map(|p| p.file_name().unwrap().to_owned()).collect();
+    assert_eq!(names, ["iter-000001", "iter-000002"]);
+}
+
+#[test]
+fn an_existing_out_is_refused_unless_forced() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../experiments").canonicalize().unwrap();
+    let exp = tmp.path().join("tiny.toml");
+    std::fs::write(&exp, SIM.replace("\"scenarios/", &format!("\"{}/scenarios/", root.display()))).unwrap();
+    let out = tmp.path().join("run");
+    std::fs::create_dir_all(out.join("checkpoints/iter-000009")).unwrap();
+    std::fs::write(out.join("checkpoints/iter-000009/state.json"), "{}").unwrap();
+    std::fs::write(out.join("notes.txt"), "mine").unwrap();
+    let args = |force| moderato_agent::train::TrainArgs {
+        experiment: exp.clone(),
+        resume: None,
+        out: Some(out.clone()),
+        force,
+        max_iterations: Some(1),
+        no_eval: true,
+    };
+    let e = format!("{:#}", moderato_agent::train::run(args(false)).unwrap_err());
+    assert!(e.contains("--force") && e.contains("--resume") && e.contains("run"), "{e}");
+    assert!(out.join("checkpoints/iter-000009").exists(), "a refused run removed something");
+    moderato_agent::train::run(args(true)).unwrap();
+    let names: Vec<_> =
+        checkpoints(&out).unwrap().iter().map(|p| p.file_name().unwrap().to_owned()).collect();
+    assert_eq!(names, ["iter-000001"], "the old run's checkpoints are gone, the stop's is there");
+    assert_eq!(
+        std::fs::read_to_string(out.join("notes.txt")).unwrap(),
+        "mine",
+        "--force removes only run outputs"
+    );
 }

@@ -2,8 +2,13 @@
 //!
 //! - `per-packet`: no coalescing anywhere (`usecs 0`, `frames 1`).
 //! - `static:<preset>`: common driver defaults ([`PRESETS`]); `static:<usecs>/<frames>` sets every
-//!   layer and direction to those knobs; a named knob set from a config (`[static.<name>]`) is
-//!   `static:<name>`.
+//!   layer and direction to those knobs; `static:nic=20/32,backend=0/1,frontend=8/16` sets each
+//!   layer kind (both directions, or one with `nic.rx=20/32`; a layer not named stays
+//!   per-packet); a named knob set from a config (`[static.<name>]`) is `static:<name>`.
+//!
+//! Knobs beyond the action space's bounds are refused by [`check_bounds`], never clamped
+//! silently: the simulator would clamp them, and `static:1000000/4` would quietly be
+//! `static:1000/4`.
 //! - `dim`, `itr`: the kernel's adaptive algorithms, run inside every layer and direction by the
 //!   environment (`adaptive-rx/tx on`).
 //!
@@ -12,7 +17,10 @@
 
 use std::collections::BTreeMap;
 
-use moderato_env::{Adaptive, CoalescingSettings, Knobs, LayerSettings, Observation, VmSettings};
+use moderato_env::{
+    ActionSpace, Adaptive, CoalescingSettings, Direction, Knobs, LayerKind, LayerSettings, Observation,
+    VmSettings,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::Policy;
@@ -160,20 +168,25 @@ impl Policy for AdaptivePolicy {
     }
 }
 
-/// A baseline name that does not exist, with every valid name.
+/// A baseline name that does not exist or does not parse.
 #[derive(Debug, thiserror::Error)]
-#[error("unknown policy `{name}`: valid names are {}", valid.join(", "))]
-pub struct UnknownPolicy {
-    pub name: String,
-    pub valid: Vec<String>,
+pub enum UnknownPolicy {
+    /// No baseline has this name; `valid` lists every name there is.
+    #[error("unknown policy `{name}`: valid names are {}", valid.join(", "))]
+    Unknown { name: String, valid: Vec<String> },
+    /// A per-layer `static:` setting that does not parse, and why.
+    #[error("policy `{name}`: {why}")]
+    Malformed { name: String, why: String },
 }
 
-/// Every baseline name (with `customs`, the config's own knob sets).
+/// Every fixed baseline name (with `customs`, the config's own knob sets). `best-static` is not
+/// among them: only `moderato eval` searches for it.
 pub fn baseline_names(customs: &BTreeMap<String, StaticSpec>) -> Vec<String> {
-    let mut v = vec!["per-packet".to_string(), "dim".into(), "itr".into(), "best-static".into()];
+    let mut v = vec!["per-packet".to_string(), "dim".into(), "itr".into()];
     v.extend(PRESETS.iter().map(|p| format!("static:{}", p.0)));
     v.extend(customs.keys().map(|k| format!("static:{k}")));
     v.push("static:<usecs>/<frames>".into());
+    v.push("static:nic=<u>/<f>,backend=<u>/<f>,frontend=<u>/<f>".into());
     v
 }
 
@@ -181,6 +194,42 @@ pub fn baseline_names(customs: &BTreeMap<String, StaticSpec>) -> Vec<String> {
 pub fn parse_knobs(s: &str) -> Option<Knobs> {
     let (u, f) = s.split_once('/')?;
     Some(Knobs::new(u.trim().parse().ok()?, f.trim().parse().ok()?))
+}
+
+/// Parses per-layer knobs, `nic=20/32,backend=0/1,frontend=8/16` (`nic.rx=20/32` sets one
+/// direction); layers not named stay per-packet. `Ok(None)`: not this syntax (no `=`).
+pub fn parse_layers(s: &str) -> Result<Option<StaticSpec>, String> {
+    if !s.contains('=') {
+        return Ok(None);
+    }
+    let mut spec = StaticSpec::uniform(Knobs::PER_PACKET);
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let Some((key, value)) = part.split_once('=') else {
+            return Err(format!("`{part}` is not <layer>=<usecs>/<frames> (e.g. nic=20/32)"));
+        };
+        let (layer, dir) = match key.trim().split_once('.') {
+            Some((l, d)) => (l, Some(d)),
+            None => (key.trim(), None),
+        };
+        let Some(kind) = LayerKind::ALL.into_iter().find(|k| k.name() == layer) else {
+            return Err(format!("`{layer}` in `{part}` is not a layer: use nic, backend or frontend"));
+        };
+        let Some(k) = parse_knobs(value) else {
+            return Err(format!("`{value}` in `{part}` is not <usecs>/<frames> (e.g. 20/32)"));
+        };
+        let lk = match kind {
+            LayerKind::Nic => &mut spec.nic,
+            LayerKind::Backend => &mut spec.backend,
+            LayerKind::Frontend => &mut spec.frontend,
+        };
+        match dir {
+            None => *lk = LayerKnobs::both(k),
+            Some("rx") => lk.rx = k,
+            Some("tx") => lk.tx = k,
+            Some(d) => return Err(format!("`{d}` in `{part}` is not a direction: use rx or tx")),
+        }
+    }
+    Ok(Some(spec))
 }
 
 /// The static spec behind `static:<what>`, if it names one.
@@ -191,22 +240,71 @@ pub fn static_spec(what: &str, customs: &BTreeMap<String, StaticSpec>) -> Option
     if let Some(p) = PRESETS.iter().find(|p| p.0 == what) {
         return Some(p.2);
     }
+    if let Ok(Some(s)) = parse_layers(what) {
+        return Some(s);
+    }
     parse_knobs(what).map(StaticSpec::uniform)
 }
 
+/// A knob beyond the bounds of the action space (the simulator's and the learned policies'
+/// range).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error(
+    "policy `{policy}`: {layer} {dir} {knob} = {value} is beyond the action space's bound {max} \
+     (bounds: [sim.action_space] {layer}.usecs_max, {layer}.frames_max; raise the bound or lower the knob)"
+)]
+pub struct OutOfBounds {
+    pub policy: String,
+    pub layer: &'static str,
+    pub dir: &'static str,
+    pub knob: &'static str,
+    pub value: u32,
+    pub max: u32,
+}
+
+/// Refuses a static setting with a knob beyond `space`'s bounds (the environment would clamp it
+/// without a word).
+pub fn check_bounds(policy: &str, spec: &StaticSpec, space: &ActionSpace) -> Result<(), OutOfBounds> {
+    for (kind, lk) in
+        [(LayerKind::Nic, spec.nic), (LayerKind::Backend, spec.backend), (LayerKind::Frontend, spec.frontend)]
+    {
+        let b = space.bounds(kind);
+        for (dir, k) in [(Direction::Rx, lk.rx), (Direction::Tx, lk.tx)] {
+            let err = |knob, value, max| OutOfBounds {
+                policy: policy.to_string(),
+                layer: kind.name(),
+                dir: if dir == Direction::Rx { "rx" } else { "tx" },
+                knob,
+                value,
+                max,
+            };
+            if k.usecs > b.usecs_max {
+                return Err(err("usecs", k.usecs, b.usecs_max));
+            }
+            if k.frames > b.frames_max {
+                return Err(err("frames", k.frames, b.frames_max));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A fixed baseline by name. `best-static` is not one: it needs a search (see
-/// [`crate::best_static`]), so it is refused here with that explanation.
+/// [`crate::best_static`]), so it is refused here.
 pub fn baseline(
     name: &str,
     customs: &BTreeMap<String, StaticSpec>,
 ) -> Result<Box<dyn Policy>, UnknownPolicy> {
-    let unknown = || UnknownPolicy { name: name.to_string(), valid: baseline_names(customs) };
+    let unknown = || UnknownPolicy::Unknown { name: name.to_string(), valid: baseline_names(customs) };
     match name {
         "per-packet" => Ok(Box::new(StaticPolicy::per_packet())),
         "dim" => Ok(Box::new(AdaptivePolicy::new(Adaptive::Dim))),
         "itr" => Ok(Box::new(AdaptivePolicy::new(Adaptive::Itr))),
         _ => {
             let what = name.strip_prefix("static:").ok_or_else(unknown)?;
+            if !customs.contains_key(what) {
+                parse_layers(what).map_err(|why| UnknownPolicy::Malformed { name: name.to_string(), why })?;
+            }
             let spec = static_spec(what, customs).ok_or_else(unknown)?;
             Ok(Box::new(StaticPolicy::new(name, spec)))
         }
@@ -233,6 +331,49 @@ mod tests {
         assert!(e.contains("static:fast") && e.contains("static:mlx5") && e.contains("per-packet"), "{e}");
         let e = baseline("dimm", &none).err().unwrap().to_string();
         assert!(e.contains("valid names are"), "{e}");
+        // best-static is searched by `moderato eval`, not a fixed baseline: not offered here.
+        assert!(!e.contains("best-static"), "{e}");
+    }
+
+    #[test]
+    fn per_layer_settings_parse_and_bad_ones_say_why() {
+        let none = BTreeMap::new();
+        let s = static_spec("nic=20/32,backend=0/1,frontend=8/16", &none).unwrap();
+        assert_eq!(s.nic, LayerKnobs::both(Knobs::new(20, 32)));
+        assert_eq!(s.backend, LayerKnobs::both(Knobs::new(0, 1)));
+        assert_eq!(s.frontend, LayerKnobs::both(Knobs::new(8, 16)));
+        let s = static_spec("nic.rx=50/0, frontend.tx=4/2", &none).unwrap();
+        assert_eq!(s.nic.rx, Knobs::new(50, 0));
+        assert_eq!(s.nic.tx, Knobs::PER_PACKET);
+        assert_eq!(s.backend, LayerKnobs::PER_PACKET);
+        assert_eq!(s.frontend.tx, Knobs::new(4, 2));
+        let mut p = baseline("static:nic=20/32,backend=0/1,frontend=8/16", &none).unwrap();
+        assert_eq!(p.act(&obs(1)).vms[0].frontend.rx, moderato_env::Moderation::fixed(8, 16));
+        for (bad, says) in [
+            ("static:nick=20/32", "not a layer"),
+            ("static:nic=20", "not <usecs>/<frames>"),
+            ("static:nic.up=20/32", "not a direction"),
+            ("static:nic=20/32,backend", "not <layer>="),
+        ] {
+            let e = baseline(bad, &none).err().unwrap().to_string();
+            assert!(e.contains(says) && e.contains(bad), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn knobs_beyond_the_bounds_are_refused_with_the_bound() {
+        let space = ActionSpace::default();
+        let none = BTreeMap::new();
+        let e =
+            check_bounds("static:1000000/4", &static_spec("1000000/4", &none).unwrap(), &space).unwrap_err();
+        assert_eq!((e.layer, e.knob, e.value, e.max), ("nic", "usecs", 1_000_000, 1000));
+        assert!(e.to_string().contains("usecs_max"), "{e}");
+        let e = check_bounds("x", &static_spec("frontend.tx=8/129", &none).unwrap(), &space).unwrap_err();
+        assert_eq!((e.layer, e.dir, e.knob, e.max), ("frontend", "tx", "frames", 128));
+        for (_, _, spec) in PRESETS {
+            check_bounds("preset", spec, &space).unwrap();
+        }
+        check_bounds("edge", &static_spec("1000/128", &none).unwrap(), &space).unwrap();
     }
 
     #[test]

@@ -4,6 +4,17 @@
 //! The same path evaluates baselines and learned models: a policy is a policy. `best-static` is
 //! the exception only in that its setting is first searched for in hindsight, per scenario and
 //! seed (and cached), then run like any fixed setting.
+//!
+//! **Warm-up.** Every episode starts with the simulator's reset interval under per-packet
+//! settings (the virtio default, `[sim] initial`), which produces the first observation and is
+//! never counted. Its backlog can spill into the first intervals under the policy; an eval
+//! config's `warmup_steps` runs that many intervals more, under the policy, before the
+//! statistics start (they come on top of `[sim] episode_steps`, which are all counted).
+//!
+//! **The SLO** covers the latency-sensitive flows only (request-response flows, unless a
+//! scenario says otherwise): their p99 is what the tables report and what is held to the SLO. A
+//! scenario with none (bulk only) reports the p99 of all its flows, and no interval of it can
+//! violate the SLO.
 
 pub mod plot;
 pub mod report;
@@ -54,6 +65,11 @@ pub struct EvalConfig {
     /// Worker threads (0: one per core).
     #[serde(default)]
     pub threads: usize,
+    /// Intervals under the policy at the start of each episode that the statistics leave out
+    /// (besides the reset interval, which is never counted); they are run in addition to
+    /// `[sim] episode_steps`.
+    #[serde(default)]
+    pub warmup_steps: u32,
 }
 
 fn d_seeds() -> Vec<u64> {
@@ -84,6 +100,31 @@ impl EvalConfig {
             )
         })?;
         config.into_suite(path)
+    }
+
+    /// This config with every scenario and model path absolute, so that a copy of it runs from
+    /// anywhere (the copy a run directory keeps, `config.toml`).
+    pub fn portable(&self, suite: &Suite) -> EvalConfig {
+        let base = suite.path.parent().unwrap_or(Path::new("."));
+        let abs = |p: &Path| {
+            let joined = if p.is_absolute() { p.to_path_buf() } else { base.join(p) };
+            std::fs::canonicalize(&joined).unwrap_or(joined)
+        };
+        let mut c = self.clone();
+        c.scenarios = self.scenarios.iter().map(|s| abs(s)).collect();
+        c.policies = self
+            .policies
+            .iter()
+            .zip(&suite.policies)
+            .map(|(name, src)| match src {
+                PolicySource::Model { dir, .. } => abs(dir).to_string_lossy().into_owned(),
+                _ if name.ends_with(".toml") && base.join(name).is_file() => {
+                    abs(Path::new(name)).to_string_lossy().into_owned()
+                }
+                _ => name.clone(),
+            })
+            .collect();
+        c
     }
 
     /// Validates and resolves everything against `path`'s directory.
@@ -134,7 +175,13 @@ impl EvalConfig {
         let policies = self
             .policies
             .iter()
-            .map(|p| resolve(p, base, &self.statics).map_err(|e| anyhow::anyhow!("{at}: policies: {e}")))
+            .map(|p| -> Result<PolicySource> {
+                let src =
+                    resolve(p, base, &self.statics).map_err(|e| anyhow::anyhow!("{at}: policies: {e:#}"))?;
+                src.check_bounds(&self.sim.action_space)
+                    .map_err(|e| anyhow::anyhow!("{at}: policies: {e:#}"))?;
+                Ok(src)
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok(Suite { config: self, path: path.to_path_buf(), scenarios, policies })
     }
@@ -201,23 +248,36 @@ impl Row {
 }
 
 /// Runs one episode of `policy` on `scenario` (adaptive modes run with `adaptive`) and
-/// summarises it.
+/// summarises it, leaving out the first `warmup_steps` intervals (run in addition to
+/// `sim.episode_steps`).
 pub fn run_episode(
     scenario: &Scenario,
     sim: &SimConfig,
     adaptive: &AdaptiveConfig,
     policy: &mut dyn Policy,
     seed: u64,
+    warmup_steps: u32,
 ) -> Result<(EpisodeSummary, f64)> {
     let factory = Arc::new(AdaptiveFactory::new(*adaptive));
-    let mut env = SimEnv::new(scenario.clone(), sim.clone(), Some(factory))?;
+    let mut sim = sim.clone();
+    sim.episode_steps = sim.episode_steps.saturating_add(warmup_steps);
+    let mut env = SimEnv::new(scenario.clone(), sim, Some(factory))?;
     let (mut obs, _) = env.reset(seed)?;
     policy.reset();
     let (mut sum, mut n) = (0.0f64, 0u32);
+    let mut step = 0u32;
     loop {
+        if step == warmup_steps && warmup_steps > 0 {
+            env.restart_summary();
+        }
+        step += 1;
         let action = policy.act(&obs);
         let st =
             env.step(&action).with_context(|| format!("policy {} on {}", policy.name(), scenario.name))?;
+        if step <= warmup_steps {
+            obs = st.obs;
+            continue;
+        }
         sum += f64::from(st.reward);
         n += 1;
         obs = st.obs;
@@ -236,10 +296,10 @@ pub struct Cache {
 }
 
 impl Cache {
-    fn path(&self, scenario: &Scenario, sim: &SimConfig, seed: u64) -> Option<PathBuf> {
+    fn path(&self, scenario: &Scenario, sim: &SimConfig, seed: u64, warmup_steps: u32) -> Option<PathBuf> {
         use sha2::{Digest, Sha256};
         let dir = self.dir.as_ref()?;
-        let key = serde_json::json!({
+        let mut key = serde_json::json!({
             // 3: the NAPI engine (results of the pre-NAPI physics are not reused).
             "v": 3,
             "scenario": scenario,
@@ -249,14 +309,24 @@ impl Cache {
             "passes": best_static::MAX_PASSES,
             "max_drop": best_static::MAX_DROP_FRACTION,
         });
+        // Only when set, so that the searches cached before warm-ups existed stay valid.
+        if warmup_steps > 0 {
+            key["warmup_steps"] = warmup_steps.into();
+        }
         let h = hex::encode(Sha256::digest(key.to_string().as_bytes()));
         Some(dir.join("best-static").join(format!("{}-{}.json", scenario.name, &h[..16])))
     }
 }
 
 /// The best fixed setting of `scenario` for `seed`, from the cache or a fresh search.
-pub fn best_static(scenario: &Scenario, sim: &SimConfig, seed: u64, cache: &Cache) -> Result<Found> {
-    let path = cache.path(scenario, sim, seed);
+pub fn best_static(
+    scenario: &Scenario,
+    sim: &SimConfig,
+    seed: u64,
+    warmup_steps: u32,
+    cache: &Cache,
+) -> Result<Found> {
+    let path = cache.path(scenario, sim, seed, warmup_steps);
     if let Some(p) = path.as_ref().filter(|p| p.exists()) {
         let text = std::fs::read_to_string(p)?;
         if let Ok(f) = serde_json::from_str::<Found>(&text) {
@@ -271,7 +341,8 @@ pub fn best_static(scenario: &Scenario, sim: &SimConfig, seed: u64, cache: &Cach
     presets.push(moderato_env::CoalescingSettings::per_packet(vms));
     let found = best_static::search(vms, &presets, |s| -> Result<Score> {
         let mut p = moderato_policies::baselines::FixedPolicy::new("best-static", s.clone());
-        let (summary, reward) = run_episode(scenario, sim, &AdaptiveConfig::default(), &mut p, seed)?;
+        let (summary, reward) =
+            run_episode(scenario, sim, &AdaptiveConfig::default(), &mut p, seed, warmup_steps)?;
         Ok(Row::from_summary(&scenario.name, "best-static", seed, &summary, reward).score())
     })?;
     if let Some(p) = path {
@@ -351,11 +422,12 @@ fn run_job(suite: &Suite, job: &Job, cache: &Cache) -> Result<Row> {
     let source = &suite.policies[job.policy];
     let mut policy: Box<dyn Policy> = match source {
         PolicySource::BestStatic => {
-            let f = best_static(sc, sim, job.seed, cache)?;
+            let f = best_static(sc, sim, job.seed, suite.config.warmup_steps, cache)?;
             Box::new(moderato_policies::baselines::FixedPolicy::new("best-static", f.settings))
         }
         other => other.instantiate(&sim.spec(sc.vms.len()))?,
     };
-    let (summary, reward) = run_episode(sc, sim, &suite.config.adaptive, policy.as_mut(), job.seed)?;
+    let (summary, reward) =
+        run_episode(sc, sim, &suite.config.adaptive, policy.as_mut(), job.seed, suite.config.warmup_steps)?;
     Ok(Row::from_summary(&sc.name, &source.label(), job.seed, &summary, reward))
 }

@@ -1,9 +1,14 @@
 //! Evaluation plots, each written as PNG and SVG with the same content:
 //!
 //! - [`plot_scenario`]: one scenario, CPU per packet against p99 latency (log x), one point per
-//!   policy with 95% CI error bars both ways, the best policy ringed, the SLO as a dashed line.
+//!   policy with 95% CI error bars both ways, the best policy ringed, the SLO as a dashed line
+//!   (only where the scenario has latency-sensitive flows: bulk flows' latency is not held to
+//!   it). A policy that violates the SLO (or drops more than 0.1%) is a hollow, crossed marker
+//!   whose label gives its violation rate; a label that cannot sit next to its point is tied to
+//!   it by a thin leader line.
 //! - [`plot_summary`]: across scenarios, each policy's CPU per packet relative to a reference
-//!   policy, as grouped bars.
+//!   policy, as grouped bars; bars of violators are pale and hatched, the best bar is outlined and
+//!   starred, and the reference line at 1.0 is drawn behind the bars.
 //!
 //! Text is rendered with DejaVu Sans embedded in the binary through plotters' `ab_glyph` font
 //! backend, so no system font library is needed at run time (licence:
@@ -31,6 +36,36 @@ pub struct PlotPoint {
     pub cpu_ci: f64,
     /// Whether this policy is marked best on the scenario.
     pub best: bool,
+    /// Mean share of intervals over the SLO, and mean drop fraction.
+    pub slo_violation_rate: f64,
+    pub drop_rate: f64,
+}
+
+impl PlotPoint {
+    /// Whether the policy misses the SLO: a violating interval, or drops above 0.1%.
+    pub fn violates(&self) -> bool {
+        !moderato_policies::best_static::Score {
+            cpu_us_per_packet: self.cpu_us,
+            slo_violation_rate: self.slo_violation_rate,
+            drop_fraction: self.drop_rate,
+        }
+        .feasible()
+    }
+
+    /// What the miss is, for a label: `SLO ✗ 95%`, `drops 50%`.
+    fn miss_note(&self) -> Option<String> {
+        if !self.violates() {
+            return None;
+        }
+        let mut parts = Vec::new();
+        if self.slo_violation_rate > 0.0 {
+            parts.push(format!("SLO ✗ {:.0}%", (100.0 * self.slo_violation_rate).max(1.0)));
+        }
+        if self.drop_rate > moderato_policies::best_static::MAX_DROP_FRACTION {
+            parts.push(format!("drops {:.1}%", 100.0 * self.drop_rate));
+        }
+        Some(parts.join(", "))
+    }
 }
 
 /// A plot that could not be written.
@@ -139,7 +174,9 @@ fn darker(c: RGBColor) -> RGBColor {
 
 /// Writes `<dir>/<stem>.png` and `<dir>/<stem>.svg`: CPU µs per packet (y) against p99 latency
 /// µs (x, log scale), one point per policy with error bars both ways, labelled with the policy
-/// name, the best marked (a ring and a star), and the SLO as a vertical line labelled "SLO".
+/// name, the best marked (a ring and a star), violators hollow and crossed, and, when
+/// `slo_applies` (the scenario has latency-sensitive flows), the SLO as a vertical line labelled
+/// "SLO".
 ///
 /// Points with a non-finite mean are skipped; a p99 of zero or less is drawn at the left edge
 /// and labelled so; a non-finite or non-positive `slo_us` draws no SLO line.
@@ -148,9 +185,10 @@ pub fn plot_scenario(
     stem: &str,
     title: &str,
     slo_us: f64,
+    slo_applies: bool,
     points: &[PlotPoint],
 ) -> Result<(), PlotError> {
-    write_figure(dir, stem, &ScenarioFigure { title, slo_us, points })
+    write_figure(dir, stem, &ScenarioFigure { title, slo_us, slo_applies, points })
 }
 
 /// Writes `<dir>/<stem>.png` and `.svg`: across scenarios, each policy's mean CPU per packet
@@ -362,13 +400,15 @@ fn place_label(ax: i32, ay: i32, (w, h): (i32, i32), g: i32, bounds: &Rect, take
         (ax - g - w + 2, ay - g - h + 2),
         (ax - g - w + 2, ay + g - 2),
     ];
-    for k in 1..=4 {
+    for k in 1..=8 {
         let d = k * (h + 3);
         spots.extend([
             (ax + g, ay - h / 2 - d),
             (ax + g, ay - h / 2 + d),
             (ax - g - w, ay - h / 2 - d),
             (ax - g - w, ay - h / 2 + d),
+            (ax - w / 2, ay - g - h - d),
+            (ax - w / 2, ay + g + d),
         ]);
     }
     let mut best: Option<(i64, Rect)> = None;
@@ -394,6 +434,31 @@ fn span_rect((x0, y0): (i32, i32), (x1, y1): (i32, i32), pad: i32) -> Rect {
     Rect { l: x0.min(x1) - pad, t: y0.min(y1) - pad, r: x0.max(x1) + pad, b: y0.max(y1) + pad }
 }
 
+/// Diagonal hatching (45°, every 6 pixels) inside the pixel rectangle `r`.
+fn hatch<DB>(root: &DrawingArea<DB, Shift>, r: Rect, color: RGBColor) -> DrawResult
+where
+    DB: DrawingBackend,
+    DB::ErrorType: 'static,
+{
+    let h = r.b - r.t;
+    if h <= 1 || r.r - r.l <= 1 {
+        return Ok(());
+    }
+    // Lines y = b − (x − x0): from (x0, b) up and to the right, clipped to [l, r].
+    let mut x0 = r.l - h;
+    while x0 < r.r {
+        let (xa, xb) = (x0.max(r.l), (x0 + h).min(r.r));
+        if xa < xb {
+            root.draw(&PathElement::new(
+                vec![(xa, r.b - (xa - x0)), (xb, r.b - (xb - x0))],
+                color.stroke_width(1),
+            ))?;
+        }
+        x0 += 6;
+    }
+    Ok(())
+}
+
 fn pixel_bounds<DB: DrawingBackend, CT: CoordTranslate>(area: &DrawingArea<DB, CT>) -> Rect {
     let (xr, yr) = area.get_pixel_range();
     Rect { l: xr.start, t: yr.start, r: xr.end, b: yr.end }
@@ -405,6 +470,7 @@ fn pixel_bounds<DB: DrawingBackend, CT: CoordTranslate>(area: &DrawingArea<DB, C
 struct ScenarioFigure<'a> {
     title: &'a str,
     slo_us: f64,
+    slo_applies: bool,
     points: &'a [PlotPoint],
 }
 
@@ -414,6 +480,7 @@ struct ScatterPoint {
     label: String,
     color: RGBColor,
     best: bool,
+    violates: bool,
     x: f64,
     y: f64,
     /// Horizontal error bar ends; `*_cut` when cut at the edge of the axis (drawn without a cap).
@@ -432,15 +499,16 @@ impl Figure for ScenarioFigure<'_> {
         DB::ErrorType: 'static,
     {
         root.fill(&WHITE)?;
-        draw_header(
-            root,
-            self.title,
-            "error bars: 95% CI over seeds  ·  ★ and ring: best policy  ·  dashed: latency SLO",
-        )?;
+        let note = if self.slo_applies {
+            "error bars: 95% CI over seeds  ·  ★ and ring: best  ·  hollow ✕: misses the SLO  ·  dashed: p99 SLO"
+        } else {
+            "bulk flows only: their p99 is not held to the SLO  ·  error bars: 95% CI  ·  ★ and ring: best  ·  hollow ✕: drops"
+        };
+        draw_header(root, self.title, note)?;
 
         let valid: Vec<&PlotPoint> =
             self.points.iter().filter(|p| p.p99_us.is_finite() && p.cpu_us.is_finite()).collect();
-        let slo = (self.slo_us.is_finite() && self.slo_us > 0.0).then_some(self.slo_us);
+        let slo = (self.slo_applies && self.slo_us.is_finite() && self.slo_us > 0.0).then_some(self.slo_us);
 
         // x range (log): the p99s and the SLO, widened by error bars up to 4x beyond. A p99 more
         // than four decades below the largest value (zero included) cannot be shown to scale on
@@ -486,11 +554,15 @@ impl Figure for ScenarioFigure<'_> {
                 if p.best {
                     label.push_str(" ★");
                 }
+                if let Some(m) = p.miss_note() {
+                    label.push_str(&format!(" ({m})"));
+                }
                 let cy = ci(p.cpu_ci);
                 ScatterPoint {
                     label,
                     color: policy_color(&p.policy),
                     best: p.best,
+                    violates: p.violates(),
                     x,
                     y: p.cpu_us,
                     x_lo: x_lo.max(x_min),
@@ -530,7 +602,11 @@ impl Figure for ScenarioFigure<'_> {
         let y_fmt = |v: &f64| format!("{v:.y_dec$}");
         chart
             .configure_mesh()
-            .x_desc("p99 latency (µs, log scale)")
+            .x_desc(if self.slo_applies {
+                "p99 latency of the latency-sensitive flows (µs, log scale)"
+            } else {
+                "p99 latency of all flows (µs, log scale)"
+            })
             .y_desc("CPU per packet (µs)")
             .x_label_formatter(&x_fmt)
             .y_label_formatter(&y_fmt)
@@ -587,10 +663,22 @@ impl Figure for ScenarioFigure<'_> {
                 }
             }
         }
-        for p in &pts {
+        // Violators first, so a policy that meets the SLO is never hidden under one.
+        let mut order: Vec<&ScatterPoint> = pts.iter().collect();
+        order.sort_by_key(|p| (!p.violates, p.best));
+        for p in order {
             let area = chart.plotting_area();
-            area.draw(&Circle::new((p.x, p.y), 6, p.color.filled()))?;
-            area.draw(&Circle::new((p.x, p.y), 6, darker(p.color).stroke_width(1)))?;
+            if p.violates {
+                // Hollow and crossed: reads as "misses the SLO" in colour and in grey print.
+                area.draw(&Circle::new((p.x, p.y), 7, WHITE.filled()))?;
+                area.draw(&Circle::new((p.x, p.y), 7, darker(p.color).stroke_width(2)))?;
+                let cross = darker(p.color).stroke_width(2);
+                area.draw(&(EmptyElement::at((p.x, p.y)) + PathElement::new(vec![(-5, -5), (5, 5)], cross)))?;
+                area.draw(&(EmptyElement::at((p.x, p.y)) + PathElement::new(vec![(-5, 5), (5, -5)], cross)))?;
+            } else {
+                area.draw(&Circle::new((p.x, p.y), 6, p.color.filled()))?;
+                area.draw(&Circle::new((p.x, p.y), 6, darker(p.color).stroke_width(1)))?;
+            }
             if p.best {
                 area.draw(&Circle::new((p.x, p.y), 12, INK.stroke_width(2)))?;
             }
@@ -610,6 +698,16 @@ impl Figure for ScenarioFigure<'_> {
             let (px, py) = chart.backend_coord(&(p.x, p.y));
             let gap = if p.best { 17 } else { 11 };
             let r = place_label(px, py, (w as i32, h as i32), gap, &bounds, &taken);
+            // A label pushed away from its point is tied to it.
+            let (nx, ny) = (px.clamp(r.l, r.r), py.clamp(r.t, r.b));
+            if (nx - px).pow(2) + (ny - py).pow(2) > (gap + 6).pow(2) {
+                let d = f64::from(((nx - px).pow(2) + (ny - py).pow(2)) as u32).sqrt().max(1.0);
+                let start = (
+                    px + (f64::from(nx - px) * f64::from(gap - 3) / d) as i32,
+                    py + (f64::from(ny - py) * f64::from(gap - 3) / d) as i32,
+                );
+                root.draw(&PathElement::new(vec![start, (nx, ny)], ink.mix(0.7).stroke_width(1)))?;
+            }
             root.draw(&Rectangle::new([(r.l - 2, r.t - 1), (r.r + 2, r.b + 2)], WHITE.mix(0.75).filled()))?;
             root.draw(&Text::new(text, (r.l, r.t), style))?;
             taken.push(r);
@@ -638,6 +736,7 @@ struct Bar {
     ratio: f64,
     ci: f64,
     best: bool,
+    violates: bool,
 }
 
 impl Figure for SummaryFigure<'_> {
@@ -671,7 +770,10 @@ impl Figure for SummaryFigure<'_> {
                 if !policies.contains(&p.policy.as_str()) {
                     policies.push(&p.policy);
                 }
-                bars.push((p.policy.as_str(), Bar { ratio, ci: ci(p.cpu_ci) / ref_cpu, best: p.best }));
+                bars.push((
+                    p.policy.as_str(),
+                    Bar { ratio, ci: ci(p.cpu_ci) / ref_cpu, best: p.best, violates: p.violates() },
+                ));
             }
             groups.push((scenario, bars));
         }
@@ -680,7 +782,7 @@ impl Figure for SummaryFigure<'_> {
             root,
             &format!("CPU per packet relative to {reference}, by scenario"),
             &format!(
-                "1.0 = same as {reference}; lower is cheaper  ·  error bars: 95% CI over seeds  ·  ★: best policy"
+                "dashed: {reference} = 1.0, lower is cheaper  ·  hatched: misses the SLO or drops > 0.1%  ·  ★ outlined: best  ·  95% CI"
             ),
         )?;
 
@@ -754,8 +856,18 @@ impl Figure for SummaryFigure<'_> {
             ))?;
         }
 
+        // The reference line at 1.0 first, so that the bars (the best one too) are drawn over it.
+        chart.draw_series(DashedLineSeries::new(
+            [(0.0, 1.0), (n_groups as f64, 1.0)],
+            10,
+            6,
+            INK.mix(0.6).stroke_width(2),
+        ))?;
+        let bounds = pixel_bounds(chart.plotting_area());
+
         let n_pol = policies.len().max(1);
         let bar_w = 0.8 / n_pol as f64;
+        let mut stars = Vec::new();
         for (gi, (_, bars)) in groups.iter().enumerate() {
             for (policy, bar) in bars {
                 let Some(pi) = policies.iter().position(|p| p == policy) else { continue };
@@ -764,14 +876,18 @@ impl Figure for SummaryFigure<'_> {
                 let color = policy_color(policy);
                 let y = bar.ratio.max(0.0);
                 let area = chart.plotting_area();
-                area.draw(&Rectangle::new(
-                    [(x0 + bar_w * 0.06, 0.0), (x1 - bar_w * 0.06, y)],
-                    color.filled(),
-                ))?;
-                area.draw(&Rectangle::new(
-                    [(x0 + bar_w * 0.06, 0.0), (x1 - bar_w * 0.06, y)],
-                    darker(color).stroke_width(1),
-                ))?;
+                let corners = [(x0 + bar_w * 0.06, 0.0), (x1 - bar_w * 0.06, y)];
+                if bar.violates {
+                    // Pale and hatched in the policy's colour: present, but plainly not a contender.
+                    area.draw(&Rectangle::new(corners, color.mix(0.25).filled()))?;
+                    let (l, t) = chart.backend_coord(&(corners[0].0, y));
+                    let (r, b) = chart.backend_coord(&(corners[1].0, 0.0));
+                    hatch(root, Rect { l, t, r, b }, darker(color))?;
+                } else {
+                    area.draw(&Rectangle::new(corners, color.filled()))?;
+                }
+                let outline = if bar.best { INK.stroke_width(3) } else { darker(color).stroke_width(1) };
+                area.draw(&Rectangle::new(corners, outline))?;
                 if bar.ci > 0.0 {
                     let style = INK.stroke_width(1);
                     let (lo, hi) = ((y - bar.ci).max(0.0), y + bar.ci);
@@ -783,30 +899,16 @@ impl Figure for SummaryFigure<'_> {
                     }
                 }
                 if bar.best {
-                    let (px, py) = chart.backend_coord(&(xc, y + bar.ci));
-                    let style = font(16.0).pos(Pos::new(HPos::Center, VPos::Bottom));
-                    root.draw(&Text::new("★", (px, py - 3), style))?;
+                    stars.push(chart.backend_coord(&(xc, y + bar.ci)));
                 }
             }
         }
-
-        // The reference line at 1.0, labelled at its right end.
-        chart.draw_series(DashedLineSeries::new(
-            [(0.0, 1.0), (n_groups as f64, 1.0)],
-            10,
-            6,
-            INK.stroke_width(2),
-        ))?;
-        let bounds = pixel_bounds(chart.plotting_area());
-        let (_, ly) = chart.backend_coord(&(0.0, 1.0));
-        let tag_style = font(NOTE_SIZE).pos(Pos::new(HPos::Right, VPos::Bottom));
-        let tag = format!("{reference} = 1.0");
-        let (tw, th) = root.estimate_text_size(&tag, &tag_style)?;
-        root.draw(&Rectangle::new(
-            [(bounds.r - 6 - tw as i32 - 3, ly - 4 - th as i32 - 2), (bounds.r - 3, ly - 3)],
-            WHITE.mix(0.8).filled(),
-        ))?;
-        root.draw(&Text::new(tag, (bounds.r - 6, ly - 4), tag_style))?;
+        // Stars last, on a white disc, so that no line or bar crosses them.
+        for (px, py) in stars {
+            let style = font(16.0).pos(Pos::new(HPos::Center, VPos::Bottom));
+            root.draw(&Circle::new((px, py - 11), 9, WHITE.mix(0.85).filled()))?;
+            root.draw(&Text::new("★", (px, py - 3), style))?;
+        }
 
         if groups.is_empty() {
             let style = font(18.0).color(&NOTE_INK).pos(Pos::new(HPos::Center, VPos::Center));
@@ -829,9 +931,28 @@ impl Figure for SummaryFigure<'_> {
             let text = fit_text(root, p, &legend_style, name_w)?;
             root.draw(&Text::new(text, (lx + 24, ly), legend_style.clone()))?;
             ly += 24;
-            if ly > h as i32 - 30 {
+            if ly > h as i32 - 110 {
                 break;
             }
+        }
+        if !policies.is_empty() {
+            ly += 10;
+            let grey = RGBColor(150, 150, 150);
+            root.draw(&Rectangle::new([(lx, ly + 1), (lx + 16, ly + 15)], grey.mix(0.25).filled()))?;
+            hatch(root, Rect { l: lx, t: ly + 1, r: lx + 16, b: ly + 15 }, darker(grey))?;
+            root.draw(&Rectangle::new([(lx, ly + 1), (lx + 16, ly + 15)], darker(grey).stroke_width(1)))?;
+            root.draw(&Text::new(
+                fit_text(root, "misses the SLO", &legend_style, name_w)?,
+                (lx + 24, ly),
+                legend_style.clone(),
+            ))?;
+            ly += 24;
+            root.draw(&PathElement::new(
+                vec![(lx, ly + 8), (lx + 16, ly + 8)],
+                INK.mix(0.6).stroke_width(2),
+            ))?;
+            let tag = fit_text(root, &format!("{reference} = 1.0"), &legend_style, name_w)?;
+            root.draw(&Text::new(tag, (lx + 24, ly), legend_style.clone()))?;
         }
         Ok(())
     }
@@ -853,7 +974,16 @@ mod tests {
     }
 
     fn pt(policy: &str, p99: f64, p99_ci: f64, cpu: f64, cpu_ci: f64) -> PlotPoint {
-        PlotPoint { policy: policy.into(), p99_us: p99, p99_ci, cpu_us: cpu, cpu_ci, best: false }
+        PlotPoint {
+            policy: policy.into(),
+            p99_us: p99,
+            p99_ci,
+            cpu_us: cpu,
+            cpu_ci,
+            best: false,
+            slo_violation_rate: if p99 > 200.0 { 0.6 } else { 0.0 },
+            drop_rate: 0.0,
+        }
     }
 
     /// Seven policies on three scenarios, in the ranges the simulator produces.
@@ -929,7 +1059,8 @@ mod tests {
         let (_keep, dir) = out_dir();
         let rows = realistic();
         for (name, pts) in &rows {
-            plot_scenario(&dir, name, &format!("{name}: CPU per packet vs p99 latency"), 200.0, pts).unwrap();
+            plot_scenario(&dir, name, &format!("{name}: CPU per packet vs p99 latency"), 200.0, true, pts)
+                .unwrap();
             let names: Vec<&str> = pts.iter().map(|p| p.policy.as_str()).collect();
             check_pair(&dir, name, &[&names[..], &["SLO", "p99 latency", "CPU per packet"]].concat());
         }
@@ -962,7 +1093,7 @@ mod tests {
             ("deg-zero-slo", 0.0, vec![pt("dim", f64::INFINITY, 3.0, 1.5, 0.1)]),
         ];
         for (stem, slo, pts) in &cases {
-            plot_scenario(&dir, stem, stem, *slo, pts).unwrap();
+            plot_scenario(&dir, stem, stem, *slo, true, pts).unwrap();
             check_pair(&dir, stem, &[]);
         }
         let rows = vec![
@@ -1011,10 +1142,67 @@ mod tests {
                 .collect();
             rows.push((format!("scenario-with-a-long-name-{s}"), pts));
         }
-        plot_scenario(&dir, "crowded", "crowded: CPU per packet vs p99 latency", 150.0, &rows[0].1).unwrap();
+        plot_scenario(&dir, "crowded", "crowded: CPU per packet vs p99 latency", 150.0, true, &rows[0].1)
+            .unwrap();
         check_pair(&dir, "crowded", &["SLO", "sac-v1"]);
         plot_summary(&dir, "crowded-summary", "dim", &rows).unwrap();
         check_pair(&dir, "crowded-summary", &["dim"]);
+    }
+
+    #[test]
+    fn violators_are_marked_and_bulk_scenarios_have_no_slo_line() {
+        let (_keep, dir) = out_dir();
+        let mut pts =
+            vec![pt("static:heavy", 900.0, 5.0, 3.0, 0.01), pt("best-static", 150.0, 3.0, 3.5, 0.02)];
+        pts[1].best = true;
+        plot_scenario(&dir, "viol", "viol", 200.0, true, &pts).unwrap();
+        let svg = std::fs::read_to_string(dir.join("viol.svg")).unwrap();
+        assert!(
+            svg.contains("static:heavy (SLO ✗ 60%)") && svg.contains("SLO 200 µs"),
+            "violator unlabelled"
+        );
+        assert!(!svg.contains("best-static ★ ("), "the best policy is not a violator");
+        // Bulk only: the SLO is not drawn against latencies it does not cover.
+        let mut bulk = pts.clone();
+        bulk[0].slo_violation_rate = 0.0;
+        bulk[0].drop_rate = 0.5;
+        plot_scenario(&dir, "bulk", "bulk", 200.0, false, &bulk).unwrap();
+        let svg = std::fs::read_to_string(dir.join("bulk.svg")).unwrap();
+        assert!(!svg.contains("SLO 200"), "an SLO line on a bulk-only scenario");
+        assert!(svg.contains("p99 latency of all flows") && svg.contains("drops 50.0%"), "bulk labels");
+        // In the summary, violators are hatched: more line elements than without any violator.
+        let count_paths = |rows: &[(String, Vec<PlotPoint>)], stem: &str| {
+            plot_summary(&dir, stem, "best-static", rows).unwrap();
+            std::fs::read_to_string(dir.join(format!("{stem}.svg"))).unwrap().matches("<polyline").count()
+        };
+        let with = count_paths(&[("s".to_string(), pts.clone())], "sum-viol");
+        let mut clean = pts.clone();
+        clean[0].slo_violation_rate = 0.0;
+        let without = count_paths(&[("s".to_string(), clean)], "sum-clean");
+        assert!(with > without + 3, "no hatching: {with} vs {without} lines");
+    }
+
+    #[test]
+    fn hatching_stays_inside_its_rectangle() {
+        let (_keep, dir) = out_dir();
+        let path = dir.join("hatch.svg");
+        {
+            let root = SVGBackend::new(&path, (100, 100)).into_drawing_area();
+            hatch(&root, Rect { l: 10, t: 20, r: 40, b: 80 }, INK).unwrap();
+            root.present().unwrap();
+        }
+        let svg = std::fs::read_to_string(&path).unwrap();
+        let mut n = 0;
+        for line in svg.lines().filter(|l| l.contains("<polyline")) {
+            let pts = line.split("points=\"").nth(1).unwrap().split('"').next().unwrap();
+            for xy in pts.split_whitespace() {
+                let (x, y) = xy.split_once(',').unwrap();
+                let (x, y): (i32, i32) = (x.parse().unwrap(), y.parse().unwrap());
+                assert!((10..=40).contains(&x) && (20..=80).contains(&y), "({x}, {y}) outside");
+                n += 1;
+            }
+        }
+        assert!(n >= 10, "only {n} hatch points");
     }
 
     #[test]
@@ -1050,7 +1238,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let blocker = dir.path().join("file");
         std::fs::write(&blocker, b"x").unwrap();
-        let err = plot_scenario(&blocker.join("sub"), "s", "t", 100.0, &[]).unwrap_err();
+        let err = plot_scenario(&blocker.join("sub"), "s", "t", 100.0, true, &[]).unwrap_err();
         assert!(err.to_string().contains("file"), "{err}");
     }
 }

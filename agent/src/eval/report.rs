@@ -127,20 +127,34 @@ fn pm(s: Stat, scale: f64, digits: usize) -> String {
 pub fn markdown(suite: &Suite, aggs: &[Aggregate]) -> String {
     let cfg = &suite.config;
     let mut md = String::new();
+    let warmup = if cfg.warmup_steps > 0 {
+        format!(" after a warm-up of {} intervals (not counted)", cfg.warmup_steps)
+    } else {
+        String::new()
+    };
     let _ = writeln!(
         md,
-        "Mean ± 95% interval over {} seeds ({:?}); episodes of {} × {} ms; SLO: p99 ≤ {} µs. \
-         ★ marks the best policy: the lowest CPU per packet among those with no SLO-violating \
-         interval and drops ≤ 0.1% (or the smallest miss).\n",
+        "Mean ± 95% interval over {} seeds ({:?}); episodes of {} × {} ms{warmup}, each after a \
+         per-packet reset interval that is not counted. SLO: p99 ≤ {} µs of the latency-sensitive \
+         flows (request-response), which the p99 columns report; a scenario without any (bulk \
+         only) reports the p99 of all its flows, which the SLO does not cover. ★ marks the best \
+         policy: the lowest CPU per packet among those with no SLO-violating interval and drops \
+         ≤ 0.1% (or the smallest miss).\n",
         cfg.seeds.len(),
         cfg.seeds,
         cfg.sim.episode_steps,
         cfg.sim.interval_us as f64 / 1000.0,
         cfg.sim.reward.slo_p99_us
     );
-    let scenarios: Vec<&str> = suite.scenarios.iter().map(|s| s.name.as_str()).collect();
-    for s in scenarios {
+    for sc in &suite.scenarios {
+        let s = sc.name.as_str();
         let _ = writeln!(md, "### {s}\n");
+        if !has_sensitive_flows(sc) {
+            let _ = writeln!(
+                md,
+                "No latency-sensitive flow (bulk only): p99 is of all flows and the SLO does not apply.\n"
+            );
+        }
         let _ = writeln!(
             md,
             "| policy | CPU µs/pkt | p50 µs | p99 µs | p99.9 µs | SLO viol. % | drops % | kpps | reward |"
@@ -166,6 +180,11 @@ pub fn markdown(suite: &Suite, aggs: &[Aggregate]) -> String {
     md
 }
 
+/// Whether any flow of `sc` is held to the SLO.
+pub fn has_sensitive_flows(sc: &moderato_env::sim::Scenario) -> bool {
+    sc.vms.iter().any(|v| v.flows.iter().any(|f| f.is_latency_sensitive()))
+}
+
 fn points(aggs: &[Aggregate], scenario: &str) -> Vec<PlotPoint> {
     aggs.iter()
         .filter(|a| a.scenario == scenario)
@@ -176,6 +195,8 @@ fn points(aggs: &[Aggregate], scenario: &str) -> Vec<PlotPoint> {
             cpu_us: a.cpu_us_per_packet.mean,
             cpu_ci: a.cpu_us_per_packet.ci95,
             best: a.best,
+            slo_violation_rate: a.slo_violation_rate.mean,
+            drop_rate: a.drop_rate.mean,
         })
         .collect()
 }
@@ -190,8 +211,12 @@ struct JsonOut<'a> {
 /// Writes `report.md`, `results.csv`, `results.json`, `config.toml` and `plots/` into `dir`.
 pub fn write_outputs(dir: &Path, suite: &Suite, rows: &[Row], aggs: &[Aggregate]) -> Result<()> {
     std::fs::create_dir_all(dir.join("plots")).with_context(|| format!("cannot create {}", dir.display()))?;
-    let mut report =
-        format!("# Evaluation `{}`\n\nConfig: `{}`\n\n", suite.config.name, suite.path.display());
+    let mut report = format!(
+        "# Evaluation `{}`\n\nConfig: `{}` (re-run it as it is: `moderato eval {}`)\n\n",
+        suite.config.name,
+        suite.path.display(),
+        dir.join("config.toml").display()
+    );
     report.push_str(&markdown(suite, aggs));
     report.push_str("Plots: `plots/<scenario>.png` (CPU per packet against p99), `plots/summary.png`.\n");
     std::fs::write(dir.join("report.md"), report)?;
@@ -200,15 +225,25 @@ pub fn write_outputs(dir: &Path, suite: &Suite, rows: &[Row], aggs: &[Aggregate]
         w.serialize(r)?;
     }
     w.flush()?;
-    let json = JsonOut { config: &suite.config, rows, aggregates: aggs };
+    let portable = suite.config.portable(suite);
+    let json = JsonOut { config: &portable, rows, aggregates: aggs };
     std::fs::write(dir.join("results.json"), serde_json::to_string_pretty(&json)?)?;
-    std::fs::write(dir.join("config.toml"), toml::to_string(&suite.config)?)?;
+    // Paths made absolute, so that the copy runs from the run directory or anywhere else.
+    std::fs::write(
+        dir.join("config.toml"),
+        format!(
+            "# The evaluation's config, with absolute paths: moderato eval {}\n{}",
+            dir.join("config.toml").display(),
+            toml::to_string(&portable)?
+        ),
+    )?;
     let plots = dir.join("plots");
     let slo = suite.config.sim.reward.slo_p99_us;
     let mut summary = Vec::new();
     for sc in &suite.scenarios {
         let pts = points(aggs, &sc.name);
-        plot_scenario(&plots, &sc.name, &format!("{}: CPU per packet vs p99 latency", sc.name), slo, &pts)?;
+        let title = format!("{}: CPU per packet vs p99 latency", sc.name);
+        plot_scenario(&plots, &sc.name, &title, slo, has_sensitive_flows(sc), &pts)?;
         summary.push((sc.name.clone(), pts));
     }
     let reference = if aggs.iter().any(|a| a.policy == "dim") { "dim" } else { aggs[0].policy.as_str() };

@@ -34,21 +34,20 @@ pub use ppo::{IterationStats, Model, Perf, TrainState, Trainer};
 use crate::eval;
 use metrics::{Metrics, TensorBoard};
 
-#[derive(Debug, Args)]
+/// What `moderato train` was asked to do (the command line is in `main.rs`).
+#[derive(Debug, Clone)]
 pub struct TrainArgs {
     /// Experiment config (see experiments/example.toml).
     pub experiment: PathBuf,
     /// Continue the run in this directory from its newest checkpoint.
-    #[arg(long)]
     pub resume: Option<PathBuf>,
-    /// Run directory for a new run (default: runs/<name>-<time>).
-    #[arg(long)]
+    /// Run directory for a new run (default: `runs/<name>-<time>`).
     pub out: Option<PathBuf>,
-    /// Stop after this many iterations of this invocation (the run can be resumed).
-    #[arg(long)]
+    /// Start over in an existing `out`, deleting what an earlier run wrote there.
+    pub force: bool,
+    /// Stop after this many iterations of this invocation (with a checkpoint to resume from).
     pub max_iterations: Option<u64>,
     /// Skip the final evaluation against baselines.
-    #[arg(long)]
     pub no_eval: bool,
 }
 
@@ -58,8 +57,11 @@ pub struct ExportArgs {
     /// then its model.json is checked and sealed (provenance.semantics_sha256 added) into
     /// `model_dir`, which may be the same directory.
     pub checkpoint: PathBuf,
-    /// Where to write the frozen model.
+    /// Where to write the frozen model; refused if it holds files, unless --force.
     pub model_dir: PathBuf,
+    /// Overwrite the model in an existing MODEL_DIR.
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// The autodiff device every trainer uses: burn's CPU `flex` backend.
@@ -145,6 +147,48 @@ pub fn freeze(t: &Trainer, dir: &Path) -> Result<ModelMeta> {
     Ok(LearnedPolicy::save(dir, actor, meta)?)
 }
 
+/// What a run directory holds that a new run would overwrite (`--force` removes these only).
+const RUN_OUTPUTS: &[&str] = &["checkpoints", "model", "eval", "tb", "config.toml"];
+
+/// Whether `dir` exists and holds anything.
+fn non_empty_dir(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|mut rd| rd.next().is_some())
+}
+
+/// Makes `run` ready for a new run: refused if it holds anything, unless `force`, which removes
+/// what an earlier run wrote there (and nothing else).
+fn prepare_new_run(run: &Path, force: bool) -> Result<()> {
+    if run.exists() && !run.is_dir() {
+        bail!("--out {}: exists and is not a directory; choose another --out", run.display());
+    }
+    if non_empty_dir(run) {
+        if !force {
+            let resume = if checkpoints(run)?.is_empty() {
+                String::new()
+            } else {
+                format!("continue it with --resume {}, ", run.display())
+            };
+            bail!(
+                "--out {0}: already exists and is not empty; {resume}start over there with --out {0} --force \
+                 (deletes its {1}), or choose another --out",
+                run.display(),
+                RUN_OUTPUTS.join(", ")
+            );
+        }
+        for name in RUN_OUTPUTS {
+            let p = run.join(name);
+            let r = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+            match r {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| format!("--force: cannot remove {}", p.display())),
+            }
+        }
+        tracing::warn!("--force: removed the earlier run's outputs in {}", run.display());
+    }
+    std::fs::create_dir_all(run).with_context(|| format!("cannot create {}", run.display()))
+}
+
 /// Trains (or resumes) as the arguments say, then freezes and evaluates.
 pub fn run(args: TrainArgs) -> Result<()> {
     let exp = ExperimentConfig::load(&args.experiment)?;
@@ -154,21 +198,21 @@ pub fn run(args: TrainArgs) -> Result<()> {
             let Some(last) = checkpoints(run)?.pop() else {
                 bail!("{}: no checkpoint to resume from (expected {}/iter-*/)", run.display(), CHECKPOINTS);
             };
-            eprintln!("resuming from {}", last.display());
+            tracing::info!("run directory: {} (resuming from {})", run.display(), last.display());
             (Trainer::load_checkpoint(exp, &last, device)?, run.clone())
         }
         None => {
             let run = args.out.clone().unwrap_or_else(|| {
                 PathBuf::from("runs").join(format!("{}-{}", exp.config.name, crate::timestamp()))
             });
-            if checkpoints(&run)?.last().is_some() {
-                bail!(
-                    "{} already holds checkpoints: resume it with --resume {0}, or pick another --out",
-                    run.display()
-                );
-            }
-            std::fs::create_dir_all(&run).with_context(|| format!("cannot create {}", run.display()))?;
+            prepare_new_run(&run, args.force)?;
             std::fs::write(run.join("config.toml"), &exp.toml)?;
+            tracing::info!(
+                "run directory: {} ({} iterations; watch it with: tensorboard --logdir {})",
+                run.display(),
+                exp.config.iterations(),
+                run.join("tb").display()
+            );
             (Trainer::new(exp, device), run)
         }
     };
@@ -176,9 +220,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let finished = train_loop(&mut trainer, &run, &mut tb, args.max_iterations, true)?;
     tb.flush();
     if !finished {
-        eprint!("{}", trainer.perf.summary());
-        eprintln!(
-            "stopped after iteration {} of {}; continue with: moderato train {} --resume {}",
+        tracing::info!("{}", trainer.perf.summary().trim_end());
+        tracing::info!(
+            "stopped after iteration {} of {} (checkpoint written); continue with: moderato train {} --resume {}",
             trainer.state.iteration,
             trainer.exp.config.iterations(),
             args.experiment.display(),
@@ -188,8 +232,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
     let model_dir = run.join("model");
     freeze(&trainer, &model_dir)?;
-    eprintln!("frozen model: {}", model_dir.display());
-    if trainer.exp.config.evaluation.enabled && !args.no_eval {
+    tracing::info!("frozen model: {}", model_dir.display());
+    let evaluated = trainer.exp.config.evaluation.enabled && !args.no_eval;
+    if evaluated {
         let t0 = std::time::Instant::now();
         final_eval(&trainer, &run, &model_dir)?;
         let secs = t0.elapsed().as_secs_f64();
@@ -197,8 +242,29 @@ pub fn run(args: TrainArgs) -> Result<()> {
         tb.perf("perf/evaluation_s", secs, trainer.state.global_step);
         tb.flush();
     }
-    eprint!("{}", trainer.perf.summary());
+    tracing::info!("{}", trainer.perf.summary().trim_end());
+    tracing::info!("{}", next_steps(&run, &model_dir, evaluated));
     Ok(())
+}
+
+/// What to run after a finished training run.
+fn next_steps(run: &Path, model: &Path, evaluated: bool) -> String {
+    let (run, model) = (run.display(), model.display());
+    let mut s =
+        format!("done. Next:\n  tensorboard --logdir {run}/tb                 # the training curves\n");
+    if evaluated {
+        s.push_str(&format!(
+            "  less {run}/eval/report.md                     # the evaluation against the baselines\n"
+        ));
+        s.push_str(&format!("  moderato eval {run}/eval/config.toml        # re-run that evaluation\n"));
+    }
+    s.push_str(&format!(
+        "  moderato simulate experiments/scenarios/rr-latency.toml --policy {model}   # watch it interval by interval\n"
+    ));
+    s.push_str(&format!(
+        "  moderato deploy experiments/deploy/guest.toml --role guest --policy {model} --dry-run --steps 10"
+    ));
+    s
 }
 
 /// Iterates until the experiment's iterations are done (or `max_iterations` more), writing
@@ -219,20 +285,28 @@ pub fn train_loop(
     while trainer.state.iteration < total {
         if max_iterations.is_some_and(|m| done_here >= m) {
             bar.finish_and_clear();
+            // The stop's resume hint needs a checkpoint of this very iteration.
+            let newest = checkpoints(run)?.pop();
+            let name = format!("iter-{:06}", trainer.state.iteration);
+            if newest.as_deref().and_then(Path::file_name).is_none_or(|n| n != name.as_str()) {
+                write_checkpoint(trainer, run, keep)?;
+                metrics.flush();
+            }
             return Ok(false);
         }
         let s = trainer.iteration(metrics)?;
         done_here += 1;
         bar.set_position(s.iteration);
         bar.set_message(format!(
-            "return {:.3}  cpu {:.2} µs/pkt  p99 {:.0} µs  viol {:.0}%",
+            "iteration {}: return {:.3}  cpu {:.2} µs/pkt  p99 {:.0} µs  viol {:.0}%",
+            s.iteration,
             s.episodic_return,
             s.cpu_us_per_packet,
             s.p99_latency_us,
             100.0 * s.slo_violation_rate
         ));
         if !progress || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-            eprintln!(
+            tracing::info!(
                 "iter {:>5}/{total} step {:>9}  return {:8.3}  cpu {:5.2} µs/pkt  p99 {:7.1} µs  viol {:5.1}%  kl {:.4}",
                 s.iteration,
                 s.global_step,
@@ -271,6 +345,7 @@ fn final_eval(t: &Trainer, run: &Path, model_dir: &Path) -> Result<()> {
         statics: c.evaluation.statics.clone(),
         adaptive: Default::default(),
         threads: c.threads,
+        warmup_steps: 0,
     };
     let suite = cfg.into_suite(&t.exp.path)?;
     let cache = eval::Cache { dir: Some(PathBuf::from("runs/cache")) };
@@ -285,7 +360,7 @@ fn final_eval(t: &Trainer, run: &Path, model_dir: &Path) -> Result<()> {
     let mut meta: ModelMeta = serde_json::from_str(&std::fs::read_to_string(&p)?)?;
     meta.provenance.evaluation = Some(md);
     std::fs::write(&p, serde_json::to_string_pretty(&meta)?)?;
-    eprintln!("evaluation: {}", out.display());
+    tracing::info!("evaluation: {}", out.join("report.md").display());
     Ok(())
 }
 
@@ -316,6 +391,12 @@ pub fn export(args: ExportArgs) -> Result<()> {
     if dir.join(moderato_policies::learned::META_FILE).is_file() && !dir.join("state.json").exists() {
         return reseal(dir, &args.model_dir);
     }
+    if non_empty_dir(&args.model_dir) && !args.force {
+        bail!(
+            "{}: already exists and is not empty; overwrite it with --force, or choose another directory",
+            args.model_dir.display()
+        );
+    }
     let toml = std::fs::read_to_string(dir.join("config.toml"))
         .with_context(|| format!("{}: not a checkpoint (no config.toml)", dir.display()))?;
     let cfg: ExperimentConfig =
@@ -334,7 +415,7 @@ pub fn export(args: ExportArgs) -> Result<()> {
         .map_err(|e| anyhow::anyhow!("{}/model.bpk: {e:?}", dir.display()))?;
     let meta = model_meta(&cfg.name, &toml, &cfg, &state);
     LearnedPolicy::save(&args.model_dir, model.actor.valid(), meta)?;
-    eprintln!(
+    tracing::info!(
         "exported {} (iteration {}, {} steps) to {}",
         dir.display(),
         state.iteration,

@@ -1,16 +1,16 @@
 //! Proximal Policy Optimization, written top to bottom in the explicit style of CleanRL's
-//! `ppo_continuous_action.py` (https://github.com/vwxyzjn/cleanrl), for the two-actor policy of
+//! `ppo_continuous_action.py` (<https://github.com/vwxyzjn/cleanrl>), for the two-actor policy of
 //! `moderato_policies::learned` and a centralised critic.
 //!
 //! One iteration = one rollout of `num_steps` steps in each of `num_envs` simulators (stepped in
 //! parallel threads) + `update_epochs` epochs of minibatch updates.
 //!
-//! - PPO: Schulman et al. 2017, https://arxiv.org/abs/1707.06347
-//! - GAE(λ): Schulman et al. 2016, https://arxiv.org/abs/1506.02438
+//! - PPO: Schulman et al. 2017, <https://arxiv.org/abs/1707.06347>
+//! - GAE(λ): Schulman et al. 2016, <https://arxiv.org/abs/1506.02438>
 //! - The 37 implementation details: Huang et al. 2022,
-//!   https://iclr-blog-track.github.io/2022/03/25/ppo-implementation-details/
+//!   <https://iclr-blog-track.github.io/2022/03/25/ppo-implementation-details/>
 //! - Truncation bootstrapping as Stable-Baselines3 does it: at a time limit the reward gets
-//!   `γ V(s_final)` and the episode ends there (Pardo et al. 2018, https://arxiv.org/abs/1712.00378).
+//!   `γ V(s_final)` and the episode ends there (Pardo et al. 2018, <https://arxiv.org/abs/1712.00378>).
 //!
 //! Every rollout starts fresh episodes, seeded from `(seed, iteration, env, episode)`, and episodes
 //! end exactly at rollout boundaries; every random draw of an iteration is derived from

@@ -235,6 +235,22 @@ impl SimEnv {
         self.eng.as_ref().map_or(0, |e| e.now)
     }
 
+    /// Starts the episode's statistics afresh: [`Env::episode_summary`] then covers only the
+    /// steps after this call, so a warm-up (the backlog of the per-packet reset interval, a
+    /// policy settling) is left out. The simulation itself is not touched.
+    pub fn restart_summary(&mut self) {
+        if let Some(ep) = self.episode.as_mut() {
+            let vms = ep.vm_hist.len();
+            *ep = Episode {
+                totals: IntervalTruth { vms: vec![VmTruth::default(); vms], ..Default::default() },
+                vm_hist: (0..vms).map(|_| new_hist()).collect(),
+                intervals: 0,
+                slo_violations: 0,
+                duration_ns: 0,
+            };
+        }
+    }
+
     /// Packets offered, completed, dropped and in flight since reset: `offered = completed +
     /// dropped + in_flight` always holds.
     pub fn conservation(&self) -> Option<Conservation> {

@@ -1,0 +1,105 @@
+//! The `moderato` binary as a user types it: one grammar, old spellings, completions, man page,
+//! version, and simulate's policies, bounds, warm-up and summary.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn moderato(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_moderato"))
+        .args(args)
+        .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
+        .env("RUST_LOG", "info")
+        .output()
+        .expect("the moderato binary runs")
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = moderato(args);
+    assert!(o.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8(o.stdout).unwrap()
+}
+
+fn fails(args: &[&str]) -> String {
+    let o = moderato(args);
+    assert!(!o.status.success(), "{args:?} succeeded");
+    String::from_utf8(o.stderr).unwrap()
+}
+
+const RR: &str = "experiments/scenarios/rr-latency.toml";
+
+#[test]
+fn version_names_the_source_revision() {
+    let v = ok(&["--version"]);
+    let rev = v
+        .trim()
+        .strip_prefix(concat!("moderato ", env!("CARGO_PKG_VERSION"), " ("))
+        .unwrap_or_else(|| panic!("{v}"));
+    assert!(rev.ends_with(')') && rev.len() > 1, "{v}");
+}
+
+#[test]
+fn completions_and_man_page() {
+    let bash = ok(&["completions", "bash"]);
+    assert!(bash.contains("_moderato") && bash.contains("simulate") && bash.contains("--policy"), "bash");
+    assert!(ok(&["completions", "zsh"]).contains("#compdef moderato"));
+    let man = ok(&["man"]);
+    assert!(man.contains(".TH moderato") && man.contains("simulate"), "{man}");
+    let dir = tempfile::tempdir().unwrap();
+    ok(&["man", "--out", dir.path().to_str().unwrap()]);
+    for page in ["moderato.1", "moderato-train.1", "moderato-deploy.1"] {
+        assert!(dir.path().join(page).is_file(), "{page} missing");
+    }
+    let e = fails(&["completions", "tcsh"]);
+    assert!(e.contains("tcsh") && e.contains("bash"), "{e}");
+}
+
+#[test]
+fn simulate_old_and_new_spellings_agree() {
+    let new = ok(&["simulate", RR, "--policy", "static:16/16", "--steps", "3", "--quiet"]);
+    let old = ok(&["simulate", RR, "--settings", "static:16/16", "--steps", "3", "--quiet"]);
+    assert_eq!(new, old);
+    assert!(new.contains("under static:16/16"), "{new}");
+}
+
+#[test]
+fn simulate_per_layer_knobs_and_bounds() {
+    let per_layer =
+        ok(&["simulate", RR, "--policy", "nic=20/32,backend=0/1,frontend=8/16", "--steps", "3", "--quiet"]);
+    assert!(per_layer.contains("under static:nic=20/32,backend=0/1,frontend=8/16"), "{per_layer}");
+    let uniform = ok(&["simulate", RR, "--policy", "static:20/32", "--steps", "3", "--quiet"]);
+    assert_ne!(per_layer.lines().skip(2).collect::<Vec<_>>(), uniform.lines().skip(2).collect::<Vec<_>>());
+    let e = fails(&["simulate", RR, "--policy", "static:1000000/4", "--steps", "3"]);
+    assert!(e.contains("1000000") && e.contains("bound 1000"), "{e}");
+    let e = fails(&["simulate", RR, "--policy", "dimm", "--steps", "3"]);
+    assert!(e.contains("valid names") && !e.contains("best-static"), "{e}");
+    let e = fails(&["simulate", RR, "--policy", "best-static", "--steps", "3"]);
+    assert!(e.contains("moderato eval"), "{e}");
+    let e = fails(&["simulate", RR, "--policy", "nic=20/32,bakend=1/1", "--steps", "3"]);
+    assert!(e.contains("bakend") && e.contains("not a layer"), "{e}");
+}
+
+#[test]
+fn simulate_summary_counts_after_the_warm_up_and_gives_the_simulated_time() {
+    let out = ok(&["simulate", RR, "--steps", "3", "--warmup", "2", "--interval-ms", "10"]);
+    assert!(out.contains("warm-up of 2 intervals ends"), "{out}");
+    // The reset interval, 2 warm-up and 3 counted intervals: 60 ms simulated, 30 ms counted.
+    assert!(out.contains("0.060 s simulated"), "{out}");
+    assert!(out.contains("the last 3 intervals, 0.030 s"), "{out}");
+    assert!(out.contains("violated in") && out.contains("of 3 intervals"), "{out}");
+    // 0.03 s is three 10 ms intervals (floating point once made it four).
+    let out = ok(&["simulate", RR, "--seconds", "0.03", "--quiet"]);
+    assert!(out.contains("the last 3 intervals, 0.030 s") && out.contains("0.040 s simulated"), "{out}");
+    let bulk = ok(&["simulate", "experiments/scenarios/bulk-tx.toml", "--steps", "2", "--quiet"]);
+    assert!(bulk.contains("none latency-sensitive") && bulk.contains("has none (bulk only)"), "{bulk}");
+}
+
+#[test]
+fn observe_takes_the_config_first_or_the_old_flag() {
+    // A config that does not exist: both spellings reach the loader with the same path.
+    let new = fails(&["observe", "no-such.toml", "--steps", "1"]);
+    let old = fails(&["observe", "--config", "no-such.toml", "--count", "1"]);
+    assert!(new.contains("no-such.toml"), "{new}");
+    assert_eq!(new, old);
+    let e = fails(&["observe", "a.toml", "--config", "b.toml"]);
+    assert!(e.contains("cannot be used with"), "{e}");
+}
