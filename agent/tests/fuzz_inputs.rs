@@ -1005,12 +1005,9 @@ fn mutated_shipped_inputs_end_in_success_or_a_clear_error() {
     check(env_usize("MODERATO_FUZZ_CASES", CI_CASES).min(CI_CASES * 5), Inputs::Mine);
 }
 
-/// The deploy configs (experiments/deploy/*.toml) through the same mutations. Ignored until the
-/// deploy config's error path stops panicking on an empty file (`key_at` in
-/// agent/src/deploy/config.rs indexes the lines of an empty text; issue 14): run it with
-/// `cargo test --release -p moderato-agent --test fuzz_inputs -- --ignored mutated_deploy`.
+/// The deploy configs (experiments/deploy/*.toml) through the same mutations (an empty file used
+/// to panic in the deploy config's error path).
 #[test]
-#[ignore = "deploy/config.rs panics on an empty file until the deploy fix of issue 14 is merged"]
 fn mutated_deploy_configs_end_in_success_or_a_clear_error() {
     check(env_usize("MODERATO_FUZZ_CASES", CI_CASES / 2), Inputs::Deploy);
 }

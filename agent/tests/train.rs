@@ -315,6 +315,7 @@ fn a_checkpoint_whose_optimizer_state_is_unreadable_is_refused_with_the_reason()
     std::fs::write(tmp.path().join("optimizer.bpk"), b"truncated").unwrap();
     let e = Trainer::load_checkpoint(experiment(&text), tmp.path(), train_device()).unwrap_err().to_string();
     assert!(e.contains("optimizer.bpk") && e.contains("not a burnpack file"), "{e}");
+}
 
 #[test]
 fn a_max_iterations_stop_leaves_a_checkpoint_to_resume_from() {
