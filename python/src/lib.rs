@@ -565,18 +565,19 @@ impl Sim {
     }
 }
 
-/// One episode of `source` on `setup`, as `moderato eval` runs one job.
+/// One episode of `source` on `setup`, as `moderato eval` runs one job (no warm-up: eval's
+/// default `warmup_steps = 0`).
 fn evaluate_one(setup: &Setup, source: &PolicySource, seed: u64) -> anyhow::Result<Row> {
     let sc = &setup.scenario;
     let mut policy = match source {
         PolicySource::BestStatic => {
             let cache = moderato_agent::eval::Cache { dir: None };
-            let found = best_static(sc, &setup.sim, seed, &cache)?;
+            let found = best_static(sc, &setup.sim, seed, 0, &cache)?;
             Box::new(FixedPolicy::new("best-static", found.settings))
         }
         other => other.instantiate(&setup.sim.spec(sc.vms.len()))?,
     };
-    let (summary, reward) = run_episode(sc, &setup.sim, &setup.adaptive, policy.as_mut(), seed)?;
+    let (summary, reward) = run_episode(sc, &setup.sim, &setup.adaptive, policy.as_mut(), seed, 0)?;
     Ok(Row::from_summary(&sc.name, &source.label(), seed, &summary, reward))
 }
 
