@@ -278,6 +278,21 @@ impl Stage {
             _ => None,
         }
     }
+
+    /// The adaptive algorithm, if any, sees the driver's sample now and may set new knobs.
+    fn controller_sample(&mut self, now: u64) {
+        if let Some(c) = self.controller.as_mut() {
+            let sample = DriverSample {
+                time_ns: now,
+                event_ctr: self.c.notifications as u16,
+                pkt_ctr: self.ctr_pkts as u32,
+                byte_ctr: self.ctr_bytes as u32,
+            };
+            if let Some(k) = c.ctl.on_notification(&sample) {
+                self.trigger = Trigger::Knobs(k);
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -1002,18 +1017,7 @@ impl Engine {
                 let job = self.cost(si, k, bytes, first, notify_ns);
                 // The adaptive algorithm sees the sample after every notification, as a driver
                 // calls net_dim after each poll.
-                let st = &mut self.stages[si];
-                if let Some(c) = st.controller.as_mut() {
-                    let sample = DriverSample {
-                        time_ns: now,
-                        event_ctr: st.c.notifications as u16,
-                        pkt_ctr: st.ctr_pkts as u32,
-                        byte_ctr: st.ctr_bytes as u32,
-                    };
-                    if let Some(k) = c.ctl.on_notification(&sample) {
-                        st.trigger = Trigger::Knobs(k);
-                    }
-                }
+                self.stages[si].controller_sample(now);
                 job
             }
             Trigger::Worker { .. } => Job::unclaimed(si),
@@ -1129,17 +1133,7 @@ impl Engine {
         // (and ixgbe its ITR update) when a poll completes; then the interrupt is re-armed.
         let now = self.now;
         let st = &mut self.stages[si];
-        if let Some(c) = st.controller.as_mut() {
-            let sample = DriverSample {
-                time_ns: now,
-                event_ctr: st.c.notifications as u16,
-                pkt_ctr: st.ctr_pkts as u32,
-                byte_ctr: st.ctr_bytes as u32,
-            };
-            if let Some(k) = c.ctl.on_notification(&sample) {
-                st.trigger = Trigger::Knobs(k);
-            }
-        }
+        st.controller_sample(now);
         st.masked = false;
         let in_ksoftirqd = std::mem::take(&mut st.ksoftirqd);
         if st.pending == 0 {
