@@ -29,44 +29,6 @@ use serde::{Deserialize, Serialize};
 /// The journal format's version.
 pub const JOURNAL_VERSION: u32 = 1;
 
-/// The knobs as the journal stores them: ethtool's names, `null` where the driver lacks one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Knobs {
-    pub rx_usecs: Option<u32>,
-    pub rx_frames: Option<u32>,
-    pub tx_usecs: Option<u32>,
-    pub tx_frames: Option<u32>,
-    pub adaptive_rx: Option<bool>,
-    pub adaptive_tx: Option<bool>,
-}
-
-impl From<CoalesceParams> for Knobs {
-    fn from(p: CoalesceParams) -> Self {
-        Knobs {
-            rx_usecs: p.rx_usecs,
-            rx_frames: p.rx_frames,
-            tx_usecs: p.tx_usecs,
-            tx_frames: p.tx_frames,
-            adaptive_rx: p.adaptive_rx,
-            adaptive_tx: p.adaptive_tx,
-        }
-    }
-}
-
-impl From<Knobs> for CoalesceParams {
-    fn from(k: Knobs) -> Self {
-        CoalesceParams {
-            rx_usecs: k.rx_usecs,
-            rx_frames: k.rx_frames,
-            tx_usecs: k.tx_usecs,
-            tx_frames: k.tx_frames,
-            adaptive_rx: k.adaptive_rx,
-            adaptive_tx: k.adaptive_tx,
-        }
-    }
-}
-
 /// One interface's journal: its settings before the deploy with `pid` changed anything.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -79,7 +41,8 @@ pub struct Entry {
     pub ifindex: Option<u64>,
     /// The layer it played, for people reading the file.
     pub layer: String,
-    pub original: Knobs,
+    /// The knobs with ethtool's names, `null` where the driver lacks one.
+    pub original: CoalesceParams,
     /// When it was written, RFC 3339.
     pub written_at: String,
 }
@@ -92,19 +55,14 @@ impl Entry {
             interface: o.ifname.clone(),
             ifindex: o.ifindex,
             layer: o.layer.to_string(),
-            original: o.params.into(),
+            original: o.params,
             written_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         }
     }
 
     /// The original, as the layer `layer` of this side's config.
     pub fn original(&self, layer: LayerId) -> Original {
-        Original {
-            layer,
-            ifname: self.interface.clone(),
-            ifindex: self.ifindex,
-            params: self.original.into(),
-        }
+        Original { layer, ifname: self.interface.clone(), ifindex: self.ifindex, params: self.original }
     }
 }
 

@@ -315,7 +315,7 @@ pub fn restore_with(
             Outcome::Restored(e) => {
                 restored += 1;
                 tracing::info!(target: "moderato::restore", interface = %name, pid = e.pid,
-                    original = %moderato_env::live::CoalesceParams::from(e.original),
+                    original = %e.original,
                     "restored the original settings journalled by PID {}", e.pid);
             }
             Outcome::Failed { entry, why, kept } => {

@@ -19,8 +19,10 @@ use nlink::netlink::{Connection, Ethtool};
 use super::LiveError;
 
 /// Coalescing parameters of one interface. Read: `None` where the driver does not support the
-/// parameter. Set: `None` leaves it unchanged.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+/// parameter. Set: `None` leaves it unchanged. Serialised with ethtool's names (the deploy's
+/// state journal stores them).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CoalesceParams {
     pub rx_usecs: Option<u32>,
     pub rx_frames: Option<u32>,
