@@ -65,7 +65,7 @@ fn the_originals_are_journalled_before_the_first_change_and_the_journal_goes_aft
         if n == 1 {
             assert!(sets.lock().unwrap().is_empty());
             let e: Entry = serde_json::from_str(&std::fs::read_to_string(&j).unwrap()).unwrap();
-            assert_eq!(CoalesceParams::from(e.original), ORIGINAL);
+            assert_eq!(e.original, ORIGINAL);
             assert_eq!(e.pid, std::process::id());
             assert_eq!(
                 (e.interface.as_str(), e.layer.as_str(), e.ifindex),
@@ -114,7 +114,7 @@ fn sigkill_left_settings_are_not_taken_as_the_original_at_the_next_start() {
     assert_eq!(rig.sets().first().copied().map(|p| ORIGINAL.updated(&p)), Some(ORIGINAL));
     assert_eq!(rig.state(), ORIGINAL);
     let e = StateDir::open(state.path()).unwrap().read("eth0").unwrap().unwrap();
-    assert_eq!(CoalesceParams::from(e.original), ORIGINAL);
+    assert_eq!(e.original, ORIGINAL);
     assert_eq!(e.pid, std::process::id());
     let (_tx, rx) = watch::channel(false);
     let s = rt().block_on(lp.run(rx)).unwrap();
