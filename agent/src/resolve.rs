@@ -66,11 +66,13 @@ impl PolicySource {
 }
 
 /// A model's name in reports: its directory relative to the working directory when it lies
-/// below it (`models/default`, `runs/quickstart-…/model`), else the path as found.
+/// below it (`models/default`, `runs/quickstart-…/model`), else the path as found (also when the
+/// working directory is `/`, as in the container, where relative paths would read oddly).
 fn model_label(dir: &Path) -> String {
     let cwd = std::env::current_dir().ok().and_then(|c| std::fs::canonicalize(c).ok());
     let full = std::fs::canonicalize(dir).ok();
     if let (Some(cwd), Some(full)) = (cwd, full.as_ref())
+        && cwd.parent().is_some()
         && let Ok(rel) = full.strip_prefix(&cwd)
         && !rel.as_os_str().is_empty()
     {
