@@ -192,16 +192,47 @@ fn run_eval(a: EvalArgs) -> Result<()> {
     });
     let cache = eval::Cache { dir: (!a.no_cache).then_some(a.cache_dir) };
     let started = std::time::Instant::now();
-    let rows = eval::run_suite(&suite, &cache, true)?;
-    let aggs = eval::aggregate(&rows);
-    println!("{}", eval::report::markdown(&suite, &aggs));
-    eval::write_outputs(&out, &suite, &rows, &aggs)?;
+    let targets = suite.slo_targets();
+    if targets.len() == 1 {
+        let rows = eval::run_suite(&suite, &cache, true)?;
+        let aggs = eval::aggregate(&rows);
+        println!("{}", eval::report::markdown(&suite, &aggs));
+        println!("Over all scenarios:\n\n{}", eval::report::overview(&aggs));
+        eval::write_outputs(&out, &suite, &rows, &aggs)?;
+        tracing::info!(
+            "{} episodes in {:.1} s; wrote {} (re-run it with: moderato eval {})",
+            rows.len(),
+            started.elapsed().as_secs_f64(),
+            out.display(),
+            out.join("config.toml").display()
+        );
+        return Ok(());
+    }
+    // A sweep: the whole suite at each target, each in its own directory, and an overview.
+    let mut md = format!(
+        "# Evaluation `{}` at {} SLO targets\n\nConfig: `{}`. Each target's full report: `slo-<target>/report.md`.\n\n",
+        suite.config.name,
+        targets.len(),
+        config.display()
+    );
+    let mut episodes = 0;
+    for t in targets {
+        let sub = suite.at_slo(t);
+        tracing::info!("SLO p99 ≤ {t} µs");
+        let rows = eval::run_suite(&sub, &cache, true)?;
+        let aggs = eval::aggregate(&rows);
+        let dir = out.join(format!("slo-{t}"));
+        eval::write_outputs(&dir, &sub, &rows, &aggs)?;
+        episodes += rows.len();
+        md.push_str(&format!("## SLO p99 ≤ {t} µs\n\n{}\n", eval::report::overview(&aggs)));
+    }
+    println!("{md}");
+    std::fs::write(out.join("report.md"), &md).with_context(|| format!("cannot write {}", out.display()))?;
     tracing::info!(
-        "{} episodes in {:.1} s; wrote {} (re-run it with: moderato eval {})",
-        rows.len(),
+        "{episodes} episodes in {:.1} s; wrote {} (re-run it with: moderato eval {})",
         started.elapsed().as_secs_f64(),
         out.display(),
-        out.join("config.toml").display()
+        config.display()
     );
     Ok(())
 }

@@ -40,7 +40,7 @@ impl PolicySource {
     /// A fresh policy for an environment with this spec; a model is checked against it.
     pub fn instantiate(&self, spec: &EnvSpec) -> Result<Box<dyn Policy>> {
         match self {
-            PolicySource::Baseline { name, statics } => Ok(baselines::baseline(name, statics)?),
+            PolicySource::Baseline { name, statics } => Ok(baselines::baseline_for(name, statics, spec.slo_p99_us)?),
             PolicySource::BestStatic => {
                 Err(anyhow!("best-static is searched per scenario, not instantiated"))
             }
@@ -116,7 +116,8 @@ pub fn resolve_fixed(
             return resolve_fixed(&format!("static:{name}"), base, statics);
         }
     }
-    match baselines::baseline(name, statics) {
+    // The name is checked here; `slo-feedback` takes its target from the run when instantiated.
+    match baselines::baseline_for(name, statics, Some(200.0)) {
         Ok(_) => Ok(PolicySource::Baseline { name: name.to_string(), statics: statics.clone() }),
         Err(e @ baselines::UnknownPolicy::Malformed { .. }) => Err(e.into()),
         Err(e) => {
@@ -157,7 +158,11 @@ pub fn deploy_policy(name: &str, vms: usize) -> Result<Box<dyn Policy>> {
             p.check_vms(vms)?;
             Ok(Box::new(p))
         }
-        other => other.instantiate(&moderato_env::sim::SimConfig::default().spec(vms)),
+        other => {
+            // A live run's target comes from its config (`[slo]`), never from the simulator's default.
+            let spec = moderato_env::EnvSpec { slo_p99_us: None, ..moderato_env::sim::SimConfig::default().spec(vms) };
+            other.instantiate(&spec)
+        }
     }
 }
 

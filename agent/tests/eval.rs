@@ -17,6 +17,7 @@ fn suite(policies: &[&str]) -> eval::Suite {
         adaptive: Default::default(),
         threads: 2,
         warmup_steps: 0,
+        slo_p99_us: None,
     };
     cfg.into_suite(&dir.join("test.toml")).unwrap()
 }
@@ -176,6 +177,7 @@ fn the_report_says_which_flows_the_slo_covers() {
         adaptive: Default::default(),
         threads: 2,
         warmup_steps: 0,
+        slo_p99_us: None,
     };
     let s = cfg.into_suite(&dir.join("t.toml")).unwrap();
     let rows = eval::run_suite(&s, &Cache { dir: None }, false).unwrap();
@@ -200,7 +202,58 @@ fn out_of_bounds_knobs_in_an_eval_config_are_refused() {
         adaptive: Default::default(),
         threads: 1,
         warmup_steps: 0,
+        slo_p99_us: None,
     };
     let e = format!("{:#}", cfg.into_suite(&dir.join("t.toml")).unwrap_err());
     assert!(e.contains("t.toml") && e.contains("2000") && e.contains("usecs_max"), "{e}");
+}
+
+fn sweep_config(targets: &str) -> std::result::Result<eval::Suite, String> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../experiments/eval");
+    let text = format!(
+        "name = \"sweep\"\nscenarios = [\"../scenarios/rr-latency.toml\"]\npolicies = [\"static:moderate\", \"slo-feedback\"]\n\
+         seeds = [1, 2, 3]\nthreads = 2\nslo_p99_us = {targets}\n[sim]\ninterval_us = 10000\nepisode_steps = 40\n"
+    );
+    let cfg: EvalConfig = toml::from_str(&text).map_err(|e| e.to_string())?;
+    cfg.into_suite(&dir.join("sweep.toml")).map_err(|e| format!("{e:#}"))
+}
+
+#[test]
+fn an_slo_sweep_runs_the_suite_at_each_target_and_slo_feedback_follows_it() {
+    let suite = sweep_config("[60, 1000]").unwrap();
+    assert_eq!(suite.slo_targets(), vec![60.0, 1000.0]);
+    let at = |t: f64| {
+        let s = suite.at_slo(t);
+        assert_eq!(s.config.sim.reward.slo_p99_us, t);
+        eval::aggregate(&eval::run_suite(&s, &Cache { dir: None }, false).unwrap())
+    };
+    let (tight, loose) = (at(60.0), at(1000.0));
+    let get = |a: &[eval::Aggregate], p: &str| a.iter().find(|x| x.policy == p).unwrap().clone();
+    // A fixed setting does the same work whatever the target; only its violations are counted
+    // against a different line.
+    let (ft, fl) = (get(&tight, "static:moderate"), get(&loose, "static:moderate"));
+    assert_eq!(ft.cpu_us_per_packet, fl.cpu_us_per_packet);
+    assert!(ft.slo_violation_rate.mean >= fl.slo_violation_rate.mean);
+    // The feedback controller coalesces more (less CPU per packet) when it is given more room.
+    let (st, sl) = (get(&tight, "slo-feedback"), get(&loose, "slo-feedback"));
+    assert!(
+        sl.cpu_us_per_packet.mean < st.cpu_us_per_packet.mean,
+        "1000 µs: {:?}, 60 µs: {:?}",
+        sl.cpu_us_per_packet,
+        st.cpu_us_per_packet
+    );
+    assert!(sl.p99_us.mean > st.p99_us.mean);
+    let md = eval::report::overview(&loose);
+    assert!(md.contains("| slo-feedback |") && md.contains("| static:moderate |"), "{md}");
+}
+
+#[test]
+fn bad_slo_targets_are_refused_with_the_key() {
+    for (t, want) in [("[]", "1 to 16"), ("[100, 100]", "repeats"), ("-5", "(0, 10000000]"), ("[100, 1e9]", "1000000000")]
+    {
+        let e = sweep_config(t).err().unwrap_or_else(|| panic!("{t} was accepted"));
+        assert!(e.contains("slo_p99_us") && e.contains(want), "{t}: {e}");
+    }
+    // One target overrides [sim.reward].
+    assert_eq!(sweep_config("150").unwrap().config.sim.reward.slo_p99_us, 150.0);
 }

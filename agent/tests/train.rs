@@ -36,6 +36,7 @@ impl Bandit {
             max_steps: Some(16),
             host_probe: false,
             guest_probe: false,
+            slo_p99_us: None,
         };
         Bandit { spec, rng: 0, high: false, steps: 0 }
     }

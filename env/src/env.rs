@@ -20,6 +20,10 @@ pub struct EnvSpec {
     pub host_probe: bool,
     /// Whether guest application latency probes exist.
     pub guest_probe: bool,
+    /// The p99 latency target (µs) the run is judged against, where one is set: the simulator's
+    /// `[sim.reward] slo_p99_us`, a deploy config's `[slo] p99_us`. Policies that steer to a
+    /// target (`slo-feedback`) take it from here.
+    pub slo_p99_us: Option<f64>,
 }
 
 impl EnvSpec {

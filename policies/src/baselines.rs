@@ -11,6 +11,8 @@
 //! `static:1000/4`.
 //! - `dim`, `itr`: the kernel's adaptive algorithms, run inside every layer and direction by the
 //!   environment (`adaptive-rx/tx on`).
+//! - `slo-feedback` (the run's SLO as target) or `slo-feedback:<p99_us>`: AIMD feedback on each
+//!   VM's probe p99 ([`crate::slo_feedback`]).
 //!
 //! `best-static` (the hindsight oracle over fixed settings) is a search, not a fixed policy; see
 //! [`crate::best_static`].
@@ -24,6 +26,7 @@ use moderato_env::{
 use serde::{Deserialize, Serialize};
 
 use crate::Policy;
+use crate::slo_feedback::{Gains, SloFeedbackPolicy};
 
 /// A whole static setting by layer kind: the NIC, and every VM's backend and frontend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -182,7 +185,8 @@ pub enum UnknownPolicy {
 /// Every fixed baseline name (with `customs`, the config's own knob sets). `best-static` is not
 /// among them: only `moderato eval` searches for it.
 pub fn baseline_names(customs: &BTreeMap<String, StaticSpec>) -> Vec<String> {
-    let mut v = vec!["per-packet".to_string(), "dim".into(), "itr".into()];
+    let mut v = vec!["per-packet".to_string(), "dim".into(), "itr".into(), "slo-feedback".into()];
+    v.push("slo-feedback:<p99_us>".into());
     v.extend(PRESETS.iter().map(|p| format!("static:{}", p.0)));
     v.extend(customs.keys().map(|k| format!("static:{k}")));
     v.push("static:<usecs>/<frames>".into());
@@ -290,12 +294,49 @@ pub fn check_bounds(policy: &str, spec: &StaticSpec, space: &ActionSpace) -> Res
 }
 
 /// A fixed baseline by name. `best-static` is not one: it needs a search (see
-/// [`crate::best_static`]), so it is refused here.
+/// [`crate::best_static`]), so it is refused here. `slo-feedback` without a target is refused
+/// too: use [`baseline_for`] with the run's SLO, or name the target (`slo-feedback:150`).
 pub fn baseline(
     name: &str,
     customs: &BTreeMap<String, StaticSpec>,
 ) -> Result<Box<dyn Policy>, UnknownPolicy> {
+    baseline_for(name, customs, None)
+}
+
+/// Bounds of an `slo-feedback` target, µs (those of `[sim.reward] slo_p99_us`).
+pub const SLO_TARGET_US: (f64, f64) = (1.0, 10_000_000.0);
+
+/// Parses the target of `slo-feedback:<p99_us>`.
+pub fn parse_slo_target(name: &str, s: &str) -> Result<f64, UnknownPolicy> {
+    let bad = |why: String| UnknownPolicy::Malformed { name: name.to_string(), why };
+    let v: f64 = s.trim().parse().map_err(|_| bad(format!("`{s}` is not a p99 target in µs (e.g. slo-feedback:200)")))?;
+    if !(v.is_finite() && (SLO_TARGET_US.0..=SLO_TARGET_US.1).contains(&v)) {
+        return Err(bad(format!("target {v} µs is outside {}..={} µs", SLO_TARGET_US.0, SLO_TARGET_US.1)));
+    }
+    Ok(v)
+}
+
+/// [`baseline`], with the run's p99 target (µs) for `slo-feedback` where the run has one.
+pub fn baseline_for(
+    name: &str,
+    customs: &BTreeMap<String, StaticSpec>,
+    slo_p99_us: Option<f64>,
+) -> Result<Box<dyn Policy>, UnknownPolicy> {
     let unknown = || UnknownPolicy::Unknown { name: name.to_string(), valid: baseline_names(customs) };
+    if name == "slo-feedback" {
+        let Some(t) = slo_p99_us else {
+            return Err(UnknownPolicy::Malformed {
+                name: name.to_string(),
+                why: "this run has no latency target: name one (slo-feedback:<p99_us>, e.g. slo-feedback:200) or \
+                      set the run's SLO ([slo] p99_us in a deploy config)"
+                    .into(),
+            });
+        };
+        return Ok(Box::new(SloFeedbackPolicy::new(name, t, Gains::default())));
+    }
+    if let Some(t) = name.strip_prefix("slo-feedback:") {
+        return Ok(Box::new(SloFeedbackPolicy::new(name, parse_slo_target(name, t)?, Gains::default())));
+    }
     match name {
         "per-packet" => Ok(Box::new(StaticPolicy::per_packet())),
         "dim" => Ok(Box::new(AdaptivePolicy::new(Adaptive::Dim))),

@@ -11,6 +11,7 @@ pub mod adaptive;
 pub mod baselines;
 pub mod best_static;
 pub mod learned;
+pub mod slo_feedback;
 
 use moderato_env::{CoalescingSettings, Observation};
 

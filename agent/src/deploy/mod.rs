@@ -215,9 +215,15 @@ fn deploy(args: DeployArgs, load_policy: &PolicyLoader) -> Result<()> {
     let live = cfg.live_config(role, &args.config)?;
     let limits = cfg.limits(role, &args.config)?;
     let vms = live.vms();
-    let primary = load_policy(&args.policy, vms)
+    // `slo-feedback` steers to the config's `[slo] p99_us` (without one, the resolver says how to
+    // name a target).
+    let with_target = |name: &str| match (&cfg.slo, name) {
+        (Some(slo), "slo-feedback") => format!("slo-feedback:{}", slo.p99_us),
+        _ => name.to_string(),
+    };
+    let primary = load_policy(&with_target(&args.policy), vms)
         .with_context(|| format!("loading the policy `{}` (--policy)", args.policy))?;
-    let fallback = load_policy(&cfg.fallback, vms).with_context(|| {
+    let fallback = load_policy(&with_target(&cfg.fallback), vms).with_context(|| {
         format!(
             "loading the fallback policy `{}` (key `fallback` in {})",
             cfg.fallback,

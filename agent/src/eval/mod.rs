@@ -70,7 +70,33 @@ pub struct EvalConfig {
     /// `[sim] episode_steps`.
     #[serde(default)]
     pub warmup_steps: u32,
+    /// The SLO (p99 µs of the latency-sensitive flows) to evaluate at: one target, which
+    /// overrides `[sim.reward] slo_p99_us`, or a list (`[100, 200, 500]`) that runs the whole
+    /// suite at each target (best-static searched per target) and reports each. Absent: the
+    /// `[sim.reward]` value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slo_p99_us: Option<SloTargets>,
 }
+
+/// One SLO target or a list of them (`slo_p99_us = 200` or `slo_p99_us = [100, 200, 500]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum SloTargets {
+    One(f64),
+    Many(Vec<f64>),
+}
+
+impl SloTargets {
+    pub fn list(&self) -> Vec<f64> {
+        match self {
+            SloTargets::One(t) => vec![*t],
+            SloTargets::Many(v) => v.clone(),
+        }
+    }
+}
+
+/// Most targets one sweep may list.
+pub const MAX_SLO_TARGETS: usize = 16;
 
 fn d_seeds() -> Vec<u64> {
     vec![1, 2, 3]
@@ -128,7 +154,7 @@ impl EvalConfig {
     }
 
     /// Validates and resolves everything against `path`'s directory.
-    pub fn into_suite(self, path: &Path) -> Result<Suite> {
+    pub fn into_suite(mut self, path: &Path) -> Result<Suite> {
         let base = path.parent().unwrap_or(Path::new("."));
         let at = path.display();
         // The name becomes runs/eval-<name>-<time>: it must not leave runs/.
@@ -163,6 +189,25 @@ impl EvalConfig {
         if seeds.len() != self.seeds.len() {
             bail!("{at}: `seeds` repeats a seed: {:?}", self.seeds);
         }
+        if let Some(t) = &self.slo_p99_us {
+            let list = t.list();
+            if list.is_empty() || list.len() > MAX_SLO_TARGETS {
+                bail!(
+                    "{at}: `slo_p99_us` has {} targets: give 1 to {MAX_SLO_TARGETS} (e.g. slo_p99_us = [100, 200, 500])",
+                    list.len()
+                );
+            }
+            for &v in &list {
+                if !(v.is_finite() && v > 0.0 && v <= 10_000_000.0) {
+                    bail!("{at}: `slo_p99_us` = {v}: a p99 target in µs must be in (0, 10000000]");
+                }
+            }
+            if list.iter().enumerate().any(|(i, a)| list[..i].contains(a)) {
+                bail!("{at}: `slo_p99_us` repeats a target: {list:?}");
+            }
+            // The first target is the suite's own; a sweep derives the others with `at_slo`.
+            self.sim.reward.slo_p99_us = list[0];
+        }
         self.sim.validate().map_err(|m| anyhow::anyhow!("{at}: [sim] {m}"))?;
         let scenarios = self
             .scenarios
@@ -184,6 +229,22 @@ impl EvalConfig {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Suite { config: self, path: path.to_path_buf(), scenarios, policies })
+    }
+}
+
+impl Suite {
+    /// The SLO targets this suite evaluates at: `slo_p99_us`'s list, else `[sim.reward]`'s.
+    pub fn slo_targets(&self) -> Vec<f64> {
+        self.config.slo_p99_us.as_ref().map_or_else(|| vec![self.config.sim.reward.slo_p99_us], |t| t.list())
+    }
+
+    /// This suite at one SLO target (the reward, the violation count and best-static's search
+    /// all use it).
+    pub fn at_slo(&self, target: f64) -> Suite {
+        let mut s = self.clone();
+        s.config.sim.reward.slo_p99_us = target;
+        s.config.slo_p99_us = Some(SloTargets::One(target));
+        s
     }
 }
 

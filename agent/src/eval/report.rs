@@ -180,6 +180,56 @@ pub fn markdown(suite: &Suite, aggs: &[Aggregate]) -> String {
     md
 }
 
+/// One line per policy over every scenario of `aggs`: mean CPU per packet, its ratio to
+/// best-static's (mean over scenarios and the worst scenario) and SLO-violating intervals (mean,
+/// worst, and the worst excess over best-static's in percentage points). Without best-static in
+/// the suite the comparison columns read `–`.
+pub fn overview(aggs: &[Aggregate]) -> String {
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "| policy | CPU µs/pkt (mean over scenarios) | CPU ÷ best-static, mean | worst (scenario) | SLO viol. % mean | worst | worst excess over best-static (pts) |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|");
+    let mut policies: Vec<&str> = Vec::new();
+    for a in aggs {
+        if !policies.contains(&a.policy.as_str()) {
+            policies.push(&a.policy);
+        }
+    }
+    let best = |scenario: &str| aggs.iter().find(|b| b.scenario == scenario && b.policy == "best-static");
+    for p in policies {
+        let rows: Vec<&Aggregate> = aggs.iter().filter(|a| a.policy == p).collect();
+        let n = rows.len() as f64;
+        let cpu = rows.iter().map(|a| a.cpu_us_per_packet.mean).sum::<f64>() / n;
+        let viol = rows.iter().map(|a| a.slo_violation_rate.mean).sum::<f64>() / n;
+        let worst_viol = rows.iter().map(|a| a.slo_violation_rate.mean).fold(0.0, f64::max);
+        let pairs: Vec<(&Aggregate, &Aggregate)> = rows.iter().filter_map(|a| Some((*a, best(&a.scenario)?))).collect();
+        let (ratio, worst, excess) = if pairs.len() == rows.len() && !pairs.is_empty() {
+            let r: Vec<(f64, &str)> = pairs
+                .iter()
+                .map(|(a, b)| (a.cpu_us_per_packet.mean / b.cpu_us_per_packet.mean.max(1e-12), a.scenario.as_str()))
+                .collect();
+            let mean = r.iter().map(|x| x.0).sum::<f64>() / r.len() as f64;
+            let (w, ws) = r.iter().copied().fold((f64::MIN, ""), |m, x| if x.0 > m.0 { x } else { m });
+            let ex = pairs
+                .iter()
+                .map(|(a, b)| a.slo_violation_rate.mean - b.slo_violation_rate.mean)
+                .fold(f64::MIN, f64::max);
+            (format!("{mean:.3}"), format!("{w:.3} ({ws})"), format!("{:+.1}", ex * 100.0))
+        } else {
+            ("–".into(), "–".into(), "–".into())
+        };
+        let _ = writeln!(
+            md,
+            "| {p} | {cpu:.2} | {ratio} | {worst} | {:.1} | {:.1} | {excess} |",
+            viol * 100.0,
+            worst_viol * 100.0
+        );
+    }
+    md
+}
+
 /// Whether any flow of `sc` is held to the SLO.
 pub fn has_sensitive_flows(sc: &moderato_env::sim::Scenario) -> bool {
     sc.vms.iter().any(|v| v.flows.iter().any(|f| f.is_latency_sensitive()))

@@ -346,6 +346,7 @@ fn final_eval(t: &Trainer, run: &Path, model_dir: &Path) -> Result<()> {
         adaptive: Default::default(),
         threads: c.threads,
         warmup_steps: 0,
+        slo_p99_us: None,
     };
     let suite = cfg.into_suite(&t.exp.path)?;
     let cache = eval::Cache { dir: Some(PathBuf::from("runs/cache")) };

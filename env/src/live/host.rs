@@ -261,6 +261,7 @@ impl HostEnv {
             max_steps: None,
             host_probe: config.role == Role::Host && config.probe.is_some(),
             guest_probe: config.role == Role::Guest && config.probe.is_some(),
+            slo_p99_us: None,
         };
         let layers = config
             .interfaces()

@@ -118,6 +118,7 @@ impl SimConfig {
             max_steps: Some(self.episode_steps),
             host_probe: self.probe.host(),
             guest_probe: self.probe.guest(),
+            slo_p99_us: Some(self.reward.slo_p99_us),
         }
     }
 
