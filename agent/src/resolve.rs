@@ -40,7 +40,9 @@ impl PolicySource {
     /// A fresh policy for an environment with this spec; a model is checked against it.
     pub fn instantiate(&self, spec: &EnvSpec) -> Result<Box<dyn Policy>> {
         match self {
-            PolicySource::Baseline { name, statics } => Ok(baselines::baseline_for(name, statics, spec.slo_p99_us)?),
+            PolicySource::Baseline { name, statics } => {
+                Ok(baselines::baseline_for(name, statics, spec.slo_p99_us)?)
+            }
             PolicySource::BestStatic => {
                 Err(anyhow!("best-static is searched per scenario, not instantiated"))
             }
@@ -160,7 +162,10 @@ pub fn deploy_policy(name: &str, vms: usize) -> Result<Box<dyn Policy>> {
         }
         other => {
             // A live run's target comes from its config (`[slo]`), never from the simulator's default.
-            let spec = moderato_env::EnvSpec { slo_p99_us: None, ..moderato_env::sim::SimConfig::default().spec(vms) };
+            let spec = moderato_env::EnvSpec {
+                slo_p99_us: None,
+                ..moderato_env::sim::SimConfig::default().spec(vms)
+            };
             other.instantiate(&spec)
         }
     }

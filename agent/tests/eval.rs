@@ -249,7 +249,8 @@ fn an_slo_sweep_runs_the_suite_at_each_target_and_slo_feedback_follows_it() {
 
 #[test]
 fn bad_slo_targets_are_refused_with_the_key() {
-    for (t, want) in [("[]", "1 to 16"), ("[100, 100]", "repeats"), ("-5", "(0, 10000000]"), ("[100, 1e9]", "1000000000")]
+    for (t, want) in
+        [("[]", "1 to 16"), ("[100, 100]", "repeats"), ("-5", "(0, 10000000]"), ("[100, 1e9]", "1000000000")]
     {
         let e = sweep_config(t).err().unwrap_or_else(|| panic!("{t} was accepted"));
         assert!(e.contains("slo_p99_us") && e.contains(want), "{t}: {e}");

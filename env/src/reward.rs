@@ -59,12 +59,18 @@ impl Default for RewardConfig {
     }
 }
 
-/// The three terms of one reward, each already weighted and negated.
+/// The three terms of one reward, each already weighted and negated, and the interval's cost for
+/// constrained training.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct RewardTerms {
     pub cpu: f64,
     pub latency: f64,
     pub drops: f64,
+    /// The constraint's cost of the interval: 1 when a latency-sensitive flow's p99 exceeded the
+    /// SLO (an SLO-violating interval, as evaluations count them), else 0. Not part of
+    /// [`RewardTerms::total`]; constrained PPO (`[ppo] constraint = "lagrangian"`) bounds its mean.
+    #[serde(default)]
+    pub cost: f64,
 }
 
 impl RewardTerms {
@@ -99,6 +105,7 @@ impl RewardConfig {
             cpu: -self.w_cpu * t.cpu_us_per_packet() / self.cpu_ref_us,
             latency: -self.w_lat * self.slo_excess(t),
             drops: -self.w_drop * t.drop_fraction(),
+            cost: if t.worst_sensitive_p99_us().is_some_and(|p99| p99 > self.slo_p99_us) { 1.0 } else { 0.0 },
         }
     }
 

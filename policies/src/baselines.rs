@@ -309,7 +309,10 @@ pub const SLO_TARGET_US: (f64, f64) = (1.0, 10_000_000.0);
 /// Parses the target of `slo-feedback:<p99_us>`.
 pub fn parse_slo_target(name: &str, s: &str) -> Result<f64, UnknownPolicy> {
     let bad = |why: String| UnknownPolicy::Malformed { name: name.to_string(), why };
-    let v: f64 = s.trim().parse().map_err(|_| bad(format!("`{s}` is not a p99 target in µs (e.g. slo-feedback:200)")))?;
+    let v: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| bad(format!("`{s}` is not a p99 target in µs (e.g. slo-feedback:200)")))?;
     if !(v.is_finite() && (SLO_TARGET_US.0..=SLO_TARGET_US.1).contains(&v)) {
         return Err(bad(format!("target {v} µs is outside {}..={} µs", SLO_TARGET_US.0, SLO_TARGET_US.1)));
     }

@@ -204,11 +204,14 @@ pub fn overview(aggs: &[Aggregate]) -> String {
         let cpu = rows.iter().map(|a| a.cpu_us_per_packet.mean).sum::<f64>() / n;
         let viol = rows.iter().map(|a| a.slo_violation_rate.mean).sum::<f64>() / n;
         let worst_viol = rows.iter().map(|a| a.slo_violation_rate.mean).fold(0.0, f64::max);
-        let pairs: Vec<(&Aggregate, &Aggregate)> = rows.iter().filter_map(|a| Some((*a, best(&a.scenario)?))).collect();
+        let pairs: Vec<(&Aggregate, &Aggregate)> =
+            rows.iter().filter_map(|a| Some((*a, best(&a.scenario)?))).collect();
         let (ratio, worst, excess) = if pairs.len() == rows.len() && !pairs.is_empty() {
             let r: Vec<(f64, &str)> = pairs
                 .iter()
-                .map(|(a, b)| (a.cpu_us_per_packet.mean / b.cpu_us_per_packet.mean.max(1e-12), a.scenario.as_str()))
+                .map(|(a, b)| {
+                    (a.cpu_us_per_packet.mean / b.cpu_us_per_packet.mean.max(1e-12), a.scenario.as_str())
+                })
                 .collect();
             let mean = r.iter().map(|x| x.0).sum::<f64>() / r.len() as f64;
             let (w, ws) = r.iter().copied().fold((f64::MIN, ""), |m, x| if x.0 > m.0 { x } else { m });

@@ -122,6 +122,44 @@ pub struct PpoConfig {
     pub target_kl: Option<f64>,
     /// Scale rewards by a running estimate of the discounted return's standard deviation.
     pub norm_reward: bool,
+    /// How the SLO enters training: `"penalty"` (the reward's latency term, `[sim.reward]
+    /// w_lat`) or `"lagrangian"` (PPO-Lagrangian: the reward without its latency term, and the
+    /// share of SLO-violating intervals held under `[ppo.lagrangian] cost_budget` by a learned
+    /// multiplier).
+    pub constraint: Constraint,
+    /// The multiplier's update (only with `constraint = "lagrangian"`).
+    pub lagrangian: LagrangianConfig,
+}
+
+/// How the latency objective enters training.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Constraint {
+    /// A hand-weighted penalty in the reward (the recipe of `models/default`).
+    #[default]
+    Penalty,
+    /// A constraint with a multiplier learned by (PID) dual ascent.
+    Lagrangian,
+}
+
+/// The PID Lagrangian of Stooke, Achiam & Abbeel (2020): with `e = J_c − budget` the
+/// iteration's mean cost over budget, `I ← max(0, I + e)` and
+/// `λ = max(0, kp·e + ki·I + kd·max(0, J_c − J_c,prev))`. With `kp = kd = 0` it is plain dual
+/// ascent on λ with step `ki` (Ray, Achiam & Amodei 2019).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LagrangianConfig {
+    /// Most share of SLO-violating intervals the policy may have (rollout mean).
+    pub cost_budget: f64,
+    pub kp: f64,
+    pub ki: f64,
+    pub kd: f64,
+}
+
+impl Default for LagrangianConfig {
+    fn default() -> Self {
+        LagrangianConfig { cost_budget: 0.01, kp: 0.0, ki: 1.0, kd: 0.0 }
+    }
 }
 
 impl Default for PpoConfig {
@@ -141,6 +179,8 @@ impl Default for PpoConfig {
             max_grad_norm: 0.5,
             target_kl: None,
             norm_reward: true,
+            constraint: Constraint::Penalty,
+            lagrangian: LagrangianConfig::default(),
         }
     }
 }
@@ -279,6 +319,10 @@ impl ExperimentConfig {
             ("ppo.ent_coef", p.ent_coef, 0.0, 10.0),
             ("ppo.vf_coef", p.vf_coef, 0.0, 100.0),
             ("ppo.max_grad_norm", p.max_grad_norm, 0.0, 1e6),
+            ("ppo.lagrangian.cost_budget", p.lagrangian.cost_budget, 0.0, 1.0),
+            ("ppo.lagrangian.kp", p.lagrangian.kp, 0.0, 1e6),
+            ("ppo.lagrangian.ki", p.lagrangian.ki, 0.0, 1e6),
+            ("ppo.lagrangian.kd", p.lagrangian.kd, 0.0, 1e6),
         ] {
             if !(v.is_finite() && v >= lo && v <= hi) || (k == "ppo.learning_rate" && v == 0.0) {
                 bail!("{at}: {k} = {v}: use a value in ({lo}, {hi}]");

@@ -46,7 +46,7 @@ use rand_pcg::Pcg64Mcg;
 use serde::{Deserialize, Serialize};
 
 use super::adam::{AdamSettings, HostAdam};
-use super::config::Experiment;
+use super::config::{Constraint, Experiment};
 use super::metrics::Metrics;
 use super::randomize;
 
@@ -133,6 +133,31 @@ pub struct TrainState {
     pub normalizer: Normalizer,
     /// Running variance of the discounted return, for reward scaling.
     pub return_stats: RunningStats,
+    /// The Lagrange multiplier and its PID state (`constraint = "lagrangian"`; zero otherwise).
+    #[serde(default)]
+    pub lagrange: LagrangeState,
+}
+
+/// The PID Lagrangian's state between iterations.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct LagrangeState {
+    /// λ, applied to the cost advantages of the next update.
+    pub multiplier: f64,
+    /// The integral term `I` (sum of the costs over budget, floored at 0).
+    pub integral: f64,
+    /// The previous iteration's mean cost (the derivative term).
+    pub prev_cost: f64,
+}
+
+impl LagrangeState {
+    /// One update from an iteration's mean cost `cost` (Stooke, Achiam & Abbeel 2020, algorithm 2).
+    pub fn update(&mut self, cost: f64, g: &super::config::LagrangianConfig) {
+        let e = cost - g.cost_budget;
+        self.integral = (self.integral + e).max(0.0);
+        let d = (cost - self.prev_cost).max(0.0);
+        self.multiplier = (g.kp * e + g.ki * self.integral + g.kd * d).max(0.0);
+        self.prev_cost = cost;
+    }
 }
 
 /// Derives an independent seed from a base seed and a path of integers.
@@ -173,6 +198,10 @@ pub struct IterationStats {
     pub approx_kl: f64,
     pub clipfrac: f64,
     pub explained_variance: f64,
+    /// Mean cost per step of the rollout (share of SLO-violating intervals).
+    pub cost: f64,
+    /// The Lagrange multiplier the update used (0 with the penalty).
+    pub lagrange_multiplier: f64,
 }
 
 /// Where training time goes, in seconds, per phase (wall clock of the thread that runs the
@@ -315,6 +344,9 @@ pub struct Trainer {
     /// `network.ignore_features` as columns.
     ignored: Ignored,
     make_env: EnvMaker,
+    /// The cost's value head (`constraint = "lagrangian"`): a critic of its own, on the same
+    /// inputs as the value critic, saved as `cost_critic.bpk`.
+    pub cost_critic: Option<Critic>,
 }
 
 impl std::fmt::Debug for Trainer {
@@ -337,6 +369,9 @@ struct Storage {
     rewards: Vec<f32>,
     dones: Vec<f32>,
     values: Vec<f32>,
+    /// The constraint's cost per row and the cost critic's values (Lagrangian only).
+    costs: Vec<f32>,
+    cost_values: Vec<f32>,
 }
 
 impl Trainer {
@@ -358,9 +393,25 @@ impl Trainer {
             global_step: 0,
             normalizer: Normalizer::default(),
             return_stats: RunningStats::new(1),
+            lagrange: LagrangeState::default(),
         };
         let ignored = Ignored::new(&c.network.ignore_features).expect("a validated experiment config");
-        Trainer { exp, device, model, optim, state, perf: Perf::default(), vmax, ignored, make_env }
+        let cost_critic = (c.ppo.constraint == Constraint::Lagrangian).then(|| {
+            let mut rng = Pcg64Mcg::seed_from_u64(c.seed ^ 0xC057_C817);
+            Critic { mlp: Mlp::new(&c.network, CRITIC_IN, 1, 1.0, &mut rng, &device) }
+        });
+        Trainer {
+            exp,
+            device,
+            model,
+            optim,
+            state,
+            perf: Perf::default(),
+            vmax,
+            ignored,
+            make_env,
+            cost_critic,
+        }
     }
 
     pub fn action_space(&self) -> &ActionSpace {
@@ -403,6 +454,8 @@ impl Trainer {
 
         // ------------------------------------------------------------------ rollout
         let infer = self.model.clone().valid();
+        let infer_cost = self.cost_critic.clone().map(|c| c.valid());
+        let lagrangian = infer_cost.is_some();
         let infer_device = Device::flex();
         let [ls_nic, ls_be, ls_fe] = self.log_stds();
         let mut rng = Pcg64Mcg::seed_from_u64(derive(iseed, &[1]));
@@ -418,6 +471,8 @@ impl Trainer {
             rewards: vec![0.0; rows],
             dones: vec![0.0; rows],
             values: Vec::with_capacity(rows),
+            costs: vec![0.0; rows],
+            cost_values: Vec::with_capacity(if lagrangian { rows } else { 0 }),
         };
         let mut envs: Vec<Option<Box<dyn Env + Send>>> = (0..n_envs).map(|_| None).collect();
         let mut obs: Vec<Observation> = vec![Observation::default(); n_envs];
@@ -430,6 +485,7 @@ impl Trainer {
             c.threads
         };
         let mut raw = FeatureBatch::new(v);
+        let mut cost_sum = 0.0f64;
         perf.bookkeeping += clock.lap();
 
         for t in 0..n_steps {
@@ -464,10 +520,12 @@ impl Trainer {
             let critic_in = critic_input(&x);
             perf.bookkeeping += clock.lap();
             let means = infer.actor.means_of(&heads.tensors(&infer_device));
-            let values = to_vec(infer.critic.value_of(Tensor::from_data(
-                TensorData::new(critic_in.clone(), [n_envs, CRITIC_IN]),
-                &infer_device,
-            )));
+            let critic_t =
+                Tensor::from_data(TensorData::new(critic_in.clone(), [n_envs, CRITIC_IN]), &infer_device);
+            if let Some(cc) = &infer_cost {
+                st.cost_values.extend(to_vec(cc.value_of(critic_t.clone())));
+            }
+            let values = to_vec(infer.critic.value_of(critic_t));
             let (mu_nic, mu_be, mu_fe) = (to_vec(means.nic), to_vec(means.backend), to_vec(means.frontend));
             perf.inference += clock.lap();
 
@@ -528,7 +586,14 @@ impl Trainer {
             for (i, r) in results.into_iter().enumerate() {
                 let (env, step) = r?;
                 let row = t * n_envs + i;
-                let r = f64::from(step.reward);
+                // Lagrangian: the constraint replaces the reward's latency term.
+                let r = if lagrangian {
+                    f64::from(step.reward) - step.info.reward_terms.latency
+                } else {
+                    f64::from(step.reward)
+                };
+                st.costs[row] = step.info.reward_terms.cost as f32;
+                cost_sum += step.info.reward_terms.cost;
                 ep_return[i] += r;
                 // Reward scaling by the running std of the discounted return (CleanRL's
                 // NormalizeReward wrapper), then clipped to ±10.
@@ -562,11 +627,14 @@ impl Trainer {
                 }
                 let fin = critic_input(&raw.normalized(&self.state.normalizer, &self.ignored));
                 perf.bookkeeping += clock.lap();
-                let vals =
-                    to_vec(infer.critic.value_of(Tensor::from_data(
-                        TensorData::new(fin, [n_envs, CRITIC_IN]),
-                        &infer_device,
-                    )));
+                let fin = Tensor::from_data(TensorData::new(fin, [n_envs, CRITIC_IN]), &infer_device);
+                if let Some(cc) = &infer_cost {
+                    let cvals = to_vec(cc.value_of(fin.clone()));
+                    for (r, v) in st.costs[t * n_envs..(t + 1) * n_envs].iter_mut().zip(&cvals) {
+                        *r += (gamma * f64::from(*v)) as f32;
+                    }
+                }
+                let vals = to_vec(infer.critic.value_of(fin));
                 perf.inference += clock.lap();
                 for (r, v) in st.rewards[t * n_envs..(t + 1) * n_envs].iter_mut().zip(&vals) {
                     *r += (gamma * f64::from(*v)) as f32;
@@ -580,24 +648,27 @@ impl Trainer {
         // ------------------------------------------------------------------ GAE
         // A_t = δ_t + γλ(1 − done_t) A_{t+1},  δ_t = r_t + γ(1 − done_t) V(s_{t+1}) − V(s_t).
         let lam = c.ppo.gae_lambda;
-        let mut adv = vec![0f32; rows];
-        let mut lastgaelam = vec![0f64; n_envs];
-        for t in (0..n_steps).rev() {
-            for (i, last) in lastgaelam.iter_mut().enumerate() {
-                let row = t * n_envs + i;
-                let nextnonterminal = 1.0 - f64::from(st.dones[row]);
-                let nextvalue = if t + 1 < n_steps { f64::from(st.values[row + n_envs]) } else { 0.0 };
-                let delta = f64::from(st.rewards[row]) + gamma * nextvalue * nextnonterminal
-                    - f64::from(st.values[row]);
-                *last = delta + gamma * lam * nextnonterminal * *last;
-                adv[row] = *last as f32;
-            }
-        }
+        let mut adv = gae(&st.rewards, &st.values, &st.dones, n_envs, gamma, lam);
         let returns: Vec<f32> = adv.iter().zip(&st.values).map(|(a, v)| a + v).collect();
+        // The constraint: the multiplier follows this rollout's mean cost, and the advantages
+        // become (A_r − λ A_c) / (1 + λ) (Ray, Achiam & Amodei 2019).
+        let mean_cost = cost_sum / rows as f64;
+        let cost_returns = if lagrangian {
+            self.state.lagrange.update(mean_cost, &c.ppo.lagrangian);
+            let lam_c = self.state.lagrange.multiplier;
+            let adv_c = gae(&st.costs, &st.cost_values, &st.dones, n_envs, gamma, lam);
+            let ret_c: Vec<f32> = adv_c.iter().zip(&st.cost_values).map(|(a, v)| a + v).collect();
+            for (a, ac) in adv.iter_mut().zip(&adv_c) {
+                *a = ((f64::from(*a) - lam_c * f64::from(*ac)) / (1.0 + lam_c)) as f32;
+            }
+            Some(ret_c)
+        } else {
+            None
+        };
 
         // ------------------------------------------------------------------ update
         // The whole rollout goes into tensors once; each minibatch selects its rows.
-        let batch = self.upload(&st, &returns);
+        let batch = self.upload(&st, &returns, cost_returns.as_deref());
         let mb_size = rows / c.ppo.num_minibatches;
         let mut inds: Vec<usize> = (0..rows).collect();
         let mut shuffle = Pcg64Mcg::seed_from_u64(derive(iseed, &[4]));
@@ -649,6 +720,8 @@ impl Trainer {
             approx_kl: last.approx_kl,
             clipfrac: mean(&clipfracs),
             explained_variance,
+            cost: mean_cost,
+            lagrange_multiplier: self.state.lagrange.multiplier,
         };
         let secs = started.elapsed().as_secs_f64();
         metrics.scalar("charts/learning_rate", lr, step);
@@ -657,6 +730,11 @@ impl Trainer {
         metrics.scalar("charts/p99_latency_us", stats.p99_latency_us, step);
         metrics.scalar("charts/slo_violation_rate", stats.slo_violation_rate, step);
         metrics.scalar("charts/drop_rate", mean(&eps.drop_rate), step);
+        metrics.scalar("charts/cost", mean_cost, step);
+        if lagrangian {
+            metrics.scalar("charts/lagrange_multiplier", self.state.lagrange.multiplier, step);
+            metrics.scalar("charts/cost_budget", c.ppo.lagrangian.cost_budget, step);
+        }
         metrics.scalar("charts/SPS", rows as f64 / secs, step);
         metrics.scalar("losses/value_loss", last.v_loss, step);
         metrics.scalar("losses/policy_loss", last.pg_loss, step);
@@ -679,7 +757,7 @@ impl Trainer {
     }
 
     /// The rollout in tensors on the training device, for the update.
-    fn upload(&self, st: &Storage, returns: &[f32]) -> Batch {
+    fn upload(&self, st: &Storage, returns: &[f32], cost_returns: Option<&[f32]>) -> Batch {
         let dev = &self.device;
         let rows = st.values.len();
         let v = self.vmax;
@@ -713,6 +791,7 @@ impl Trainer {
             logprobs: t1(&lp_old),
             returns: t1(returns),
             values: t1(&st.values),
+            cost: cost_returns.map(|r| (t1(r), t1(&st.cost_values))),
             ls_cols: Tensor::<1, Int>::from_data(TensorData::new(ls_cols, [aw]), dev),
         }
     }
@@ -764,23 +843,22 @@ impl Trainer {
         // gradients are those of the summed loss, bit for bit (the sum passes 1 to each term).
         let model = &self.model;
         let critic_in = sel2(&b.critic);
+        let cost_critic = self.cost_critic.as_ref();
+        let cost_in = b.cost.as_ref().map(|(r, v)| (critic_in.clone(), sel1(r), sel1(v)));
         let scalar = |t: Tensor<1>| f64::from(to_vec(t.inner())[0]);
         let read_losses = report || c.target_kl.is_some();
-        let (out, actor_grads, critic_grads) = std::thread::scope(|s| {
+        let (out, actor_grads, critic_grads, cost_grads) = std::thread::scope(|s| {
             let critic = s.spawn(move || {
                 let newvalue = model.critic.value_of(critic_in); // [n]
-                // Value loss, optionally clipped around the old values.
-                let v_loss = if c.clip_vloss {
-                    let unclipped = (newvalue.clone() - b_returns.clone()).square();
-                    let clipped = b_values.clone() + (newvalue - b_values).clamp(-c.clip_coef, c.clip_coef);
-                    let clipped = (clipped - b_returns).square();
-                    unclipped.max_pair(clipped).mean() * 0.5
-                } else {
-                    (newvalue - b_returns).square().mean() * 0.5
-                };
+                let v_loss = value_loss(newvalue, b_returns, b_values, c.clip_vloss, c.clip_coef);
                 let grads =
                     GradientsParams::from_grads((v_loss.clone() * c.vf_coef).backward(), &model.critic);
-                (if read_losses { scalar(v_loss) } else { 0.0 }, grads)
+                // The cost critic: the same loss on the cost's returns (a graph of its own).
+                let cost = cost_critic.zip(cost_in).map(|(cc, (x, r, v))| {
+                    let loss = value_loss(cc.value_of(x), r, v, c.clip_vloss, c.clip_coef);
+                    GradientsParams::from_grads((loss * c.vf_coef).backward(), cc)
+                });
+                (if read_losses { scalar(v_loss) } else { 0.0 }, grads, cost)
             });
             let means = model.actor.means_of(&heads);
             let mu = Tensor::cat(
@@ -835,16 +913,55 @@ impl Trainer {
             }
             perf.bookkeeping += clock.lap();
             let actor_grads = GradientsParams::from_grads(actor_loss.backward(), &model.actor);
-            let (v_loss, critic_grads) = critic.join().expect("the critic's update thread panicked");
+            let (v_loss, critic_grads, cost_grads) =
+                critic.join().expect("the critic's update thread panicked");
             out.v_loss = v_loss;
             perf.update_backward += clock.lap();
-            (out, actor_grads, critic_grads)
+            (out, actor_grads, critic_grads, cost_grads)
         });
         let (model, _norm) =
             self.optim.step(lr, self.model.clone(), &[&actor_grads, &critic_grads], c.max_grad_norm);
         self.model = model;
+        if let (Some(cc), Some(g)) = (self.cost_critic.take(), cost_grads) {
+            // Its own clipping: the cost's scale must not shrink the policy's steps.
+            let (cc, _norm) = self.optim.step(lr, cc, &[&g], c.max_grad_norm);
+            self.cost_critic = Some(cc);
+        }
         perf.update_optimizer += clock.lap();
         Ok(out)
+    }
+}
+
+/// GAE(λ) over a `(steps, envs)` row-major rollout:
+/// `A_t = δ_t + γλ(1 − done_t) A_{t+1}`, `δ_t = r_t + γ(1 − done_t) V(s_{t+1}) − V(s_t)`.
+fn gae(rewards: &[f32], values: &[f32], dones: &[f32], n_envs: usize, gamma: f64, lam: f64) -> Vec<f32> {
+    let rows = rewards.len();
+    let n_steps = rows / n_envs;
+    let mut adv = vec![0f32; rows];
+    let mut lastgaelam = vec![0f64; n_envs];
+    for t in (0..n_steps).rev() {
+        for (i, last) in lastgaelam.iter_mut().enumerate() {
+            let row = t * n_envs + i;
+            let nextnonterminal = 1.0 - f64::from(dones[row]);
+            let nextvalue = if t + 1 < n_steps { f64::from(values[row + n_envs]) } else { 0.0 };
+            let delta =
+                f64::from(rewards[row]) + gamma * nextvalue * nextnonterminal - f64::from(values[row]);
+            *last = delta + gamma * lam * nextnonterminal * *last;
+            adv[row] = *last as f32;
+        }
+    }
+    adv
+}
+
+/// The value loss, optionally clipped around the old values (CleanRL).
+fn value_loss(new: Tensor<1>, returns: Tensor<1>, old: Tensor<1>, clip: bool, coef: f64) -> Tensor<1> {
+    if clip {
+        let unclipped = (new.clone() - returns.clone()).square();
+        let clipped = old.clone() + (new - old).clamp(-coef, coef);
+        let clipped = (clipped - returns).square();
+        unclipped.max_pair(clipped).mean() * 0.5
+    } else {
+        (new - returns).square().mean() * 0.5
     }
 }
 
@@ -866,6 +983,8 @@ struct Batch {
     logprobs: Tensor<1>,
     returns: Tensor<1>,
     values: Tensor<1>,
+    /// The cost's returns and the cost critic's old values (Lagrangian only).
+    cost: Option<(Tensor<1>, Tensor<1>)>,
     /// `[aw]`: the index into (NIC, backend, frontend) log standard deviations of each column.
     ls_cols: Tensor<1, Int>,
 }
@@ -926,6 +1045,11 @@ impl Trainer {
         let model = self.model.clone().into_record().into_bytes().map_err(|e| anyhow::anyhow!("{e:?}"))?;
         std::fs::write(dir.join("model.bpk"), &model[..])
             .with_context(|| ctx(dir, "cannot write model.bpk"))?;
+        if let Some(cc) = &self.cost_critic {
+            let b = cc.clone().into_record().into_bytes().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            std::fs::write(dir.join("cost_critic.bpk"), &b[..])
+                .with_context(|| ctx(dir, "cannot write cost_critic.bpk"))?;
+        }
         let bytes = self.optim.to_bytes()?;
         std::fs::write(dir.join("optimizer.bpk"), &bytes[..])
             .with_context(|| ctx(dir, "cannot write optimizer.bpk"))?;
@@ -954,8 +1078,12 @@ impl Trainer {
     ) -> Result<Trainer> {
         let saved =
             std::fs::read_to_string(dir.join("config.toml")).with_context(|| ctx(dir, "no config.toml"))?;
+        // The same config, compared as parsed (with today's defaults for keys added since), so
+        // that a checkpoint written before a new key existed still resumes.
+        let same = saved == exp.toml
+            || toml::from_str::<super::config::ExperimentConfig>(&saved).is_ok_and(|c| c == exp.config);
         anyhow::ensure!(
-            saved == exp.toml,
+            same,
             "{}: this checkpoint was made with another config than {}; resume with the config the run started with",
             dir.display(),
             exp.path.display()
@@ -969,6 +1097,17 @@ impl Trainer {
             .model
             .try_load_record(rec)
             .map_err(|e| anyhow::anyhow!("{}: model.bpk: {e:?}", dir.display()))?;
+        if let Some(cc) = t.cost_critic.take() {
+            let bytes = std::fs::read(dir.join("cost_critic.bpk")).with_context(|| {
+                ctx(dir, "cannot read cost_critic.bpk (a Lagrangian run's checkpoint has one)")
+            })?;
+            let rec = burn::store::ModuleRecord::from_bytes(burn::tensor::Bytes::from_bytes_vec(bytes))
+                .map_err(|e| anyhow::anyhow!("{}: cost_critic.bpk: {e:?}", dir.display()))?;
+            t.cost_critic = Some(
+                cc.try_load_record(rec)
+                    .map_err(|e| anyhow::anyhow!("{}: cost_critic.bpk: {e:?}", dir.display()))?,
+            );
+        }
         let bytes = std::fs::read(dir.join("optimizer.bpk"))
             .with_context(|| ctx(dir, "cannot read optimizer.bpk"))?;
         t.optim = HostAdam::from_bytes(AdamSettings::default(), burn::tensor::Bytes::from_bytes_vec(bytes))
