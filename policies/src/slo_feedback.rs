@@ -4,10 +4,12 @@
 //!
 //! Each VM has a level on [`LADDER`] (0 = per-packet … 8 = 256 µs / 128 frames, each step about
 //! doubling the knobs). Every interval, for each VM whose probe reported:
-//! - p99 above the target: the level falls by [`Gains::decrease`] (multiplicative decrease of the
-//!   knobs: 2 levels ≈ ÷4);
-//! - p99 below `headroom × target`: the level rises by [`Gains::increase`] (additive increase:
-//!   0.25 levels per interval, so from per-packet to the heaviest setting in 32 intervals);
+//! - p99 above `setpoint × target` (0.8: a margin for the probe's noise and the next interval's
+//!   change): the level falls by [`Gains::decrease`] (multiplicative decrease of the knobs: 2
+//!   levels ≈ ÷4);
+//! - p99 below `headroom × target` (0.6): the level rises by [`Gains::increase`] (additive
+//!   increase: 0.25 levels per interval, so from per-packet to the heaviest setting in 32
+//!   intervals);
 //! - in between: the level holds.
 //!
 //! A VM's backend and frontend (rx and tx) take its level; the NIC, shared by every VM, takes the
@@ -45,6 +47,8 @@ pub struct Gains {
     pub decrease: f64,
     /// Levels gained in an interval whose p99 is below `headroom × target`.
     pub increase: f64,
+    /// Share of the target above which the controller coalesces less.
+    pub setpoint: f64,
     /// Share of the target under which the controller coalesces more.
     pub headroom: f64,
     /// Level every VM starts an episode at.
@@ -53,7 +57,7 @@ pub struct Gains {
 
 impl Default for Gains {
     fn default() -> Self {
-        Gains { decrease: 2.0, increase: 0.25, headroom: 0.7, start: 2.0 }
+        Gains { decrease: 2.0, increase: 0.25, setpoint: 0.8, headroom: 0.6, start: 2.0 }
     }
 }
 
@@ -95,7 +99,7 @@ impl SloFeedbackPolicy {
         }
         let g = self.gains;
         let l = &mut self.levels[vm];
-        if p.p99_us > self.target_us {
+        if p.p99_us > g.setpoint * self.target_us {
             *l -= g.decrease;
         } else if p.p99_us < g.headroom * self.target_us {
             *l += g.increase;
@@ -189,11 +193,11 @@ mod tests {
         assert_eq!(p.levels(), &[4.0]);
         let s = p.act(&obs(&[Some(50.0)]));
         assert_eq!(rx(&s, LayerId::Frontend(0)), LADDER[4]);
-        // In the hold band (0.7..1.0 of the target): nothing moves.
-        p.act(&obs(&[Some(180.0)]));
+        // In the hold band (0.6..0.8 of the target): nothing moves.
+        p.act(&obs(&[Some(140.0)]));
         assert_eq!(p.levels(), &[4.25]);
-        // Over the target: two levels down at once.
-        let s = p.act(&obs(&[Some(250.0)]));
+        // Over the set point (0.8 of the target): two levels down at once.
+        let s = p.act(&obs(&[Some(170.0)]));
         assert_eq!(p.levels(), &[2.25]);
         assert_eq!(rx(&s, LayerId::Backend(0)), LADDER[2]);
         // Bounded at per-packet.
