@@ -25,8 +25,8 @@ const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("MODERATO_SO
     version = VERSION,
     about = "Learned interrupt moderation for virtualized hosts",
     after_help = "A policy is named the same way everywhere: per-packet, static:<preset> (ixgbe, mlx5, \
-                  moderate, heavy), static:<usecs>/<frames>, dim, itr, best-static (eval only), or a \
-                  frozen-model directory. `moderato <command> --help` explains each command."
+                  moderate, heavy), static:<usecs>/<frames>, dim, itr, best-static (eval only), napi:<defer>/<timeout_us> \
+                  (deploy only), or a frozen-model directory. `moderato <command> --help` explains each command."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -135,7 +135,8 @@ struct TrainCli {
 struct DeployCli {
     #[command(flatten)]
     config: ConfigArg,
-    /// A frozen model directory or a baseline name (per-packet, dim, itr, static:PRESET, static:USECS/FRAMES).
+    /// A frozen model directory or a baseline name (per-packet, dim, itr, static:PRESET, static:USECS/FRAMES,
+    /// napi:DEFER/TIMEOUT_US for NAPI deferral).
     #[arg(long)]
     policy: String,
     /// Which side of the host this process runs on.

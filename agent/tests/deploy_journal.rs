@@ -47,6 +47,7 @@ fn killed_deploys_journal(rig: &Rig, state: &Path, pid: u32) {
         ifname: "eth0".into(),
         ifindex: Some(fixture_ifindex(rig)),
         params: ORIGINAL,
+        napi: None,
     };
     let entry = Entry { pid, ..Entry::of(&o) };
     StateDir::open(state).unwrap().write(&entry).unwrap();

@@ -4,6 +4,8 @@
 //!
 //! One test, in phases, because SIGTERM goes to the whole process: a dry run that logs decisions
 //! while UDP crosses the veth, then a real run stopped by SIGTERM that must put the tap back.
+//! NAPI deferral (`napi:2/20`) is tested on the guest side with the deploy inside the namespace
+//! on its veth end, and on the host side on the veth end and the tap here.
 //! Everything is created here on 198.18.0.0/15 and removed by a `Drop` guard. Run with
 //! `cargo test --release -p moderato-agent -- --ignored` as root with iproute2.
 
@@ -11,7 +13,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use moderato_agent::deploy::{self, DeployArgs, LogFormat, RoleArg};
-use moderato_env::live::{Coalescer, NetlinkCoalescer};
+use moderato_env::live::{Coalescer, NapiControl, NapiParams, NetlinkCoalescer, SysfsNapi};
 use moderato_env::{CoalescingSettings, LayerSettings, Moderation, Observation};
 use moderato_policies::Policy;
 
@@ -392,4 +394,161 @@ fn a_metrics_flood_of_3000_connections_under_ulimit_1024_leaves_every_observatio
         decisions.len()
     );
     drop(lab);
+}
+
+// ---- NAPI deferral (`napi:<defer>/<timeout_us>`), set through the per-device sysfs files.
+
+/// The deferral the lab's interfaces start with (the "true original"; the kernel's default is 0/0).
+const NAPI_ORIGINAL: NapiParams = NapiParams::new(1, 5_000);
+const NAPI_2_20: NapiParams = NapiParams::new(2, 20_000);
+
+/// `cmd` inside the namespace `ns`; its stdout.
+fn in_ns(ns: &str, cmd: &[&str]) -> String {
+    let out = Command::new("ip").args(["netns", "exec", ns]).args(cmd).output().unwrap();
+    assert!(out.status.success(), "{cmd:?} in {ns}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// `ifname`'s deferral as the sysfs files of namespace `ns` show it.
+fn ns_napi(ns: &str, ifname: &str) -> NapiParams {
+    let read = |f: &str| in_ns(ns, &["cat", &format!("/sys/class/net/{ifname}/{f}")]).trim().parse().unwrap();
+    NapiParams::new(read("napi_defer_hard_irqs") as u32, read("gro_flush_timeout"))
+}
+
+fn ns_set_napi(ns: &str, ifname: &str, p: NapiParams) {
+    let dir = format!("/sys/class/net/{ifname}");
+    let script = format!(
+        "echo {} > {dir}/gro_flush_timeout && echo {} > {dir}/napi_defer_hard_irqs",
+        p.gro_flush_timeout_ns, p.napi_defer_hard_irqs
+    );
+    in_ns(ns, &["sh", "-c", &script]);
+    assert_eq!(ns_napi(ns, ifname), p);
+}
+
+/// Waits until `read()` is `want` while `p` runs.
+fn wait_napi(read: impl Fn() -> NapiParams, want: NapiParams, p: &mut Proc) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while read() != want {
+        if let Ok(Some(st)) = p.child.try_wait() {
+            panic!("deploy exited ({st}) before the deferral became `{want}`:\n{}", p.text());
+        }
+        assert!(Instant::now() < deadline, "the deferral never became `{want}`:\n{}", p.text());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A guest-side deploy config: the lab's veth end inside the namespace as the frontend.
+fn lab_guest_config(lab: &Lab, dir: &std::path::Path) -> std::path::PathBuf {
+    let text = format!(
+        r#"interval_ms = 100
+fallback = "per-packet"
+stale_after_intervals = 3
+state_dir = "{state}"
+[guest]
+frontend = "{b}"
+[limits.frontend]
+rx_usecs = {{ min = 0, max = 64 }}
+rx_frames = {{ min = 1, max = 64 }}
+tx_usecs = {{ min = 0, max = 64 }}
+tx_frames = {{ min = 1, max = 64 }}
+max_change_usecs = 8
+max_change_frames = 8
+allow_adaptive = false
+[latency]
+source = "none"
+"#,
+        state = dir.join("state").display(),
+        b = lab.b
+    );
+    let p = dir.join("guest.toml");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+#[test]
+#[ignore = "needs root and iproute2: cargo test --release -p moderato-agent -- --ignored"]
+fn napi_2_20_on_a_guest_veth_in_a_netns_holds_while_it_runs_and_is_restored_after_sigterm_and_kill_9() {
+    let lab = lab();
+    let dir = tempfile::tempdir().unwrap();
+    let config = lab_guest_config(&lab, dir.path());
+    let cfg = config.to_str().unwrap();
+    let journal = dir.path().join("state").join(format!("{}.json", lab.b));
+    // GRO on gives the veth a NAPI instance (ethtool, where installed).
+    let gro = Command::new("ip")
+        .args(["netns", "exec", &lab.ns, "ethtool", "-K", &lab.b, "gro", "on"])
+        .status()
+        .is_ok_and(|s| s.success());
+    ns_set_napi(&lab.ns, &lab.b, NAPI_ORIGINAL);
+    let deploy = |extra: &[&str]| {
+        let mut args = vec!["deploy", "--role", "guest", "--policy", "napi:2/20", "--config", cfg];
+        args.extend(["--log-format", "json"]);
+        args.extend(extra);
+        Proc::spawn_in(&lab.ns, &args)
+    };
+    let napi = || ns_napi(&lab.ns, &lab.b);
+
+    // Until SIGTERM: 2 polls / 20000 ns while it runs, the original after.
+    let mut p = deploy(&[]);
+    wait_napi(napi, NAPI_2_20, &mut p);
+    let e: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&journal).unwrap()).unwrap();
+    assert_eq!(e["napi"]["napi_defer_hard_irqs"], 1, "{e}");
+    assert_eq!(e["napi"]["gro_flush_timeout_ns"], 5_000, "{e}");
+    p.wait_for(Duration::from_secs(10), "five decisions", |e| e["message"] == "decision" && e["step"] == 5);
+    assert_eq!(napi(), NAPI_2_20, "still in force at the fifth decision");
+    let events = p.events();
+    let d = events.iter().rfind(|e| e["message"] == "decision").unwrap();
+    let logged: serde_json::Value = serde_json::from_str(d["napi"].as_str().unwrap()).unwrap();
+    assert_eq!(logged["vm0.frontend"]["applied"]["gro_flush_timeout_ns"], 20_000, "{d}");
+    if gro {
+        assert!(
+            events
+                .iter()
+                .any(|e| e["message"].as_str().is_some_and(|m| m.contains("lists 1 NAPI instance(s)"))),
+            "{}",
+            p.text()
+        );
+    }
+    p.signal("TERM");
+    assert!(p.wait(Duration::from_secs(20)).success(), "{}", p.text());
+    assert_eq!(napi(), NAPI_ORIGINAL, "restored after SIGTERM:\n{}", p.text());
+    assert!(!journal.exists());
+
+    // SIGKILL: nothing can restore; `moderato restore` puts the journalled original back.
+    let mut p = deploy(&[]);
+    wait_napi(napi, NAPI_2_20, &mut p);
+    p.signal("KILL");
+    assert!(!p.wait(Duration::from_secs(10)).success());
+    assert_eq!(napi(), NAPI_2_20, "nothing restores on SIGKILL");
+    assert!(journal.is_file());
+    let mut r = Proc::spawn_in(&lab.ns, &["restore", "--config", cfg, "--log-format", "json"]);
+    assert!(r.wait(Duration::from_secs(20)).success(), "{}", r.text());
+    assert_eq!(napi(), NAPI_ORIGINAL, "{}", r.text());
+    assert!(!journal.exists(), "{}", r.text());
+
+    // A dry run sets nothing.
+    let mut p = deploy(&["--dry-run", "--steps", "3"]);
+    assert!(p.wait(Duration::from_secs(20)).success(), "{}", p.text());
+    assert_eq!(napi(), NAPI_ORIGINAL, "{}", p.text());
+}
+
+#[test]
+#[ignore = "needs root and iproute2: cargo test --release -p moderato-agent -- --ignored"]
+fn napi_2_20_on_the_host_side_sets_every_interface_and_leaves_the_taps_knob() {
+    let dir = tempfile::tempdir().unwrap();
+    let (lab, config, mut ethtool) = fault_lab(dir.path());
+    let mut sysfs = SysfsNapi::new("/sys");
+    sysfs.set(&lab.a, &NAPI_ORIGINAL).unwrap();
+    let tap_original = NapiParams::new(0, 0);
+    assert_eq!(sysfs.get(&lab.tap).unwrap(), tap_original);
+    let mut p = Proc::deploy("napi:2/20", &config, &[], None);
+    let s2 = std::cell::RefCell::new(SysfsNapi::new("/sys"));
+    wait_napi(|| s2.borrow_mut().get(&lab.a).unwrap(), NAPI_2_20, &mut p);
+    wait_napi(|| s2.borrow_mut().get(&lab.tap).unwrap(), NAPI_2_20, &mut p);
+    p.wait_for(Duration::from_secs(10), "three decisions", |e| e["message"] == "decision" && e["step"] == 3);
+    assert_eq!(tap_frames(&mut ethtool, &lab.tap), Some(TRUE_ORIGINAL), "coalescing left as is");
+    p.signal("TERM");
+    assert!(p.wait(Duration::from_secs(20)).success(), "{}", p.text());
+    assert_eq!(sysfs.get(&lab.a).unwrap(), NAPI_ORIGINAL, "{}", p.text());
+    assert_eq!(sysfs.get(&lab.tap).unwrap(), tap_original, "{}", p.text());
+    assert_eq!(tap_frames(&mut ethtool, &lab.tap), Some(TRUE_ORIGINAL));
 }

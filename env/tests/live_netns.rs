@@ -1,5 +1,6 @@
 //! `env::live` against the real kernel: a network namespace with a veth pair (and a tap), UDP sent
-//! across it, ethtool netlink's answers for drivers without coalescing.
+//! across it, ethtool netlink's answers for drivers without coalescing, NAPI deferral through the
+//! per-device sysfs files and the NAPI instances netdev netlink lists.
 //!
 //! The root-only tests create their own interfaces (`mdt<n>a` in this namespace, its peer `mdt<n>b`
 //! in namespace `mdt<n>`, tap `mdt<n>t`) on 198.18.0.0/15 (the benchmarking range), use only those
@@ -9,8 +10,10 @@
 
 use std::time::Duration;
 
+use moderato_env::live::napi::napi_instances;
 use moderato_env::live::{
-    CoalesceError, CoalesceParams, Coalescer, Control, HostEnv, LiveConfig, NetlinkCoalescer, ProbeConfig,
+    CoalesceError, CoalesceParams, Coalescer, Control, HostEnv, LiveConfig, NapiControl, NapiError,
+    NapiParams, NetlinkCoalescer, Original, ProbeConfig, RestoreFailure, SysfsNapi, restore_original,
 };
 use moderato_env::{CoalescingSettings, Env, Knobs, LayerSettings};
 
@@ -164,4 +167,71 @@ fn guest_role_on_a_veth_end_counts_its_traffic() {
     }
     let sent = sender.join().unwrap();
     assert!(tx >= sent as f64 * 0.95, "{tx} of {sent}");
+}
+
+/// Turns GRO on (`rx-gro`) on `ifname` through ethtool netlink: a veth has NAPI instances only
+/// with GRO or XDP on.
+fn gro(ifname: &str, on: bool) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let c = nlink::netlink::Connection::<nlink::netlink::Ethtool>::new_async().await.unwrap();
+        c.set_features_by_name(ifname, |f| if on { f.enable("rx-gro") } else { f.disable("rx-gro") })
+            .await
+            .unwrap();
+    });
+}
+
+#[test]
+#[ignore = "needs root and iproute2: cargo test --release -p moderato-env -- --ignored"]
+fn napi_deferral_on_a_veth_is_set_read_back_and_restored_through_sysfs() {
+    let lab = lab();
+    let mut sysfs = SysfsNapi::new("/sys");
+    // A fresh veth: deferral off.
+    assert_eq!(sysfs.get(&lab.a).unwrap(), NapiParams::OFF);
+    let ifindex: u32 =
+        std::fs::read_to_string(format!("/sys/class/net/{}/ifindex", lab.a)).unwrap().trim().parse().unwrap();
+
+    // NAPI instances in netdev netlink: none while GRO is off, one per receive queue with it on.
+    gro(&lab.a, false);
+    assert_eq!(napi_instances(ifindex).unwrap(), Vec::<u32>::new(), "a veth without GRO has no NAPI");
+    gro(&lab.a, true);
+    let ids = napi_instances(ifindex).unwrap();
+    assert_eq!(ids.len(), 1, "one receive queue, one NAPI instance: {ids:?}");
+
+    // The original, the kernel documentation's recipe, and back, through the per-device files.
+    let cfg = LiveConfig::guest(Some(&lab.a));
+    let mut env = HostEnv::open(cfg).unwrap();
+    env.start();
+    let mut originals = Vec::new();
+    let w = env.add_napi_originals(&mut originals);
+    assert!(w.is_empty(), "{w:?}");
+    assert_eq!(originals.len(), 1);
+    assert_eq!(originals[0].napi, Some(NapiParams::OFF));
+    assert!(originals[0].params.is_empty(), "a veth has no coalescing to journal");
+    let applied = env.apply_napi(&originals[0], &NapiParams::new(2, 20_000)).unwrap();
+    assert_eq!(applied, NapiParams::new(2, 20_000));
+    let file = |f: &str| std::fs::read_to_string(format!("/sys/class/net/{}/{f}", lab.a)).unwrap();
+    assert_eq!((file("napi_defer_hard_irqs").trim(), file("gro_flush_timeout").trim()), ("2", "20000"));
+    // The kernel's limits: defer is at most i32::MAX; the refusal names the file and the value.
+    let e = sysfs.set(&lab.a, &NapiParams::new(i32::MAX as u32 + 1, 20_000)).unwrap_err();
+    assert!(matches!(e, NapiError::Refused { .. }), "{e:?}");
+    assert!(e.to_string().contains("napi_defer_hard_irqs") && e.to_string().contains("2147483648"), "{e}");
+    let w = env.restore(&originals);
+    assert!(w.is_empty(), "{w:?}");
+    assert_eq!(sysfs.get(&lab.a).unwrap(), NapiParams::OFF);
+
+    // A non-zero original comes back too, also through `restore_original` (what `moderato
+    // restore` runs), and a re-created veth is left alone.
+    sysfs.set(&lab.a, &NapiParams::new(1, 5_000)).unwrap();
+    let mut originals = Vec::new();
+    env.add_napi_originals(&mut originals);
+    sysfs.set(&lab.a, &NapiParams::new(7, 70_000)).unwrap();
+    let mut ethtool = NetlinkCoalescer::new().unwrap();
+    restore_original(&mut ethtool, std::path::Path::new("/sys"), &originals[0]).unwrap();
+    assert_eq!(sysfs.get(&lab.a).unwrap(), NapiParams::new(1, 5_000));
+    let stale = Original { ifindex: originals[0].ifindex.map(|i| i + 1000), ..originals[0].clone() };
+    sysfs.set(&lab.a, &NapiParams::new(7, 70_000)).unwrap();
+    let e = restore_original(&mut ethtool, std::path::Path::new("/sys"), &stale).unwrap_err();
+    assert!(matches!(e, RestoreFailure::Recreated { .. }), "{e:?}");
+    assert_eq!(sysfs.get(&lab.a).unwrap(), NapiParams::new(7, 70_000), "not another interface's");
 }

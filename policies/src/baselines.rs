@@ -13,12 +13,19 @@
 //!   environment (`adaptive-rx/tx on`).
 //! - `slo-feedback` (the run's SLO as target) or `slo-feedback:<p99_us>`: AIMD feedback on each
 //!   VM's probe p99 ([`crate::slo_feedback`]).
+//! - `napi:<defer>/<timeout_us>`: the NAPI recipes of the kernel documentation
+//!   (Documentation/networking/napi.rst): `napi_defer_hard_irqs = defer` and
+//!   `gro_flush_timeout = timeout_us` µs on every interface of the side it is deployed on (e.g.
+//!   `napi:2/20`: 2 empty polls, 20 µs = 20000 ns); coalescing knobs are left as they are. Live
+//!   hosts only: the simulator has no NAPI-deferral model yet and refuses it.
 //!
 //! `best-static` (the hindsight oracle over fixed settings) is a search, not a fixed policy; see
 //! [`crate::best_static`].
 
 use std::collections::BTreeMap;
 
+use moderato_env::live::NapiParams;
+use moderato_env::live::napi::{DEFER_HARD_IRQS_MAX, GRO_FLUSH_TIMEOUT_NS_MAX};
 use moderato_env::{
     ActionSpace, Adaptive, CoalescingSettings, Direction, Knobs, LayerKind, LayerSettings, Observation,
     VmSettings,
@@ -171,6 +178,68 @@ impl Policy for AdaptivePolicy {
     }
 }
 
+/// NAPI deferral on every interface ([`Policy::napi`]); coalescing is not touched
+/// ([`Policy::sets_coalescing`] is `false`).
+#[derive(Debug, Clone)]
+pub struct NapiPolicy {
+    name: String,
+    params: NapiParams,
+}
+
+impl NapiPolicy {
+    pub fn new(name: impl Into<String>, params: NapiParams) -> Self {
+        NapiPolicy { name: name.into(), params }
+    }
+    pub fn params(&self) -> NapiParams {
+        self.params
+    }
+}
+
+impl Policy for NapiPolicy {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    /// Per-packet everywhere, which no caller applies: [`sets_coalescing`](Policy::sets_coalescing)
+    /// is `false`, and the simulator refuses this policy.
+    fn act(&mut self, obs: &Observation) -> CoalescingSettings {
+        CoalescingSettings::uniform(obs.guests.len(), LayerSettings::PER_PACKET)
+    }
+    fn napi(&self) -> Option<NapiParams> {
+        Some(self.params)
+    }
+    fn sets_coalescing(&self) -> bool {
+        false
+    }
+}
+
+/// Parses the `<defer>/<timeout_us>` of `napi:<defer>/<timeout_us>` into the kernel's values
+/// (the timeout in ns), within what the kernel accepts; the error says which value is wrong.
+pub fn parse_napi(what: &str) -> Result<NapiParams, String> {
+    let form = "napi:<defer>/<timeout_us> (e.g. napi:2/20: napi_defer_hard_irqs 2, gro_flush_timeout 20 µs)";
+    let Some((d, t)) = what.split_once('/') else {
+        return Err(format!("`{what}` is not <defer>/<timeout_us>; write {form}"));
+    };
+    let defer: u32 = d.trim().parse().map_err(|e| {
+        format!(
+            "defer `{d}` is not a whole number of polls from 0 to {DEFER_HARD_IRQS_MAX} ({e}); write {form}"
+        )
+    })?;
+    let timeout_us: u64 = t
+        .trim()
+        .parse()
+        .map_err(|e| format!("timeout `{t}` is not a whole number of microseconds ({e}); write {form}"))?;
+    let timeout_ns =
+        timeout_us.checked_mul(1000).filter(|ns| *ns <= GRO_FLUSH_TIMEOUT_NS_MAX).ok_or_else(|| {
+            format!(
+                "timeout {timeout_us} µs is above {} µs, the most gro_flush_timeout the kernel's timer holds",
+                GRO_FLUSH_TIMEOUT_NS_MAX / 1000
+            )
+        })?;
+    let p = NapiParams::new(defer, timeout_ns);
+    p.check().map_err(|e| format!("defer {defer}: {e}"))?;
+    Ok(p)
+}
+
 /// A baseline name that does not exist or does not parse.
 #[derive(Debug, thiserror::Error)]
 pub enum UnknownPolicy {
@@ -191,6 +260,7 @@ pub fn baseline_names(customs: &BTreeMap<String, StaticSpec>) -> Vec<String> {
     v.extend(customs.keys().map(|k| format!("static:{k}")));
     v.push("static:<usecs>/<frames>".into());
     v.push("static:nic=<u>/<f>,backend=<u>/<f>,frontend=<u>/<f>".into());
+    v.push("napi:<defer>/<timeout_us> (live hosts only)".into());
     v
 }
 
@@ -344,6 +414,11 @@ pub fn baseline_for(
         "per-packet" => Ok(Box::new(StaticPolicy::per_packet())),
         "dim" => Ok(Box::new(AdaptivePolicy::new(Adaptive::Dim))),
         "itr" => Ok(Box::new(AdaptivePolicy::new(Adaptive::Itr))),
+        _ if name.starts_with("napi:") => {
+            let p = parse_napi(&name["napi:".len()..])
+                .map_err(|why| UnknownPolicy::Malformed { name: name.to_string(), why })?;
+            Ok(Box::new(NapiPolicy::new(name, p)))
+        }
         _ => {
             let what = name.strip_prefix("static:").ok_or_else(unknown)?;
             if !customs.contains_key(what) {
@@ -418,6 +493,37 @@ mod tests {
             check_bounds("preset", spec, &space).unwrap();
         }
         check_bounds("edge", &static_spec("1000/128", &none).unwrap(), &space).unwrap();
+    }
+
+    #[test]
+    fn napi_recipes_parse_into_the_kernels_units_and_bad_ones_name_the_value() {
+        let none = BTreeMap::new();
+        let mut p = baseline("napi:2/20", &none).unwrap();
+        assert_eq!(p.name(), "napi:2/20");
+        assert_eq!(p.napi(), Some(NapiParams::new(2, 20_000)));
+        assert!(!p.sets_coalescing());
+        assert_eq!(p.act(&obs(2)).vms.len(), 2);
+        assert_eq!(parse_napi("0/0").unwrap(), NapiParams::OFF);
+        assert_eq!(parse_napi("2147483647/9223372036854775").unwrap().napi_defer_hard_irqs, i32::MAX as u32);
+        for (bad, says) in [
+            ("napi:2", "not <defer>/<timeout_us>"),
+            ("napi:two/20", "defer `two`"),
+            ("napi:-1/20", "defer `-1`"),
+            ("napi:2/20.5", "timeout `20.5`"),
+            ("napi:2147483648/20", "2147483648"),
+            ("napi:4294967296/20", "defer `4294967296`"),
+            ("napi:2/9223372036854776", "9223372036854776 µs"),
+            ("napi:2/18446744073709551615", "18446744073709551615 µs"),
+        ] {
+            let e = baseline(bad, &none).err().unwrap().to_string();
+            assert!(e.contains(says) && e.contains(bad), "{bad}: {e}");
+        }
+        // Other baselines set no NAPI deferral and do set coalescing.
+        let p = baseline("per-packet", &none).unwrap();
+        assert_eq!(p.napi(), None);
+        assert!(p.sets_coalescing());
+        let e = baseline("dimm", &none).err().unwrap().to_string();
+        assert!(e.contains("napi:<defer>/<timeout_us>"), "{e}");
     }
 
     #[test]

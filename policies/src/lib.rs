@@ -1,7 +1,7 @@
 //! # moderato-policies
 //!
 //! Everything that decides coalescing settings, behind one [`Policy`] trait: fixed baselines
-//! (per-packet, static presets), ports of the kernel's adaptive algorithms (DIM, ixgbe ITR) that
+//! (per-packet, static presets, the kernel documentation's NAPI-deferral recipes `napi:D/T`), ports of the kernel's adaptive algorithms (DIM, ixgbe ITR) that
 //! run inside the layers through the environment's `LayerController` hook, the hindsight oracle
 //! `best-static`, and the learned burn policy.
 //!
@@ -13,6 +13,7 @@ pub mod best_static;
 pub mod learned;
 pub mod slo_feedback;
 
+use moderato_env::live::NapiParams;
 use moderato_env::{CoalescingSettings, Observation};
 
 /// Decides the coalescing settings of every layer from one observation.
@@ -28,6 +29,17 @@ pub trait Policy: Send {
     fn requirements(&self) -> Requirements {
         Requirements::default()
     }
+    /// The NAPI deferral this policy sets on every interface of the side it is deployed on;
+    /// `None` (the default): the interfaces keep their own. The simulator does not model NAPI
+    /// deferral yet, so a policy that returns `Some` is refused there.
+    fn napi(&self) -> Option<NapiParams> {
+        None
+    }
+    /// Whether [`act`](Self::act)'s coalescing settings are to be applied. A NAPI-deferral
+    /// baseline returns `false`: the interfaces' coalescing knobs stay as they are.
+    fn sets_coalescing(&self) -> bool {
+        true
+    }
 }
 
 impl<P: Policy + ?Sized> Policy for Box<P> {
@@ -42,6 +54,12 @@ impl<P: Policy + ?Sized> Policy for Box<P> {
     }
     fn requirements(&self) -> Requirements {
         (**self).requirements()
+    }
+    fn napi(&self) -> Option<NapiParams> {
+        (**self).napi()
+    }
+    fn sets_coalescing(&self) -> bool {
+        (**self).sets_coalescing()
     }
 }
 

@@ -20,12 +20,12 @@
 //! coalescing), which the safety limits then bound and step, until an interval's p99 is back
 //! under the target.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
-use moderato_env::live::{Control, HostEnv, LiveSample, Original, Role};
+use moderato_env::live::{Control, HostEnv, LiveSample, NapiParams, Original, Role};
 use moderato_env::{
     BACKEND_FEATURES, CoalescingSettings, Env, GUEST_FEATURES, HOST_FEATURES, LayerId, LayerSettings,
     Moderation,
@@ -115,6 +115,12 @@ pub struct DeployLoop {
     metrics: Arc<Metrics>,
     /// Originals to put back, one per interface; `None` once restored (or in a dry run).
     restore: Option<Vec<Original>>,
+    /// The interfaces whose NAPI deferral a policy may set, with their originals (the deferral
+    /// when no policy asks for one, or the SLO guard is on). Empty unless the deployed or the
+    /// fallback policy sets NAPI deferral.
+    napi: Vec<Original>,
+    /// NAPI messages given once (a value the kernel applied differently, a failing interface).
+    napi_said: BTreeSet<String>,
     /// The layers this side sets, with their interface names.
     layers: Vec<(LayerId, String)>,
     previous: BTreeMap<LayerId, LayerSettings>,
@@ -255,6 +261,11 @@ fn side(s: &CoalescingSettings, layers: &[(LayerId, String)]) -> Value {
     Value::Object(o)
 }
 
+/// A NAPI deferral as JSON, with the sysfs names and units.
+fn napi_json(n: &NapiParams) -> Value {
+    json!({ "napi_defer_hard_irqs": n.napi_defer_hard_irqs, "gro_flush_timeout_ns": n.gro_flush_timeout_ns })
+}
+
 /// Whether `policy` reads a latency probe feature on `role`'s side.
 fn reads_probe(policy: &dyn Policy, role: Role) -> bool {
     let req = policy.requirements();
@@ -326,20 +337,51 @@ impl DeployLoop {
             (None, _) => (None, Vec::new()),
         };
 
-        let (originals, warnings) = env.originals();
+        let (mut originals, mut warnings) = env.originals();
+        let sets_napi = primary.napi().is_some() || fallback.napi().is_some();
+        if sets_napi {
+            warnings.extend(env.add_napi_originals(&mut originals));
+        }
         for w in warnings {
             tracing::warn!(target: "moderato::deploy", "{w}");
+        }
+        let napi: Vec<Original> = originals.iter().filter(|o| o.napi.is_some()).cloned().collect();
+        if sets_napi && napi.is_empty() {
+            bail!(
+                "policy `{}` sets NAPI deferral, but no interface of this {role} side has it that can be read \
+                 (/sys/class/net/<if>/napi_defer_hard_irqs and gro_flush_timeout, Linux 5.10+); see the warnings above",
+                if primary.napi().is_some() { primary.name() } else { fallback.name() }
+            );
+        }
+        for o in &napi {
+            let instances = match env.napi_instances(&o.ifname) {
+                Ok(ids) if ids.is_empty() => {
+                    "netdev netlink lists no NAPI instance (the device's value applies to \
+                     instances it creates later: a veth has one only with GRO or XDP on)"
+                        .to_string()
+                }
+                Ok(ids) => format!(
+                    "netdev netlink lists {} NAPI instance(s) ({}); a sysfs write reaches all of them (Linux 6.13+)",
+                    ids.len(),
+                    ids.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")
+                ),
+                Err(e) => format!("NAPI instances not listed: {e}"),
+            };
+            tracing::info!(target: "moderato::deploy", layer = %o.layer, interface = %o.ifname,
+                "NAPI deferral set per device through sysfs; {instances}");
         }
         if let Some(state) = &state {
             for o in &originals {
                 state.write(&Entry::of(o))?;
             }
         }
-        let previous = originals.iter().map(|o| (o.layer, o.settings())).collect();
-        let known = originals.iter().map(|o| (o.ifname.clone(), o.ifindex)).collect();
+        // Knob state only from interfaces whose knobs are controlled (a NAPI-only entry has none).
+        let with_knobs = || originals.iter().filter(|o| !o.params.is_empty());
+        let previous = with_knobs().map(|o| (o.layer, o.settings())).collect();
+        let known = with_knobs().map(|o| (o.ifname.clone(), o.ifindex)).collect();
         for o in &originals {
             tracing::info!(target: "moderato::deploy", layer = %o.layer, interface = %o.ifname,
-                ifindex = o.ifindex, original = %o.params,
+                ifindex = o.ifindex, original = %o.describe(),
                 "original settings{}", if opts.dry_run { "" } else { "; journalled, restored at exit" });
         }
         for l in env.layers() {
@@ -375,6 +417,8 @@ impl DeployLoop {
             opts,
             metrics,
             restore,
+            napi,
+            napi_said: BTreeSet::new(),
             layers,
             previous,
             known,
@@ -533,16 +577,32 @@ impl DeployLoop {
         } else {
             decided.clone()
         };
+        let napi_wanted = if self.in_fallback { self.fallback.napi() } else { self.primary.napi() };
+        let sets_coalescing = guarded
+            || if self.in_fallback {
+                self.fallback.sets_coalescing()
+            } else {
+                self.primary.sets_coalescing()
+            };
         let (safe, notes) = self.limits.apply(&wanted, &self.previous, &ids);
-        self.env.apply(&safe)?;
-        for id in ids {
-            self.previous.insert(id, *safe.layer(id));
+        if sets_coalescing {
+            self.env.apply(&safe)?;
+            for id in ids {
+                self.previous.insert(id, *safe.layer(id));
+            }
         }
+        // The SLO guard takes deferral back to the interfaces' own, as it takes coalescing to the least.
+        let napi = self.apply_napi(if guarded { None } else { napi_wanted });
         self.summary.decisions += 1;
         if self.in_fallback {
             self.summary.fallback_decisions += 1;
         }
         let step = self.summary.decisions;
+        let (decided_log, applied_log, limited_log) = if sets_coalescing {
+            (side(&decided, &self.layers), side(&safe, &self.layers), Value::from(notes.clone()))
+        } else {
+            (json!("coalescing left as is"), Value::Null, json!([]))
+        };
         tracing::info!(
             target: "moderato::deploy",
             step,
@@ -552,14 +612,64 @@ impl DeployLoop {
             dry_run = self.opts.dry_run,
             complete = sample.complete,
             inputs = %inputs(role, &sample, &self.opts.vm_names),
-            decided = %side(&decided, &self.layers),
-            applied = %side(&safe, &self.layers),
-            limited = %serde_json::Value::from(notes.clone()),
+            decided = %decided_log,
+            applied = %applied_log,
+            limited = %limited_log,
+            napi = %napi,
             "decision"
         );
-        self.metrics.record(&sample, &policy_name, self.in_fallback, &safe, &self.layers, !notes.is_empty());
-        self.summary.last = Some(safe);
+        let knob_layers = if sets_coalescing { &self.layers[..] } else { &[] };
+        self.metrics.record(
+            &sample,
+            &policy_name,
+            self.in_fallback,
+            &safe,
+            knob_layers,
+            sets_coalescing && !notes.is_empty(),
+        );
+        self.summary.last = sets_coalescing.then_some(safe);
         Ok(())
+    }
+
+    /// Sets the NAPI deferral of every interface that has one journalled: `wanted` where the
+    /// deciding policy sets one, else the interface's original. Returns, per layer, what the
+    /// kernel reports afterwards (what the log records); `null` without NAPI interfaces.
+    fn apply_napi(&mut self, wanted: Option<NapiParams>) -> Value {
+        if self.napi.is_empty() {
+            return Value::Null;
+        }
+        let mut out = serde_json::Map::new();
+        for o in &self.napi {
+            let Some(original) = o.napi else { continue };
+            let target = wanted.unwrap_or(original);
+            let entry = match self.env.apply_napi(o, &target) {
+                Ok(applied) => {
+                    if applied != target && !self.opts.dry_run {
+                        let msg = format!(
+                            "{} ({}): the kernel applied `{applied}` for `{target}`; the applied value is what is logged",
+                            o.ifname, o.layer
+                        );
+                        if self.napi_said.insert(msg.clone()) {
+                            tracing::warn!(target: "moderato::deploy", layer = %o.layer, interface = %o.ifname, "{msg}");
+                        }
+                    }
+                    json!({
+                        "interface": o.ifname,
+                        "wanted": napi_json(&target),
+                        "applied": napi_json(&applied),
+                    })
+                }
+                Err(e) => {
+                    if self.napi_said.insert(e.clone()) {
+                        tracing::warn!(target: "moderato::deploy", layer = %o.layer, interface = %o.ifname,
+                            "NAPI deferral: {e}");
+                    }
+                    json!({ "interface": o.ifname, "wanted": napi_json(&target), "error": e })
+                }
+            };
+            out.insert(o.layer.to_string(), entry);
+        }
+        Value::Object(out)
     }
 
     /// An interface that was absent at start and has appeared, or came back re-created (a new
@@ -578,12 +688,19 @@ impl DeployLoop {
                 Some(_) => continue,
             };
             self.known.insert(l.ifname.clone(), l.ifindex);
-            let o = Original { layer: l.layer, ifname: l.ifname, ifindex: l.ifindex, params };
+            // The NAPI deferral journalled for this very interface (same ifindex) stays with it; a
+            // re-created interface's deferral is its own and is not touched.
+            let napi = self
+                .napi
+                .iter()
+                .find(|n| n.ifname == l.ifname && (n.ifindex == l.ifindex || n.ifindex.is_none()))
+                .and_then(|n| n.napi);
+            let o = Original { layer: l.layer, ifname: l.ifname, ifindex: l.ifindex, params, napi };
             if let Some(state) = &self.state {
                 state.write(&Entry::of(&o)).context("journalling an interface's original settings")?;
             }
             tracing::info!(target: "moderato::deploy", layer = %o.layer, interface = %o.ifname,
-                ifindex = o.ifindex, original = %o.params,
+                ifindex = o.ifindex, original = %o.describe(),
                 "{}; original settings{}",
                 if recreated { "interface re-created (new ifindex)" } else { "interface appeared" },
                 if self.opts.dry_run { "" } else { " journalled, restored at exit" });
@@ -614,14 +731,14 @@ impl DeployLoop {
                 Ok(Outcome::Restored(_)) => {
                     restored += 1;
                     tracing::info!(target: "moderato::deploy", layer = %o.layer, interface = %o.ifname,
-                        original = %o.params, "restored");
+                        original = %o.describe(), "restored");
                 }
                 Ok(Outcome::Failed { why, kept, .. }) => {
                     let msg = format!(
                         "{} ({}): not restored to `{}`: {why}{}",
                         o.ifname,
                         o.layer,
-                        o.params,
+                        o.describe(),
                         if kept {
                             "; the journal stays: run `moderato restore` once it can succeed"
                         } else {
@@ -667,7 +784,7 @@ fn recover(env: &mut HostEnv, state: &StateDir, layer: LayerId, name: &str) -> R
     let o = entry.original(layer);
     match journal::settle(state, entry, |_| env.restore_one(&o))? {
         Outcome::Restored(e) => {
-            tracing::warn!(target: "moderato::deploy", interface = %name, original = %o.params, pid = e.pid,
+            tracing::warn!(target: "moderato::deploy", interface = %name, original = %o.describe(), pid = e.pid,
                 "restored the original settings left by PID {}", e.pid);
             Ok(())
         }

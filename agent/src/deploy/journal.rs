@@ -23,7 +23,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
 use moderato_env::LayerId;
-use moderato_env::live::{CoalesceParams, Coalescer, LiveConfig, Original, RestoreFailure, restore_original};
+use moderato_env::live::{
+    CoalesceParams, Coalescer, LiveConfig, NapiParams, Original, RestoreFailure, restore_original,
+};
 use serde::{Deserialize, Serialize};
 
 /// The journal format's version.
@@ -41,8 +43,13 @@ pub struct Entry {
     pub ifindex: Option<u64>,
     /// The layer it played, for people reading the file.
     pub layer: String,
-    /// The knobs with ethtool's names, `null` where the driver lacks one.
+    /// The knobs with ethtool's names, `null` where the driver lacks one (all `null` where the
+    /// deploy does not set them: a driver without coalescing whose NAPI deferral is set).
     pub original: CoalesceParams,
+    /// The NAPI deferral (`napi_defer_hard_irqs`, `gro_flush_timeout_ns`), where the deploy sets
+    /// it. Absent in journals of deploys that did not (and of versions before it existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub napi: Option<NapiParams>,
     /// When it was written, RFC 3339.
     pub written_at: String,
 }
@@ -56,13 +63,25 @@ impl Entry {
             ifindex: o.ifindex,
             layer: o.layer.to_string(),
             original: o.params,
+            napi: o.napi,
             written_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         }
     }
 
+    /// What it puts back, for logs: the knobs, then the NAPI deferral (see [`Original::describe`]).
+    pub fn describe(&self) -> String {
+        self.original(LayerId::Nic).describe()
+    }
+
     /// The original, as the layer `layer` of this side's config.
     pub fn original(&self, layer: LayerId) -> Original {
-        Original { layer, ifname: self.interface.clone(), ifindex: self.ifindex, params: self.original }
+        Original {
+            layer,
+            ifname: self.interface.clone(),
+            ifindex: self.ifindex,
+            params: self.original,
+            napi: self.napi,
+        }
     }
 }
 
@@ -159,15 +178,16 @@ impl StateDir {
         };
         let entry: Entry = serde_json::from_str(&text).map_err(|e| {
             anyhow!(
-                "{}: not a moderato journal ({e}). Fix: check {ifname}'s settings by hand (ethtool -c {ifname}), \
-                 then delete the file",
+                "{}: not a moderato journal ({e}). Fix: check {ifname}'s settings by hand (ethtool -c {ifname}; \
+                 /sys/class/net/{ifname}/napi_defer_hard_irqs and gro_flush_timeout), then delete the file",
                 path.display()
             )
         })?;
         if entry.version != JOURNAL_VERSION || entry.interface != ifname {
             bail!(
                 "{}: journal version {} for interface `{}`, expected version {JOURNAL_VERSION} for `{ifname}`. \
-                 Fix: check {ifname}'s settings by hand (ethtool -c {ifname}), then delete the file",
+                 Fix: check {ifname}'s settings by hand (ethtool -c {ifname}; \
+                 /sys/class/net/{ifname}/napi_defer_hard_irqs and gro_flush_timeout), then delete the file",
                 path.display(),
                 entry.version,
                 entry.interface

@@ -13,7 +13,8 @@
 //!
 //! `moderato echo` ([`run_echo`]) is the far end of the `udp-echo` latency source.
 //!
-//! The live host itself is `moderato_env::live::HostEnv`; knobs are set through ethtool netlink.
+//! The live host itself is `moderato_env::live::HostEnv`; knobs are set through ethtool netlink,
+//! NAPI deferral (for `napi:` policies) through the per-device sysfs files.
 //! See `docs/deploy.md` for what each hypervisor and driver lets us control.
 
 pub mod config;
@@ -70,7 +71,8 @@ pub enum LogFormat {
 /// `moderato deploy`: run a policy on this side of a live host.
 #[derive(Debug, Clone, clap::Args)]
 pub struct DeployArgs {
-    /// A frozen model directory or a baseline name (per-packet, dim, itr, static:PRESET, static:USECS/FRAMES).
+    /// A frozen model directory or a baseline name (per-packet, dim, itr, static:PRESET, static:USECS/FRAMES,
+    /// napi:DEFER/TIMEOUT_US for NAPI deferral).
     #[arg(long)]
     pub policy: String,
     /// Which side of the host this process runs on.
@@ -321,7 +323,7 @@ pub fn restore_with(
             Outcome::Restored(e) => {
                 restored += 1;
                 tracing::info!(target: "moderato::restore", interface = %name, pid = e.pid,
-                    original = %e.original,
+                    original = %e.describe(),
                     "restored the original settings journalled by PID {}", e.pid);
             }
             Outcome::Failed { entry, why, kept } => {

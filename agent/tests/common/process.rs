@@ -21,9 +21,17 @@ pub fn bin() -> &'static str {
 }
 
 impl Proc {
+    /// Runs `moderato <args>` inside the network namespace `ns` (`ip netns exec`, which execs it:
+    /// the child's PID is moderato's, for signals).
+    pub fn spawn_in(ns: &str, args: &[&str]) -> Proc {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", ns, bin()]).args(args);
+        Proc::run(c)
+    }
+
     /// Runs `moderato <args>`; with `nofile`, under `ulimit -n <nofile>` (through `sh`).
     pub fn spawn(args: &[&str], nofile: Option<u32>) -> Proc {
-        let mut cmd = match nofile {
+        let cmd = match nofile {
             Some(n) => {
                 let mut c = Command::new("sh");
                 c.arg("-c").arg(format!("ulimit -n {n} && exec \"$0\" \"$@\"")).arg(bin()).args(args);
@@ -35,6 +43,10 @@ impl Proc {
                 c
             }
         };
+        Proc::run(cmd)
+    }
+
+    fn run(mut cmd: Command) -> Proc {
         let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
         let stderr = child.stderr.take().unwrap();
         let lines = Arc::new(Mutex::new(Vec::new()));

@@ -7,6 +7,7 @@ use super::coalesce::{CoalesceError, CoalesceParams, Coalescer, NetlinkCoalescer
 use super::counters::{self, Delta, IfCounters};
 use super::cpu::{self, CpuSnapshot};
 use super::interrupts::{self, InterruptTable, IrqKind, IrqSet};
+use super::napi::{NapiControl, NapiError, NapiParams, SysfsNapi};
 use super::probe::UdpProbe;
 use super::{InterfaceConfig, LiveConfig, LiveError, Role};
 use crate::env::{Env, EnvError, EnvSpec, Step};
@@ -56,7 +57,11 @@ pub struct Original {
     /// onto that interface: a re-created one (same name, new index) has its own originals.
     /// `None`: not known (restored by name).
     pub ifindex: Option<u64>,
+    /// The coalescing knobs; empty where they are not controlled (a driver without coalescing
+    /// whose NAPI deferral is set).
     pub params: CoalesceParams,
+    /// The NAPI deferral, where a policy sets it; `None`: not touched.
+    pub napi: Option<NapiParams>,
 }
 
 /// Why an original could not be put back.
@@ -92,20 +97,77 @@ impl std::fmt::Display for RestoreFailure {
     }
 }
 
-/// Puts `o` back through `coalescer`, onto the same interface only: the interface's index under
-/// `sysfs_root` must still be `o.ifindex` (where known). Knob values go first and adaptive modes
-/// after, since some drivers refuse knob values while adaptive moderation is on.
+/// Puts `o` back through `coalescer` and the per-device NAPI sysfs files under `sysfs_root`
+/// (see [`restore_original_with`]).
 pub fn restore_original(
     coalescer: &mut dyn Coalescer,
     sysfs_root: &std::path::Path,
     o: &Original,
 ) -> Result<(), RestoreFailure> {
-    let now = counters::read_ifindex(sysfs_root, &o.ifname);
-    match (o.ifindex, now) {
-        (_, None) if !counters::interface_exists(sysfs_root, &o.ifname) => return Err(RestoreFailure::Gone),
-        (Some(was), Some(now)) if was != now => return Err(RestoreFailure::Recreated { was, now }),
-        _ => {}
+    restore_original_with(coalescer, &mut SysfsNapi::new(sysfs_root), sysfs_root, o)
+}
+
+/// Whether `ifname` under `sysfs_root` is still the interface with index `ifindex` (where known).
+fn same_interface(
+    sysfs_root: &std::path::Path,
+    ifname: &str,
+    ifindex: Option<u64>,
+) -> Result<(), RestoreFailure> {
+    let now = counters::read_ifindex(sysfs_root, ifname);
+    match (ifindex, now) {
+        (_, None) if !counters::interface_exists(sysfs_root, ifname) => Err(RestoreFailure::Gone),
+        (Some(was), Some(now)) if was != now => Err(RestoreFailure::Recreated { was, now }),
+        _ => Ok(()),
     }
+}
+
+/// Puts `o` back through `coalescer` and `napi`, onto the same interface only: the interface's
+/// index under `sysfs_root` must still be `o.ifindex` (where known). Knob values go first and
+/// adaptive modes after, since some drivers refuse knob values while adaptive moderation is on;
+/// then the NAPI deferral, which is read back: a value the kernel did not take is a failure.
+pub fn restore_original_with(
+    coalescer: &mut dyn Coalescer,
+    napi: &mut dyn NapiControl,
+    sysfs_root: &std::path::Path,
+    o: &Original,
+) -> Result<(), RestoreFailure> {
+    same_interface(sysfs_root, &o.ifname, o.ifindex)?;
+    // Both parts are tried: one that fails does not keep the other from being put back.
+    let knobs = if o.params.is_empty() { Ok(()) } else { restore_coalescing(coalescer, o) };
+    if knobs == Err(RestoreFailure::Gone) {
+        return knobs;
+    }
+    let deferral = match &o.napi {
+        Some(want) => restore_napi(napi, &o.ifname, want),
+        None => Ok(()),
+    };
+    match (knobs, deferral) {
+        (Ok(()), Ok(())) => Ok(()),
+        (Err(e), Ok(())) | (Ok(()), Err(e)) => Err(e),
+        (Err(a), Err(b)) => Err(RestoreFailure::Failed(format!("{a}; {b}"))),
+    }
+}
+
+fn restore_napi(napi: &mut dyn NapiControl, ifname: &str, want: &NapiParams) -> Result<(), RestoreFailure> {
+    let fail = |what: &str, e: NapiError| match e {
+        NapiError::NoDevice { .. } => RestoreFailure::Gone,
+        e => RestoreFailure::Failed(format!("{what} NAPI deferral: {e}")),
+    };
+    let current = napi.get(ifname).map_err(|e| fail("reading the", e))?;
+    if current == *want {
+        return Ok(());
+    }
+    napi.set(ifname, want).map_err(|e| fail(&format!("setting `{want}` as the"), e))?;
+    match napi.get(ifname) {
+        Ok(got) if got == *want => Ok(()),
+        Ok(got) => Err(RestoreFailure::Failed(format!(
+            "NAPI deferral: the kernel applied `{got}` when `{want}` was written"
+        ))),
+        Err(e) => Err(fail("reading back the", e)),
+    }
+}
+
+fn restore_coalescing(coalescer: &mut dyn Coalescer, o: &Original) -> Result<(), RestoreFailure> {
     let current = match coalescer.get(&o.ifname) {
         Ok(p) => p,
         Err(CoalesceError::NoDevice { .. }) => return Err(RestoreFailure::Gone),
@@ -132,6 +194,15 @@ pub fn restore_original(
 }
 
 impl Original {
+    /// What is put back, for logs: the knobs (ethtool syntax), then the NAPI deferral.
+    pub fn describe(&self) -> String {
+        match (self.params.is_empty(), &self.napi) {
+            (_, None) => self.params.to_string(),
+            (true, Some(n)) => n.to_string(),
+            (false, Some(n)) => format!("{}; {n}", self.params),
+        }
+    }
+
     /// The original knobs as layer settings in the project's direction (a backend swaps rx and
     /// tx). A direction with adaptive moderation on reads as [`Adaptive::Dim`]: the driver's own
     /// algorithm, whatever it is. A knob the driver lacks reads as 0.
@@ -223,6 +294,7 @@ pub struct HostEnv {
     config: LiveConfig,
     spec: EnvSpec,
     coalescer: Box<dyn Coalescer>,
+    napi: Box<dyn NapiControl>,
     layers: Vec<Layer>,
     probe: Option<UdpProbe>,
     apply_enabled: bool,
@@ -280,10 +352,12 @@ impl HostEnv {
             })
             .collect();
         let probe = config.probe.map(UdpProbe::start).transpose()?;
+        let napi = Box::new(SysfsNapi::new(config.sysfs_root.clone()));
         Ok(HostEnv {
             config,
             spec,
             coalescer,
+            napi,
             layers,
             probe,
             apply_enabled: true,
@@ -293,6 +367,13 @@ impl HostEnv {
             applied: None,
             pending: Vec::new(),
         })
+    }
+
+    /// The same host with NAPI deferral read and set through `napi` (a fake in tests) instead of
+    /// the sysfs files under the config's `sysfs_root`.
+    pub fn with_napi(mut self, napi: Box<dyn NapiControl>) -> Self {
+        self.napi = napi;
+        self
     }
 
     pub fn config(&self) -> &LiveConfig {
@@ -344,10 +425,85 @@ impl HostEnv {
             let ifindex = counters::read_ifindex(&self.config.sysfs_root, &self.layers[i].cfg.name);
             if let Some(p) = self.read_knobs(i, &mut warnings) {
                 let l = &self.layers[i];
-                out.push(Original { layer: l.id, ifname: l.cfg.name.clone(), ifindex, params: p });
+                out.push(Original {
+                    layer: l.id,
+                    ifname: l.cfg.name.clone(),
+                    ifindex,
+                    params: p,
+                    napi: None,
+                });
             }
         }
         (out, warnings)
+    }
+
+    /// Adds the NAPI deferral of every present interface to `originals` (into the interface's
+    /// entry, or a new one with no knobs where its coalescing is not controlled), for a policy
+    /// that sets it. An interface whose deferral cannot be read is left out, with a warning; it
+    /// will not be set either.
+    pub fn add_napi_originals(&mut self, originals: &mut Vec<Original>) -> Vec<String> {
+        let mut warnings = Vec::new();
+        for l in &self.layers {
+            if !l.present {
+                continue;
+            }
+            let ifindex = counters::read_ifindex(&self.config.sysfs_root, &l.cfg.name);
+            match self.napi.get(&l.cfg.name) {
+                Ok(n) => match originals.iter_mut().find(|o| o.ifname == l.cfg.name) {
+                    Some(o) if o.ifindex == ifindex || o.ifindex.is_none() => o.napi = Some(n),
+                    // Re-created between the two reads: these values belong to the newer one.
+                    Some(o) => {
+                        *o = Original {
+                            layer: l.id,
+                            ifname: l.cfg.name.clone(),
+                            ifindex,
+                            params: CoalesceParams::default(),
+                            napi: Some(n),
+                        }
+                    }
+                    None => originals.push(Original {
+                        layer: l.id,
+                        ifname: l.cfg.name.clone(),
+                        ifindex,
+                        params: CoalesceParams::default(),
+                        napi: Some(n),
+                    }),
+                },
+                Err(e) => warnings
+                    .push(format!("{e}; the NAPI deferral of {} ({}) is left as is", l.cfg.name, l.id)),
+            }
+        }
+        warnings
+    }
+
+    /// Sets `target` as the NAPI deferral of `o`'s interface (only the interface `o` was read
+    /// from: same name and ifindex) where it differs from what is in force, and returns what the
+    /// kernel reports afterwards: the value the policy's setting became. In a dry run nothing is
+    /// set and the value in force is returned.
+    pub fn apply_napi(&mut self, o: &Original, target: &NapiParams) -> Result<NapiParams, String> {
+        target.check().map_err(|e| format!("{}: {e}", o.ifname))?;
+        same_interface(&self.config.sysfs_root, &o.ifname, o.ifindex)
+            .map_err(|e| format!("{} ({}): NAPI deferral not set: {e}", o.ifname, o.layer))?;
+        let current = self.napi.get(&o.ifname).map_err(|e| e.to_string())?;
+        if !self.apply_enabled || current == *target {
+            return Ok(current);
+        }
+        self.napi.set(&o.ifname, target).map_err(|e| e.to_string())?;
+        self.napi.get(&o.ifname).map_err(|e| format!("reading back: {e}"))
+    }
+
+    /// The NAPI instances (ids) of `ifname` from netdev netlink, for operators. `Err` where the
+    /// kernel cannot say (no netdev family), or this host reads a sysfs tree other than `/sys`
+    /// (tests), whose interfaces the kernel does not know.
+    pub fn napi_instances(&self, ifname: &str) -> Result<Vec<u32>, String> {
+        if self.config.sysfs_root != std::path::Path::new("/sys") {
+            return Err(format!("sysfs is read from {}, not /sys", self.config.sysfs_root.display()));
+        }
+        let ifindex = counters::read_ifindex(&self.config.sysfs_root, ifname)
+            .ok_or_else(|| format!("{ifname}: no such interface"))?;
+        super::napi::napi_instances(
+            u32::try_from(ifindex).map_err(|_| format!("{ifname}: ifindex {ifindex}"))?,
+        )
     }
 
     /// Reads one layer's knobs, updating its control state.
@@ -537,7 +693,7 @@ impl HostEnv {
             .filter_map(|o| {
                 self.restore_one(o)
                     .err()
-                    .map(|e| format!("restoring {} ({}) to `{}`: {e}", o.ifname, o.layer, o.params))
+                    .map(|e| format!("restoring {} ({}) to `{}`: {e}", o.ifname, o.layer, o.describe()))
             })
             .collect()
     }
@@ -545,7 +701,8 @@ impl HostEnv {
     /// Puts one original back, onto the interface it was read from only (see
     /// [`restore_original`]). Applies even in a dry run.
     pub fn restore_one(&mut self, o: &Original) -> Result<(), RestoreFailure> {
-        let r = restore_original(self.coalescer.as_mut(), &self.config.sysfs_root, o);
+        let r =
+            restore_original_with(self.coalescer.as_mut(), self.napi.as_mut(), &self.config.sysfs_root, o);
         if let Some(l) = self.layers.iter_mut().find(|l| l.cfg.name == o.ifname) {
             l.params = None;
         }

@@ -20,7 +20,11 @@
 //! - CPU: `/proc/stat` through the `procfs` crate ([`cpu`]);
 //! - latency: an optional UDP echo probe ([`probe`]);
 //! - knobs: read back and set through ethtool netlink ([`coalesce`], with the [`Coalescer`] trait
-//!   so that tests and the deploy loop can run against a fake).
+//!   so that tests and the deploy loop can run against a fake);
+//! - NAPI deferral (`napi_defer_hard_irqs`, `gro_flush_timeout`): read back and set through the
+//!   per-device sysfs files ([`napi`], with the [`NapiControl`] trait and the [`MemoryNapi`]
+//!   fake). It is not part of the observation; the deploy loop sets it for policies that ask
+//!   ([`HostEnv::apply_napi`]).
 //!
 //! Rates are per second over the measured wall-clock interval, in the units that
 //! [`InterfaceObs`](crate::InterfaceObs), [`CpuObs`](crate::CpuObs) and
@@ -41,6 +45,7 @@ pub mod counters;
 pub mod cpu;
 mod host;
 pub mod interrupts;
+pub mod napi;
 pub mod probe;
 
 use std::net::SocketAddr;
@@ -50,7 +55,9 @@ use std::time::Duration;
 pub use coalesce::{CoalesceError, CoalesceParams, Coalescer, NetlinkCoalescer};
 pub use host::{
     Control, HostEnv, InterfaceReport, LayerStatus, LiveSample, Original, RestoreFailure, restore_original,
+    restore_original_with,
 };
+pub use napi::{MemoryNapi, NapiControl, NapiError, NapiParams, SysfsNapi};
 pub use probe::{ProbeConfig, UdpProbe, serve_udp_echo};
 
 use crate::env::EnvError;

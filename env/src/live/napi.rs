@@ -1,0 +1,344 @@
+//! NAPI deferral of one interface: `napi_defer_hard_irqs` and `gro_flush_timeout`.
+//!
+//! After a NAPI poll that found work, a device with `napi_defer_hard_irqs = N > 0` and
+//! `gro_flush_timeout = T > 0` keeps its interrupt masked and lets an hrtimer poll again after T
+//! nanoseconds, for up to N consecutive polls that find nothing; then the interrupt is re-armed
+//! (Documentation/networking/napi.rst, "Software IRQ coalescing"). Both default to 0 (off).
+//!
+//! ## Which interface to the kernel
+//! - **Per device, sysfs** (Linux ≥ 5.10): `/sys/class/net/<if>/napi_defer_hard_irqs` and
+//!   `gro_flush_timeout`. Since 6.13 a write there is copied into every NAPI instance of the
+//!   device; a read shows the device's value. This is what [`SysfsNapi`] reads and writes.
+//! - **Per NAPI instance, netdev netlink** (`napi-get`/`napi-set`, Linux ≥ 6.13). The `nlink`
+//!   crate this project uses for ethtool dumps NAPI instances (`napi-get`: id, ifindex, irq), but
+//!   models neither the deferral attributes nor `napi-set`; `netlink-bindings` 0.3 has
+//!   `napi-set`, but only as message encoding (the socket, family lookup and acks would be ours)
+//!   and with `gro-flush-timeout` as a u32 where the kernel's attribute is a 64-bit `uint`. So
+//!   values are set per device through sysfs, and netlink is used only to list a device's NAPI
+//!   instances for operators ([`napi_instances`]).
+//!
+//! One consequence: a per-instance value that someone set with `napi-set` (differing from the
+//! device's) is not seen by a sysfs read, and a sysfs write (ours, or our restore) replaces it on
+//! every instance with the device value.
+//!
+//! The kernel takes `napi_defer_hard_irqs` up to `i32::MAX` (ERANGE above) and
+//! `gro_flush_timeout` as an `unsigned long` of nanoseconds; its hrtimer takes the timeout as a
+//! signed 64-bit `ktime_t`, so values above `i64::MAX` ns wrap and are refused here
+//! ([`NapiParams::check`]).
+
+use std::path::{Path, PathBuf};
+
+use super::counters;
+
+/// The largest `napi_defer_hard_irqs` the kernel accepts (`S32_MAX`).
+pub const DEFER_HARD_IRQS_MAX: u32 = i32::MAX as u32;
+/// The largest `gro_flush_timeout` (ns) that the kernel's hrtimer takes without wrapping.
+pub const GRO_FLUSH_TIMEOUT_NS_MAX: u64 = i64::MAX as u64;
+
+/// One interface's NAPI deferral. Serialised with the sysfs names (the deploy's journal stores
+/// it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NapiParams {
+    /// `napi_defer_hard_irqs`: empty polls before the interrupt is re-armed (0: off).
+    pub napi_defer_hard_irqs: u32,
+    /// `gro_flush_timeout`, nanoseconds: the deferral timer (0: off).
+    pub gro_flush_timeout_ns: u64,
+}
+
+impl NapiParams {
+    /// No deferral (the kernel's default).
+    pub const OFF: NapiParams = NapiParams { napi_defer_hard_irqs: 0, gro_flush_timeout_ns: 0 };
+
+    pub const fn new(napi_defer_hard_irqs: u32, gro_flush_timeout_ns: u64) -> Self {
+        NapiParams { napi_defer_hard_irqs, gro_flush_timeout_ns }
+    }
+
+    /// Refuses values the kernel would refuse or misread (see the [module docs](self)).
+    pub fn check(&self) -> Result<(), String> {
+        if self.napi_defer_hard_irqs > DEFER_HARD_IRQS_MAX {
+            return Err(format!(
+                "napi_defer_hard_irqs {} is above the kernel's limit {DEFER_HARD_IRQS_MAX} (i32::MAX)",
+                self.napi_defer_hard_irqs
+            ));
+        }
+        if self.gro_flush_timeout_ns > GRO_FLUSH_TIMEOUT_NS_MAX {
+            return Err(format!(
+                "gro_flush_timeout {} ns is above {GRO_FLUSH_TIMEOUT_NS_MAX} ns (i64::MAX), which the \
+                 kernel's timer cannot hold",
+                self.gro_flush_timeout_ns
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Display for NapiParams {
+    /// `napi_defer_hard_irqs 2 gro_flush_timeout 20000` (the sysfs names and units).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "napi_defer_hard_irqs {} gro_flush_timeout {}",
+            self.napi_defer_hard_irqs, self.gro_flush_timeout_ns
+        )
+    }
+}
+
+/// A failed NAPI read or write, as a sentence that names the interface and the file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NapiError {
+    /// The files are absent while the interface exists: a kernel before 5.10.
+    #[error(
+        "{ifname}: {} does not exist: NAPI deferral needs Linux 5.10 or later (per-device sysfs files)",
+        path.display()
+    )]
+    Unsupported { ifname: String, path: PathBuf },
+    /// EACCES/EPERM: writing needs CAP_NET_ADMIN (and a sysfs mounted by this network namespace).
+    #[error(
+        "{ifname}: writing {} needs CAP_NET_ADMIN (permission denied): run as root or grant the capability",
+        path.display()
+    )]
+    PermissionDenied { ifname: String, path: PathBuf },
+    /// The interface does not exist (now).
+    #[error("{ifname}: no such device")]
+    NoDevice { ifname: String },
+    /// The kernel refused a value (ERANGE, EINVAL).
+    #[error("{ifname}: the kernel refused `{value}` for {} ({detail})", path.display())]
+    Refused { ifname: String, path: PathBuf, value: String, detail: String },
+    /// Anything else (an unreadable or unparsable file).
+    #[error("{ifname}: {message}")]
+    Other { ifname: String, message: String },
+}
+
+/// Reads and sets an interface's NAPI deferral.
+pub trait NapiControl: Send + std::fmt::Debug {
+    fn get(&mut self, ifname: &str) -> Result<NapiParams, NapiError>;
+    /// Sets both values; the caller reads back what the kernel applied.
+    fn set(&mut self, ifname: &str, params: &NapiParams) -> Result<(), NapiError>;
+}
+
+impl<N: NapiControl + ?Sized> NapiControl for Box<N> {
+    fn get(&mut self, ifname: &str) -> Result<NapiParams, NapiError> {
+        (**self).get(ifname)
+    }
+    fn set(&mut self, ifname: &str, params: &NapiParams) -> Result<(), NapiError> {
+        (**self).set(ifname, params)
+    }
+}
+
+/// [`NapiControl`] through the per-device sysfs files under `sysfs_root` (`/sys`).
+#[derive(Debug, Clone)]
+pub struct SysfsNapi {
+    sysfs_root: PathBuf,
+}
+
+const DEFER_FILE: &str = "napi_defer_hard_irqs";
+const TIMEOUT_FILE: &str = "gro_flush_timeout";
+
+impl SysfsNapi {
+    pub fn new(sysfs_root: impl Into<PathBuf>) -> Self {
+        SysfsNapi { sysfs_root: sysfs_root.into() }
+    }
+
+    fn path(&self, ifname: &str, file: &str) -> PathBuf {
+        counters::interface_dir(&self.sysfs_root, ifname).join(file)
+    }
+
+    fn io_error(&self, ifname: &str, path: &Path, e: &std::io::Error, value: Option<&str>) -> NapiError {
+        let ifname = ifname.to_string();
+        if !counters::interface_exists(&self.sysfs_root, &ifname) {
+            return NapiError::NoDevice { ifname };
+        }
+        match (e.kind(), e.raw_os_error(), value) {
+            (std::io::ErrorKind::NotFound, ..) => NapiError::Unsupported { ifname, path: path.into() },
+            (std::io::ErrorKind::PermissionDenied, ..) | (_, Some(1), _) => {
+                NapiError::PermissionDenied { ifname, path: path.into() }
+            }
+            (_, Some(errno @ (22 | 34)), Some(v)) => NapiError::Refused {
+                ifname,
+                path: path.into(),
+                value: v.to_string(),
+                detail: format!("{} ({e})", if errno == 34 { "ERANGE" } else { "EINVAL" }),
+            },
+            _ => NapiError::Other {
+                ifname,
+                message: match value {
+                    Some(v) => format!("writing `{v}` to {}: {e}", path.display()),
+                    None => format!("reading {}: {e}", path.display()),
+                },
+            },
+        }
+    }
+
+    fn read(&self, ifname: &str, file: &str) -> Result<u64, NapiError> {
+        let path = self.path(ifname, file);
+        let text = std::fs::read_to_string(&path).map_err(|e| self.io_error(ifname, &path, &e, None))?;
+        text.trim().parse().map_err(|e| NapiError::Other {
+            ifname: ifname.into(),
+            message: format!("{}: `{}` is not an unsigned integer ({e})", path.display(), text.trim()),
+        })
+    }
+
+    fn write(&self, ifname: &str, file: &str, value: u64) -> Result<(), NapiError> {
+        let path = self.path(ifname, file);
+        let v = value.to_string();
+        // No create: a file that is absent means the kernel lacks the knob.
+        let r = std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(&path)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, v.as_bytes()));
+        r.map_err(|e| self.io_error(ifname, &path, &e, Some(&v)))
+    }
+}
+
+impl NapiControl for SysfsNapi {
+    fn get(&mut self, ifname: &str) -> Result<NapiParams, NapiError> {
+        let defer = self.read(ifname, DEFER_FILE)?;
+        let timeout = self.read(ifname, TIMEOUT_FILE)?;
+        let defer = u32::try_from(defer).map_err(|_| NapiError::Other {
+            ifname: ifname.into(),
+            message: format!("{}: {defer} does not fit in 32 bits", self.path(ifname, DEFER_FILE).display()),
+        })?;
+        Ok(NapiParams::new(defer, timeout))
+    }
+
+    /// The timeout first: with deferral on and the timer at 0 the kernel would not defer anyway,
+    /// and the order keeps a half-applied change harmless.
+    fn set(&mut self, ifname: &str, params: &NapiParams) -> Result<(), NapiError> {
+        self.write(ifname, TIMEOUT_FILE, params.gro_flush_timeout_ns)?;
+        self.write(ifname, DEFER_FILE, u64::from(params.napi_defer_hard_irqs))
+    }
+}
+
+/// An in-memory [`NapiControl`] for tests: interfaces and their values; `round_to` makes it
+/// apply the timeout rounded down to a multiple (as a driver or kernel might), and `refuse`
+/// fails every set with that error.
+#[derive(Debug, Clone, Default)]
+pub struct MemoryNapi {
+    pub values: std::collections::BTreeMap<String, NapiParams>,
+    pub round_to: Option<u64>,
+    pub refuse: Option<NapiError>,
+    /// Every set, in order.
+    pub sets: Vec<(String, NapiParams)>,
+}
+
+impl MemoryNapi {
+    pub fn with(mut self, ifname: &str, p: NapiParams) -> Self {
+        self.values.insert(ifname.to_string(), p);
+        self
+    }
+}
+
+impl NapiControl for MemoryNapi {
+    fn get(&mut self, ifname: &str) -> Result<NapiParams, NapiError> {
+        self.values.get(ifname).copied().ok_or_else(|| NapiError::NoDevice { ifname: ifname.into() })
+    }
+    fn set(&mut self, ifname: &str, params: &NapiParams) -> Result<(), NapiError> {
+        if let Some(e) = &self.refuse {
+            return Err(e.clone());
+        }
+        let slot =
+            self.values.get_mut(ifname).ok_or_else(|| NapiError::NoDevice { ifname: ifname.into() })?;
+        let t = params.gro_flush_timeout_ns;
+        *slot = NapiParams::new(
+            params.napi_defer_hard_irqs,
+            self.round_to.filter(|r| *r > 0).map_or(t, |r| t - t % r),
+        );
+        self.sets.push((ifname.to_string(), *params));
+        Ok(())
+    }
+}
+
+/// The NAPI instances (ids) of the interface with index `ifindex`, from netdev netlink's
+/// `napi-get` dump, in this process's network namespace. Empty: the device has none (a veth
+/// without GRO or XDP). An error: the kernel has no netdev family (before 6.3) or the dump
+/// failed. Runs on its own thread (callable from inside a tokio runtime).
+pub fn napi_instances(ifindex: u32) -> Result<Vec<u32>, String> {
+    let worker = std::thread::Builder::new().name("moderato-netdev".into()).spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("tokio runtime: {e}"))?;
+        rt.block_on(async move {
+            use nlink::netlink::Connection;
+            use nlink::netlink::genl::netdev::Netdev;
+            use tokio_stream::StreamExt as _;
+            let conn = Connection::<Netdev>::new_async()
+                .await
+                .map_err(|e| format!("opening netdev netlink (Linux 6.3+): {e}"))?;
+            let mut dump = conn.dump_napis(ifindex).await.map_err(|e| format!("napi-get: {e}"))?;
+            let mut ids = Vec::new();
+            while let Some(n) = dump.next().await {
+                let n = n.map_err(|e| format!("napi-get: {e}"))?;
+                if n.ifindex.is_none_or(|i| i == ifindex)
+                    && let Some(id) = n.id
+                {
+                    ids.push(id);
+                }
+            }
+            ids.sort_unstable();
+            Ok(ids)
+        })
+    });
+    worker
+        .map_err(|e| format!("netdev worker: {e}"))?
+        .join()
+        .map_err(|_| "netdev worker panicked".to_string())?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tree(defer: &str, timeout: &str) -> (tempfile::TempDir, SysfsNapi) {
+        let dir = tempfile::tempdir().unwrap();
+        let ifdir = dir.path().join("class/net/veth0");
+        std::fs::create_dir_all(&ifdir).unwrap();
+        std::fs::write(ifdir.join(DEFER_FILE), defer).unwrap();
+        std::fs::write(ifdir.join(TIMEOUT_FILE), timeout).unwrap();
+        let s = SysfsNapi::new(dir.path());
+        (dir, s)
+    }
+
+    #[test]
+    fn reads_and_writes_the_sysfs_files() {
+        let (dir, mut s) = tree("0\n", "0\n");
+        assert_eq!(s.get("veth0").unwrap(), NapiParams::OFF);
+        s.set("veth0", &NapiParams::new(2, 20_000)).unwrap();
+        assert_eq!(s.get("veth0").unwrap(), NapiParams::new(2, 20_000));
+        let f = dir.path().join("class/net/veth0/gro_flush_timeout");
+        assert_eq!(std::fs::read_to_string(f).unwrap(), "20000");
+    }
+
+    #[test]
+    fn errors_name_the_interface_and_the_file() {
+        let (dir, mut s) = tree("0\n", "zero\n");
+        let e = s.get("veth0").unwrap_err().to_string();
+        assert!(e.contains("veth0") && e.contains("gro_flush_timeout") && e.contains("`zero`"), "{e}");
+        assert_eq!(s.get("nope").unwrap_err(), NapiError::NoDevice { ifname: "nope".into() });
+        std::fs::remove_file(dir.path().join("class/net/veth0/napi_defer_hard_irqs")).unwrap();
+        let e = s.set("veth0", &NapiParams::new(2, 20_000)).unwrap_err();
+        assert!(matches!(e, NapiError::Unsupported { .. }), "{e:?}");
+        assert!(e.to_string().contains("5.10"), "{e}");
+        let e = s.get("veth0").unwrap_err();
+        assert!(matches!(e, NapiError::Unsupported { .. }), "{e:?}");
+    }
+
+    #[test]
+    fn bounds_are_the_kernels() {
+        NapiParams::new(DEFER_HARD_IRQS_MAX, GRO_FLUSH_TIMEOUT_NS_MAX).check().unwrap();
+        let e = NapiParams::new(DEFER_HARD_IRQS_MAX + 1, 0).check().unwrap_err();
+        assert!(e.contains("2147483648") && e.contains("napi_defer_hard_irqs"), "{e}");
+        let e = NapiParams::new(0, GRO_FLUSH_TIMEOUT_NS_MAX + 1).check().unwrap_err();
+        assert!(e.contains("gro_flush_timeout"), "{e}");
+    }
+
+    #[test]
+    fn the_fake_rounds_and_refuses() {
+        let mut m = MemoryNapi { round_to: Some(1000), ..Default::default() }.with("eth1", NapiParams::OFF);
+        m.set("eth1", &NapiParams::new(2, 20_500)).unwrap();
+        assert_eq!(m.get("eth1").unwrap(), NapiParams::new(2, 20_000));
+        assert!(matches!(m.set("eth9", &NapiParams::OFF), Err(NapiError::NoDevice { .. })));
+    }
+}
