@@ -28,7 +28,13 @@ pub fn host_seed(base: u64, i: usize) -> u64 {
 }
 
 /// Draws `count` hosts from `experiment`'s generator into `out`; returns the files written.
-pub fn sample(experiment: &Path, count: usize, out: &Path, seed: Option<u64>, force: bool) -> Result<Vec<PathBuf>> {
+pub fn sample(
+    experiment: &Path,
+    count: usize,
+    out: &Path,
+    seed: Option<u64>,
+    force: bool,
+) -> Result<Vec<PathBuf>> {
     let exp = ExperimentConfig::load(experiment)?;
     let Some(spec) = &exp.config.suite.generator else {
         bail!(
@@ -50,7 +56,8 @@ pub fn sample(experiment: &Path, count: usize, out: &Path, seed: Option<u64>, fo
             out.display()
         );
     }
-    std::fs::create_dir_all(out).map_err(|e| anyhow::anyhow!("--out {}: cannot create it: {e}", out.display()))?;
+    std::fs::create_dir_all(out)
+        .map_err(|e| anyhow::anyhow!("--out {}: cannot create it: {e}", out.display()))?;
     let base = seed.unwrap_or(exp.config.seed);
     let mut written = Vec::with_capacity(count);
     println!("| file | backend | host cores | VMs | flows | estimated load | bottleneck |");

@@ -25,7 +25,8 @@ fn moderato(args: &[&str]) -> Output {
 
 #[test]
 fn the_generalist_config_loads_and_its_resolved_toml_round_trips() {
-    let exp = ExperimentConfig::load(&experiments().join("ppo-generalist.toml")).unwrap_or_else(|e| panic!("{e:#}"));
+    let exp = ExperimentConfig::load(&experiments().join("ppo-generalist.toml"))
+        .unwrap_or_else(|e| panic!("{e:#}"));
     let g = exp.config.suite.generator.as_ref().expect("ppo-generalist has a generator");
     assert_eq!(g, &Default::default(), "ppo-generalist writes out the defaults");
     assert_eq!(exp.config.suite.generator_share(), 1.0);
@@ -69,7 +70,10 @@ fn bad_generator_configs_name_the_key() {
     let orphan = std::fs::read_to_string(experiments().join("ppo-standard.toml"))
         .unwrap()
         .replace("rate_scale = [0.7, 1.3]", "rate_scale = [0.7, 1.3]\ngenerator_share = 0.5");
-    let e = format!("{:#}", ExperimentConfig::parse(&orphan, &experiments().join("ppo-standard.toml")).unwrap_err());
+    let e = format!(
+        "{:#}",
+        ExperimentConfig::parse(&orphan, &experiments().join("ppo-standard.toml")).unwrap_err()
+    );
     assert!(e.contains("no [suite.generator]"), "{e}");
 }
 
@@ -98,7 +102,8 @@ enabled = false
 
 #[test]
 fn training_draws_generated_hosts_of_every_size_and_steps_them() {
-    let exp = ExperimentConfig::parse(TINY, &experiments().join("tiny.toml")).unwrap_or_else(|e| panic!("{e:#}"));
+    let exp =
+        ExperimentConfig::parse(TINY, &experiments().join("tiny.toml")).unwrap_or_else(|e| panic!("{e:#}"));
     assert_eq!(exp.max_vms(), 4);
     let make = suite_envs(&exp, None);
     let mut sizes = std::collections::BTreeSet::new();
@@ -129,7 +134,17 @@ fn scenarios_sample_writes_replayable_deterministic_files() {
     let (a, b) = (dir.path().join("a"), dir.path().join("b"));
     let exp = "experiments/ppo-generalist.toml";
     for out in [&a, &b] {
-        let o = moderato(&["scenarios", "sample", exp, "--count", "12", "--out", out.to_str().unwrap(), "--seed", "9"]);
+        let o = moderato(&[
+            "scenarios",
+            "sample",
+            exp,
+            "--count",
+            "12",
+            "--out",
+            out.to_str().unwrap(),
+            "--seed",
+            "9",
+        ]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         assert!(String::from_utf8_lossy(&o.stdout).contains("estimated load"));
     }
@@ -154,7 +169,8 @@ fn scenarios_sample_writes_replayable_deterministic_files() {
     let o = moderato(&["scenarios", "sample", exp, "--count", "12", "--out", a.to_str().unwrap()]);
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("not empty"));
     let c = dir.path().join("c");
-    let o = moderato(&["scenarios", "sample", exp, "--count", "3", "--out", c.to_str().unwrap(), "--seed", "10"]);
+    let o =
+        moderato(&["scenarios", "sample", exp, "--count", "3", "--out", c.to_str().unwrap(), "--seed", "10"]);
     assert!(o.status.success());
     assert!(std::fs::read_dir(&c).unwrap().all(|e| !a.join(e.unwrap().file_name()).is_file()));
 }
@@ -163,10 +179,26 @@ fn scenarios_sample_writes_replayable_deterministic_files() {
 fn scenarios_commands_explain_their_errors() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("o");
-    let o = moderato(&["scenarios", "sample", "experiments/ppo-standard.toml", "--count", "2", "--out", out.to_str().unwrap()]);
+    let o = moderato(&[
+        "scenarios",
+        "sample",
+        "experiments/ppo-standard.toml",
+        "--count",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && e.contains("ppo-standard.toml") && e.contains("[suite.generator]"), "{e}");
-    let o = moderato(&["scenarios", "sample", "experiments/ppo-generalist.toml", "--count", "0", "--out", out.to_str().unwrap()]);
+    let o = moderato(&[
+        "scenarios",
+        "sample",
+        "experiments/ppo-generalist.toml",
+        "--count",
+        "0",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--count 0"));
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "name = \"x\"\n[host]\ncpus = 0\n[[vm]]\nname = \"a\"\n[[vm.flow]]\nkind = \"stream\"\narrivals = { process = \"poisson\", rate_pps = 1 }\n").unwrap();

@@ -28,7 +28,10 @@ fn sizes_in(s: &SizeDist, lo: u32, hi: u32, kinds: &[SizeKind]) -> Result<(), St
     match s {
         SizeDist::Fixed { bytes } if kinds.contains(&SizeKind::Fixed) && ok(*bytes) => Ok(()),
         SizeDist::Bimodal { small, large, p_small }
-            if kinds.contains(&SizeKind::Bimodal) && ok(*small) && ok(*large) && small <= large
+            if kinds.contains(&SizeKind::Bimodal)
+                && ok(*small)
+                && ok(*large)
+                && small <= large
                 && (0.2..=0.9).contains(p_small) =>
         {
             Ok(())
@@ -129,7 +132,9 @@ fn honours(spec: &GeneratorSpec, s: &Scenario) -> Result<(), String> {
                 return Err(format!("{at}: bulk transmit marked latency-sensitive"));
             }
             let p = process_of(&f.arrivals);
-            if !spec.processes.contains(&p) || (p == Process::ClosedLoop && f.kind != FlowKind::RequestResponse) {
+            if !spec.processes.contains(&p)
+                || (p == Process::ClosedLoop && f.kind != FlowKind::RequestResponse)
+            {
                 return Err(format!("{at}: process {p:?} for {:?}", f.kind));
             }
             sizes_in(&f.size, spec.frame_bytes[0], hi, &spec.sizes).map_err(|e| format!("{at}.size: {e}"))?;
@@ -144,12 +149,13 @@ fn honours(spec: &GeneratorSpec, s: &Scenario) -> Result<(), String> {
                 return Err(format!("{at}.app_us = {} outside {:?}", f.app_us, spec.app_us));
             }
             match &f.arrivals {
-                Arrivals::ClosedLoop { clients, think_us, .. } => {
-                    // The client count carries the rate: clients / think = the flow's rate, with
-                    // the think time at most the range's top unless one client is all it takes.
-                    if *clients > 1 && !(spec.think_us[0] / 2.0 <= *think_us && *think_us <= spec.think_us[1]) {
-                        return Err(format!("{at}: {clients} clients thinking {think_us} µs"));
-                    }
+                // The client count carries the rate (clients / think = the flow's rate), so the
+                // think time lies in [low / 2, high], or above when one client is all it takes.
+                Arrivals::ClosedLoop { clients, think_us, .. }
+                    if *think_us < spec.think_us[0] / 2.0
+                        || (*clients > 1 && *think_us > spec.think_us[1]) =>
+                {
+                    return Err(format!("{at}: {clients} clients thinking {think_us} µs"));
                 }
                 Arrivals::Trace { points, scale, .. } => {
                     let mean = mean_rate(&f.arrivals);
@@ -168,10 +174,16 @@ fn honours(spec: &GeneratorSpec, s: &Scenario) -> Result<(), String> {
     // The load factor is honoured unless the wire's peak capped the rates (then it is lower).
     let capped = est.wire_rx_peak.max(est.wire_tx_peak) > 1.0 - 1e-6;
     if est.cpu > spec.load[1] * (1.0 + 1e-9) || (!capped && est.cpu < spec.load[0] * (1.0 - 1e-9)) {
-        return Err(format!("estimated load {} outside {:?} (capped by the wire: {capped})", est.cpu, spec.load));
+        return Err(format!(
+            "estimated load {} outside {:?} (capped by the wire: {capped})",
+            est.cpu, spec.load
+        ));
     }
     if est.wire_rx_peak > 1.0 || est.wire_tx_peak > 1.0 {
-        return Err(format!("peak wire use rx {} tx {} exceeds the line rate", est.wire_rx_peak, est.wire_tx_peak));
+        return Err(format!(
+            "peak wire use rx {} tx {} exceeds the line rate",
+            est.wire_rx_peak, est.wire_tx_peak
+        ));
     }
     Ok(())
 }
@@ -243,7 +255,8 @@ fn a_narrow_spec_is_honoured_too() {
 fn idle_busy_and_saturated_hosts_all_appear() {
     let spec = GeneratorSpec::default();
     let loads: Vec<f64> = (0..SEEDS).map(|seed| estimated_load(&sample(&spec, seed)).cpu).collect();
-    let share = |lo: f64, hi: f64| loads.iter().filter(|&&l| l >= lo && l < hi).count() as f64 / loads.len() as f64;
+    let share =
+        |lo: f64, hi: f64| loads.iter().filter(|&&l| l >= lo && l < hi).count() as f64 / loads.len() as f64;
     assert!(share(0.0, 0.2) > 0.05, "idle {}", share(0.0, 0.2));
     assert!(share(0.4, 0.7) > 0.1, "busy {}", share(0.4, 0.7));
     assert!(share(0.9, 1.2) > 0.1, "near-saturated {}", share(0.9, 1.2));
@@ -272,8 +285,25 @@ fn every_kind_process_and_size_appears() {
         }
     }
     for want in [
-        "Xen", "Vhost", "cpus1", "cpus4", "vms1", "vms4", "Stream", "BulkTx", "RequestResponse", "Poisson", "Constant",
-        "OnOff", "Ramp", "Diurnal", "ClosedLoop", "Trace", "fixed", "bimodal", "imix",
+        "Xen",
+        "Vhost",
+        "cpus1",
+        "cpus4",
+        "vms1",
+        "vms4",
+        "Stream",
+        "BulkTx",
+        "RequestResponse",
+        "Poisson",
+        "Constant",
+        "OnOff",
+        "Ramp",
+        "Diurnal",
+        "ClosedLoop",
+        "Trace",
+        "fixed",
+        "bimodal",
+        "imix",
     ] {
         assert!(seen.contains(want), "{want} never drawn: {seen:?}");
     }
@@ -318,7 +348,12 @@ fn a_saved_host_loads_back_identical_and_simulates_identically() {
         s.save(&path).unwrap();
         let back = Scenario::load(&path).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
         assert_eq!(back, s, "seed {seed}");
-        traces += s.vms.iter().flat_map(|v| &v.flows).filter(|f| matches!(f.arrivals, Arrivals::Trace { .. })).count();
+        traces += s
+            .vms
+            .iter()
+            .flat_map(|v| &v.flows)
+            .filter(|f| matches!(f.arrivals, Arrivals::Trace { .. }))
+            .count();
         if seed % 6 == 0 {
             assert_eq!(run(back, seed), run(s, seed), "seed {seed}");
         }
@@ -337,4 +372,54 @@ fn save_refuses_trace_paths_outside_its_directory() {
     let e = s.save(&dir.path().join("x.toml")).unwrap_err().to_string();
     assert!(e.contains("vm[0].flow[0].arrivals.path = ../escape.csv"), "{e}");
     assert!(!dir.path().join("x.toml").exists() && !Path::new(&dir.path().join("../escape.csv")).exists());
+}
+
+#[test]
+fn the_corners_of_every_range_draw_valid_hosts() {
+    let low = GeneratorSpec {
+        cpus: [1, 1],
+        line_rate_gbps: vec![0.1],
+        nic_ring: [1, 1],
+        vm_ring: [1, 1],
+        backend_queue: [1, 1],
+        socket_buffer: [1, 1],
+        cost_scale: [0.01, 0.01],
+        vms: [1, 1],
+        flows_per_vm: [1, 1],
+        app_us: [1e-3, 1e-3],
+        think_us: [1.0, 1.0],
+        flash_peak: [1.0, 1.0],
+        load: [1e-3, 1e-3],
+        ..GeneratorSpec::default()
+    };
+    let high = GeneratorSpec {
+        cpus: [64, 64],
+        line_rate_gbps: vec![1000.0],
+        nic_ring: [1 << 20, 1 << 20],
+        vm_ring: [1 << 20, 1 << 20],
+        backend_queue: [1 << 20, 1 << 20],
+        socket_buffer: [1 << 20, 1 << 20],
+        cost_scale: [100.0, 100.0],
+        vms: [64, 64],
+        flows_per_vm: [16, 16],
+        sizes: vec![SizeKind::Fixed],
+        frame_bytes: [MAX_FRAME, MAX_FRAME],
+        p_jumbo: 1.0,
+        p_app_time: 1.0,
+        app_us: [1e6, 1e6],
+        think_us: [1e6, 1e6],
+        flash_peak: [100.0, 100.0],
+        load: [2.0, 2.0],
+        slo_p99_us: [1e7, 1e7],
+        ..GeneratorSpec::default()
+    };
+    for (what, spec) in [("low", low), ("high", high)] {
+        spec.validate().unwrap_or_else(|e| panic!("{what}: {e}"));
+        for seed in 0..40 {
+            let s = sample(&spec, seed);
+            s.validate().unwrap_or_else(|e| panic!("{what} seed {seed}: {e}"));
+            let est = estimated_load(&s);
+            assert!(est.wire_rx_peak <= 1.0 && est.wire_tx_peak <= 1.0, "{what} seed {seed}: {est:?}");
+        }
+    }
 }

@@ -325,7 +325,9 @@ impl ExperimentConfig {
         }
         match (s.generator.is_some(), s.generator_share) {
             (false, Some(_)) => {
-                bail!("{at}: suite.generator_share is set but there is no [suite.generator]: add one, or drop the key")
+                bail!(
+                    "{at}: suite.generator_share is set but there is no [suite.generator]: add one, or drop the key"
+                )
             }
             (true, Some(p)) if !(0.0..=1.0).contains(&p) => {
                 bail!("{at}: suite.generator_share = {p}: a share of episodes in [0, 1]")
@@ -334,7 +336,9 @@ impl ExperimentConfig {
         }
         if s.scenarios.is_empty() {
             if s.generator.is_none() {
-                bail!("{at}: suite.scenarios is empty: list at least one scenario file, or add a [suite.generator]");
+                bail!(
+                    "{at}: suite.scenarios is empty: list at least one scenario file, or add a [suite.generator]"
+                );
             }
             if s.generator_share() < 1.0 {
                 bail!(

@@ -192,7 +192,10 @@ impl Default for GeneratorSpec {
 /// `[low, high]` of integers with `min <= low <= high <= max`.
 fn int_range(key: &str, r: [usize; 2], min: usize, max: usize) -> Result<(), String> {
     if r[0] < min || r[0] > r[1] || r[1] > max {
-        return Err(format!("{key} = [{}, {}]: a range [low, high] with {min} <= low <= high <= {max}", r[0], r[1]));
+        return Err(format!(
+            "{key} = [{}, {}]: a range [low, high] with {min} <= low <= high <= {max}",
+            r[0], r[1]
+        ));
     }
     Ok(())
 }
@@ -259,7 +262,9 @@ impl GeneratorSpec {
         int_range("vms", self.vms, 1, 64)?;
         int_range("flows_per_vm", self.flows_per_vm, 1, 16)?;
         if self.kinds.is_empty() {
-            return Err("kinds = []: list at least one of \"stream\", \"bulk-tx\", \"request-response\"".into());
+            return Err(
+                "kinds = []: list at least one of \"stream\", \"bulk-tx\", \"request-response\"".into()
+            );
         }
         if self.processes.is_empty() {
             return Err("processes = []: list at least one arrival process, e.g. [\"poisson\"]".into());
@@ -356,12 +361,28 @@ impl Draw {
 enum Shape {
     Poisson,
     Constant,
-    OnOff { mean_on_ms: f64, mean_off_ms: f64, off_frac: f64 },
-    Ramp { u: f64, over_s: f64 },
-    Diurnal { amplitude: f64, period_s: f64, phase: f64 },
-    ClosedLoop { think_us: f64 },
+    OnOff {
+        mean_on_ms: f64,
+        mean_off_ms: f64,
+        off_frac: f64,
+    },
+    Ramp {
+        u: f64,
+        over_s: f64,
+    },
+    Diurnal {
+        amplitude: f64,
+        period_s: f64,
+        phase: f64,
+    },
+    ClosedLoop {
+        think_us: f64,
+    },
     /// Rows of a unit-mean trace; the last row closes the loop.
-    Trace { path: std::path::PathBuf, unit: Vec<(f64, f64)> },
+    Trace {
+        path: std::path::PathBuf,
+        unit: Vec<(f64, f64)>,
+    },
 }
 
 impl Shape {
@@ -404,7 +425,11 @@ impl Shape {
                 // then carries the rest, so that the zero-latency bound is `m` exactly.
                 let clients = (m * think_us / 1e6).floor().clamp(1.0, 100_000.0);
                 let think = (clients * 1e6 / m.max(1e-3)).min(limits::MAX_APP_US);
-                Arrivals::ClosedLoop { clients: clients as u32, think_us: think, timeout_us: 10_000f64.max(10.0 * think).min(limits::MAX_APP_US) }
+                Arrivals::ClosedLoop {
+                    clients: clients as u32,
+                    think_us: think,
+                    timeout_us: 10_000f64.max(10.0 * think).min(limits::MAX_APP_US),
+                }
             }
             Shape::Trace { path, unit } => Arrivals::Trace {
                 path: path.clone(),
@@ -689,7 +714,14 @@ pub fn sample(spec: &GeneratorSpec, seed: u64) -> Scenario {
                 share: d.uniform([0.2, 1.0]),
             });
         }
-        vms.push(VmConfig { name: format!("vm{v}"), backend_cpu, ring, backend_queue, socket_buffer, flows: vec![] });
+        vms.push(VmConfig {
+            name: format!("vm{v}"),
+            backend_cpu,
+            ring,
+            backend_queue,
+            socket_buffer,
+            flows: vec![],
+        });
     }
     let shares: f64 = pending.iter().map(|p| p.share).sum();
     for p in &mut pending {

@@ -490,7 +490,8 @@ impl Scenario {
         for (vi, vm) in self.vms.iter().enumerate() {
             for (fi, flow) in vm.flows.iter().enumerate() {
                 let Arrivals::Trace { path: tp, points, .. } = &flow.arrivals else { continue };
-                if tp.is_absolute() || tp.components().any(|c| !matches!(c, std::path::Component::Normal(_))) {
+                if tp.is_absolute() || tp.components().any(|c| !matches!(c, std::path::Component::Normal(_)))
+                {
                     return Err(err(
                         path,
                         format!(
