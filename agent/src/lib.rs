@@ -8,6 +8,7 @@ pub mod deploy;
 pub mod eval;
 pub mod progress;
 pub mod resolve;
+pub mod scenarios;
 pub mod simulate;
 pub mod train;
 

@@ -51,6 +51,9 @@ enum Command {
     Observe(ObserveCli),
     /// Answer the udp-echo latency probe of a deploy (run it in the VM or on the peer host).
     Echo(deploy::EchoArgs),
+    /// Draw hosts from an experiment's scenario generator into scenario files, or check scenario files.
+    #[command(subcommand)]
+    Scenarios(ScenariosCmd),
     /// Print a shell completion script (e.g. `moderato completions bash > /etc/bash_completion.d/moderato`).
     Completions {
         /// The shell to complete for.
@@ -182,6 +185,44 @@ struct ObserveCli {
     steps: Option<u64>,
 }
 
+#[derive(Debug, Subcommand)]
+enum ScenariosCmd {
+    /// Draw hosts from the experiment's [suite.generator] and write each as a scenario file (and its traces).
+    #[command(after_help = "EXPERIMENT: an experiment config with a [suite.generator] (see \
+                            experiments/ppo-generalist.toml). Replay a drawn host with: moderato simulate DIR/<name>.toml")]
+    Sample {
+        /// Experiment config (TOML) whose [suite.generator] draws the hosts.
+        experiment: PathBuf,
+        /// Hosts to draw.
+        #[arg(long, value_name = "N")]
+        count: usize,
+        /// Directory to write `<name>.toml` files (and `traces/`) into; refused if not empty, unless --force.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Base seed of the draws (default: the experiment's `seed`); the same seed writes the same files.
+        #[arg(long, value_name = "S")]
+        seed: Option<u64>,
+        /// Write into a non-empty --out (replacing files of the same names).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Load scenario files and report what is wrong with each, if anything.
+    Check {
+        /// Scenario files (TOML).
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+    },
+}
+
+fn run_scenarios(c: ScenariosCmd) -> Result<()> {
+    match c {
+        ScenariosCmd::Sample { experiment, count, out, seed, force } => {
+            moderato_agent::scenarios::sample(&experiment, count, &out, seed, force).map(|_| ())
+        }
+        ScenariosCmd::Check { files } => moderato_agent::scenarios::check(&files),
+    }
+}
+
 fn run_eval(a: EvalArgs) -> Result<()> {
     let config = a.config.path();
     let mut suite = eval::EvalConfig::load(&config)?;
@@ -284,6 +325,7 @@ fn try_main() -> Result<()> {
             | Command::Eval(_)
             | Command::Train(_)
             | Command::Export(_)
+            | Command::Scenarios(_)
             | Command::Man { .. }
     ) {
         init_cli_logging();
@@ -321,6 +363,7 @@ fn try_main() -> Result<()> {
             deploy::run_observe(deploy::ObserveArgs { config: a.config.path(), role: a.role, count: a.steps })
         }
         Command::Echo(a) => deploy::run_echo(a),
+        Command::Scenarios(c) => run_scenarios(c),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "moderato", &mut std::io::stdout());
             Ok(())

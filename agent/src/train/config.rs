@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
+use moderato_env::sim::generator::GeneratorSpec;
 use moderato_env::sim::limits::check_name;
 use moderato_env::sim::{Scenario, SimConfig};
 use moderato_policies::baselines::StaticSpec;
@@ -65,12 +66,14 @@ pub const MAX_TIMESTEPS: u64 = 10_000_000_000;
 pub const MAX_NUM_STEPS: u64 = 100_000;
 pub const MAX_BATCH: u64 = 4_000_000;
 
-/// Domain randomisation: each episode draws a scenario and perturbs it, so that the policy
-/// generalises rather than memorises.
+/// Domain randomisation: each episode draws a scenario and perturbs it, or draws a whole host
+/// from the generator, so that the policy generalises rather than memorises.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SuiteConfig {
-    /// Scenario files, relative to the experiment file.
+    /// Scenario files, relative to the experiment file: drawn for the episodes the generator does
+    /// not draw, and the suite of the final evaluation.
+    #[serde(default)]
     pub scenarios: Vec<PathBuf>,
     /// Relative sampling weights, one per scenario (default: uniform).
     #[serde(default)]
@@ -81,6 +84,21 @@ pub struct SuiteConfig {
     /// Every CPU cost of the host is multiplied by one log-uniform factor in this range.
     #[serde(default = "d_cost_scale")]
     pub cost_scale: [f64; 2],
+    /// Draw whole hosts from this generator (`moderato_env::sim::generator`); `rate_scale` and
+    /// `cost_scale` do not apply to them (the generator draws its own rates and costs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generator: Option<GeneratorSpec>,
+    /// Share of episodes drawn from the generator (default 1.0 when there is one); the rest draw
+    /// from `scenarios`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generator_share: Option<f64>,
+}
+
+impl SuiteConfig {
+    /// The share of episodes the generator draws (0 without one).
+    pub fn generator_share(&self) -> f64 {
+        if self.generator.is_some() { self.generator_share.unwrap_or(1.0) } else { 0.0 }
+    }
 }
 
 fn d_rate_scale() -> [f64; 2] {
@@ -252,6 +270,19 @@ pub struct Experiment {
     pub toml: String,
 }
 
+impl Experiment {
+    /// The most VMs an episode's host can have: the suite's scenarios and the generator's range.
+    /// (The trainer pads every batch row to it.)
+    pub fn max_vms(&self) -> usize {
+        let suite = &self.config.suite;
+        let listed = self.scenarios.iter().map(|s| s.vms.len()).max().unwrap_or(1);
+        match &suite.generator {
+            Some(g) if suite.generator_share() > 0.0 => listed.max(g.vms[1]),
+            _ => listed,
+        }
+    }
+}
+
 impl ExperimentConfig {
     pub fn load(path: &Path) -> Result<Experiment> {
         let text = moderato_env::sim::limits::read_config(path)
@@ -333,8 +364,39 @@ impl ExperimentConfig {
         }
         c.network.validate().map_err(|m| anyhow::anyhow!("{at}: {m}"))?;
         let s = &c.suite;
+        if let Some(g) = &s.generator {
+            g.validate().map_err(|m| anyhow::anyhow!("{at}: suite.generator.{m}"))?;
+        }
+        match (s.generator.is_some(), s.generator_share) {
+            (false, Some(_)) => {
+                bail!(
+                    "{at}: suite.generator_share is set but there is no [suite.generator]: add one, or drop the key"
+                )
+            }
+            (true, Some(p)) if !(0.0..=1.0).contains(&p) => {
+                bail!("{at}: suite.generator_share = {p}: a share of episodes in [0, 1]")
+            }
+            _ => {}
+        }
         if s.scenarios.is_empty() {
-            bail!("{at}: suite.scenarios is empty: list at least one scenario file");
+            if s.generator.is_none() {
+                bail!(
+                    "{at}: suite.scenarios is empty: list at least one scenario file, or add a [suite.generator]"
+                );
+            }
+            if s.generator_share() < 1.0 {
+                bail!(
+                    "{at}: suite.generator_share = {} leaves episodes to suite.scenarios, which is empty: list \
+                     scenario files or set generator_share = 1.0",
+                    s.generator_share()
+                );
+            }
+            if c.evaluation.enabled {
+                bail!(
+                    "{at}: suite.scenarios is empty, but the final evaluation runs on it: list scenario files \
+                     (e.g. the standard seven), or set evaluation.enabled = false"
+                );
+            }
         }
         if !s.weights.is_empty()
             && (s.weights.len() != s.scenarios.len()

@@ -199,7 +199,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
                 bail!("{}: no checkpoint to resume from (expected {}/iter-*/)", run.display(), CHECKPOINTS);
             };
             tracing::info!("run directory: {} (resuming from {})", run.display(), last.display());
-            (Trainer::load_checkpoint(exp, &last, device)?, run.clone())
+            // Padded to the suite's largest host, the generator's included.
+            let (vmax, envs) = (exp.max_vms(), ppo::suite_envs(&exp, None));
+            (Trainer::load_checkpoint_with_envs(exp, &last, device, envs, vmax)?, run.clone())
         }
         None => {
             let run = args.out.clone().unwrap_or_else(|| {
@@ -213,7 +215,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
                 exp.config.iterations(),
                 run.join("tb").display()
             );
-            (Trainer::new(exp, device), run)
+            let (vmax, envs) = (exp.max_vms(), ppo::suite_envs(&exp, None));
+            (Trainer::with_envs(exp, device, envs, vmax), run)
         }
     };
     let mut tb = TensorBoard::new(&run.join("tb"));

@@ -1,7 +1,7 @@
 //! Domain randomisation of scenarios, per episode.
 
-use moderato_env::random::unit_f64;
-use moderato_env::sim::Scenario;
+use moderato_env::random::{splitmix64, unit_f64};
+use moderato_env::sim::{Scenario, generator};
 use rand::{Rng, SeedableRng};
 use rand_pcg::Pcg64Mcg;
 
@@ -12,10 +12,28 @@ fn log_uniform(rng: &mut Pcg64Mcg, [lo, hi]: [f64; 2]) -> f64 {
     (lo.ln() + unit_f64(rng) * (hi.ln() - lo.ln())).exp()
 }
 
-/// Draws a scenario index by the suite's weights, then perturbs that scenario: every flow's rate
-/// by its own log-uniform factor in `rate_scale`, every CPU cost by one factor in `cost_scale`.
-/// Deterministic in `seed`.
-pub fn sample(scenarios: &[Scenario], suite: &SuiteConfig, seed: u64) -> (usize, Scenario) {
+/// The episode of `seed`: with a `[suite.generator]`, a share `generator_share` of the seeds draw
+/// a whole host from it (index `None`); the others, and every seed of a suite without one, draw a
+/// scenario index by the suite's weights and perturb that scenario: every flow's rate by its own
+/// log-uniform factor in `rate_scale`, every CPU cost by one factor in `cost_scale`.
+/// Deterministic in `seed`; a suite without a generator draws exactly as before there was one.
+pub fn sample(scenarios: &[Scenario], suite: &SuiteConfig, seed: u64) -> (Option<usize>, Scenario) {
+    if let Some(spec) = &suite.generator {
+        // Its own stream, so that the list's draws below are those of the same seed without it.
+        let mut g = Pcg64Mcg::seed_from_u64(splitmix64(seed ^ GENERATOR_STREAM));
+        let share = suite.generator_share();
+        if scenarios.is_empty() || share >= 1.0 || unit_f64(&mut g) < share {
+            return (None, generator::sample(spec, g.next_u64()));
+        }
+    }
+    let (i, s) = perturb(scenarios, suite, seed);
+    (Some(i), s)
+}
+
+/// Tags the generator's stream of an episode seed.
+const GENERATOR_STREAM: u64 = 0x7375_6974_652e_6765;
+
+fn perturb(scenarios: &[Scenario], suite: &SuiteConfig, seed: u64) -> (usize, Scenario) {
     let mut rng = Pcg64Mcg::seed_from_u64(seed);
     let i = if suite.weights.is_empty() {
         (rng.next_u64() % scenarios.len() as u64) as usize
@@ -57,4 +75,57 @@ pub fn sample(scenarios: &[Scenario], suite: &SuiteConfig, seed: u64) -> (usize,
         *x *= k;
     }
     (i, s)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use moderato_env::sim::generator::GeneratorSpec;
+
+    use super::*;
+
+    fn suite(generator: Option<GeneratorSpec>, share: Option<f64>) -> SuiteConfig {
+        SuiteConfig {
+            scenarios: vec!["a.toml".into(), "b.toml".into()],
+            weights: vec![],
+            rate_scale: [0.7, 1.3],
+            cost_scale: [0.85, 1.15],
+            generator,
+            generator_share: share,
+        }
+    }
+
+    fn listed() -> Vec<Scenario> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../experiments/scenarios");
+        ["rr-latency.toml", "mixed-host.toml"].iter().map(|f| Scenario::load(dir.join(f)).unwrap()).collect()
+    }
+
+    #[test]
+    fn a_generator_share_splits_the_episodes_and_the_list_draws_as_without_one() {
+        let sc = listed();
+        let plain = suite(None, None);
+        let half = suite(Some(GeneratorSpec::default()), Some(0.5));
+        let mut generated = 0;
+        for seed in 0..400u64 {
+            let (i, s) = sample(&sc, &half, seed);
+            match i {
+                None => {
+                    generated += 1;
+                    assert!(s.name.starts_with("gen-"), "{}", s.name);
+                }
+                // A listed episode is the very episode the same seed draws without a generator.
+                Some(i) => assert_eq!((Some(i), s), {
+                    let (j, t) = sample(&sc, &plain, seed);
+                    (j, t)
+                }),
+            }
+            assert_eq!(sample(&sc, &half, seed).1, sample(&sc, &half, seed).1, "seed {seed}");
+        }
+        assert!((150..=250).contains(&generated), "{generated} of 400 generated at share 0.5");
+        let all = suite(Some(GeneratorSpec::default()), None);
+        assert!((0..50).all(|seed| sample(&sc, &all, seed).0.is_none()));
+        let none = suite(Some(GeneratorSpec::default()), Some(0.0));
+        assert!((0..50).all(|seed| sample(&sc, &none, seed).0.is_some()));
+    }
 }

@@ -23,6 +23,7 @@
 
 mod arrivals;
 mod engine;
+pub mod generator;
 pub mod limits;
 mod napi;
 mod scenario;

@@ -474,6 +474,48 @@ impl Scenario {
         Ok(s)
     }
 
+    /// The scenario as a scenario file: [`Scenario::from_toml`] of it gives this scenario back
+    /// (traces are written by [`Scenario::save`]).
+    pub fn to_toml(&self) -> Result<String, String> {
+        toml::to_string(self).map_err(|e| format!("scenario {}: cannot write it as TOML: {e}", self.name))
+    }
+
+    /// Writes the scenario file `path` and, next to it, every trace it replays (each at its
+    /// `path`, relative to the file's directory; a trace path that is absolute or leaves that
+    /// directory is refused rather than written). Loading `path` gives this scenario back.
+    pub fn save(&self, path: &Path) -> Result<(), EnvError> {
+        let io = |what: String| move |e: std::io::Error| EnvError::Io { context: what, err: e };
+        let text = self.to_toml().map_err(|m| err(path, m))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for (vi, vm) in self.vms.iter().enumerate() {
+            for (fi, flow) in vm.flows.iter().enumerate() {
+                let Arrivals::Trace { path: tp, points, .. } = &flow.arrivals else { continue };
+                if tp.is_absolute() || tp.components().any(|c| !matches!(c, std::path::Component::Normal(_)))
+                {
+                    return Err(err(
+                        path,
+                        format!(
+                            "vm[{vi}].flow[{fi}].arrivals.path = {}: only a relative path below the scenario's \
+                             directory is written",
+                            tp.display()
+                        ),
+                    ));
+                }
+                let full = base.join(tp);
+                if let Some(dir) = full.parent() {
+                    std::fs::create_dir_all(dir).map_err(io(format!("cannot create {}", dir.display())))?;
+                }
+                let mut csv = String::from("time_s,rate_pps\n");
+                for (t, r) in points {
+                    // `{}` of an f64 is the shortest text that parses back to the same number.
+                    csv.push_str(&format!("{t},{r}\n"));
+                }
+                std::fs::write(&full, csv).map_err(io(format!("cannot write trace {}", full.display())))?;
+            }
+        }
+        std::fs::write(path, text).map_err(io(format!("cannot write scenario {}", path.display())))
+    }
+
     /// Checks values that parse but make no sense; the message names the key and the fix.
     pub fn validate(&self) -> Result<(), String> {
         let h = &self.host;
