@@ -377,7 +377,7 @@ struct Storage {
 impl Trainer {
     /// A fresh trainer for `exp`'s simulated suite on `device` (an autodiff device).
     pub fn new(exp: Experiment, device: Device) -> Trainer {
-        let vmax = exp.scenarios.iter().map(|s| s.vms.len()).max().unwrap_or(1);
+        let vmax = exp.max_vms();
         let make_env = suite_envs(&exp, None);
         Self::with_envs(exp, device, make_env, vmax)
     }
@@ -1063,7 +1063,7 @@ impl Trainer {
     /// A trainer of `exp`'s suite restored from a checkpoint directory (`exp` must be the config
     /// the run started with).
     pub fn load_checkpoint(exp: Experiment, dir: &std::path::Path, device: Device) -> Result<Trainer> {
-        let vmax = exp.scenarios.iter().map(|s| s.vms.len()).max().unwrap_or(1);
+        let vmax = exp.max_vms();
         let make_env = suite_envs(&exp, None);
         Self::load_checkpoint_with_envs(exp, dir, device, make_env, vmax)
     }
