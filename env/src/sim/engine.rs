@@ -48,8 +48,10 @@
 //!
 //! # Performance
 //! A packet is 16 bytes in a preallocated `VecDeque`; a batch moves as a run of them. Arrivals are
-//! not heap events: the loop compares the next source time, the next wire arrival and the heap top.
-//! The event loop allocates nothing in steady state.
+//! not heap events: the loop compares the next source time, the next wire arrival and the next
+//! scheduled event. Scheduled events sit in fixed slots (see [`Slot`]), one per CPU, knob stage
+//! and the tx wire, since only the latest of each can matter; only closed-loop clients keep a
+//! heap. The event loop allocates nothing in steady state (`tests/alloc_free.rs`).
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
@@ -365,30 +367,30 @@ impl Cpu {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum EvKind {
-    Timer {
-        stage: u32,
-        epoch: u32,
-    },
-    /// A closed-loop client sends its next request.
-    Client {
-        vm: u32,
-        flow: u32,
-    },
-    CpuDone {
-        cpu: u32,
-        epoch: u32,
-    },
-    WireDone,
+/// The order of events: by time, then by scheduling order (`seq`), packed as `t << 64 | seq`
+/// so that one integer comparison decides.
+#[inline]
+fn ev_key(t: u64, seq: u64) -> u128 {
+    u128::from(t) << 64 | u128::from(seq)
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-struct Event {
-    t: u64,
-    seq: u64,
-    kind: EvKind,
+/// No event.
+const NO_EVENT: u128 = u128::MAX;
+
+/// An event in a fixed slot. Each CPU (its running job's end or its wake-up), each stage (its
+/// coalescing timer) and the tx wire has at most one event that can still matter: scheduling a
+/// new one makes the older one stale (a CPU's epoch, a timer's generation moved on), so the new
+/// one replaces it in the slot. Firing a stale slot does nothing, as a stale heap entry did.
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    key: u128,
+    /// The CPU's epoch or the timer's generation when the event was scheduled.
+    tag: u32,
 }
+
+/// A closed-loop client's next request: (key, vm, flow). Clients are the only events that are
+/// many per flow; they keep a heap.
+type ClientEv = (u128, u32, u32);
 
 /// A traffic source: a flow's arrivals.
 #[derive(Debug)]
@@ -460,7 +462,16 @@ pub(crate) fn new_hist() -> Histogram<u64> {
 #[derive(Debug)]
 pub(crate) struct Engine {
     pub now: u64,
-    heap: BinaryHeap<Reverse<Event>>,
+    /// Slots `0..cpus` are the CPUs', then one per knob stage (its timer), then the tx wire's.
+    slots: Vec<Slot>,
+    /// The timer slot of each stage (`u32::MAX`: none), and the stage of each timer slot.
+    timer_slot: Vec<u32>,
+    slot_stage: Vec<u32>,
+    /// The earliest slot and its key, unless `slots_dirty` (then found again by a scan).
+    next_slot: usize,
+    next_key: u128,
+    slots_dirty: bool,
+    clients: BinaryHeap<Reverse<ClientEv>>,
     seq: u64,
     stages: Vec<Stage>,
     cpus: Vec<Cpu>,
@@ -597,6 +608,15 @@ impl Engine {
         }
         let mut cpus: Vec<Cpu> = (0..h.cpus).map(|_| Cpu::new(0)).collect();
         cpus.extend((0..vms).map(|_| Cpu::new(ns(c.vcpu_wakeup_us))));
+        let n_cpus = cpus.len();
+        let mut timer_slot = vec![u32::MAX; stages.len()];
+        let mut slot_stage = Vec::new();
+        for (si, st) in stages.iter().enumerate() {
+            if st.knobs().is_some() {
+                timer_slot[si] = (n_cpus + slot_stage.len()) as u32;
+                slot_stage.push(si as u32);
+            }
+        }
 
         let mut sources = Vec::new();
         let mut flows = Vec::with_capacity(vms);
@@ -637,7 +657,13 @@ impl Engine {
         }
         let mut e = Engine {
             now: 0,
-            heap: BinaryHeap::with_capacity(4096),
+            slots: vec![Slot { key: NO_EVENT, tag: 0 }; n_cpus + slot_stage.len() + 1],
+            timer_slot,
+            slot_stage,
+            next_slot: 0,
+            next_key: NO_EVENT,
+            slots_dirty: false,
+            clients: BinaryHeap::with_capacity(4096),
             seq: 0,
             stages,
             cpus,
@@ -687,7 +713,7 @@ impl Engine {
     fn client_after_think(&mut self, v: usize, f: usize) {
         let c = self.flows[v][f].clients.as_mut().expect("closed-loop flow");
         let t = self.now + (c.rng.exp1() * c.think_ns) as u64;
-        self.push_event(t, EvKind::Client { vm: v as u32, flow: f as u32 });
+        self.push_client(t, v, f);
     }
 
     /// A packet of flow (v, f) was dropped: a closed-loop client retries after its timeout.
@@ -698,7 +724,7 @@ impl Engine {
         self.vm_ctr[v].dropped += 1;
         if let Some(c) = self.flows[v][f].clients.as_ref() {
             let t = self.now + c.timeout_ns;
-            self.push_event(t, EvKind::Client { vm: v as u32, flow: f as u32 });
+            self.push_client(t, v, f);
         }
     }
 
@@ -782,7 +808,7 @@ impl Engine {
             st.timer_armed = true;
             st.timer_gen = st.timer_gen.wrapping_add(1);
             let epoch = st.timer_gen;
-            self.push_event(deadline, EvKind::Timer { stage: si as u32, epoch });
+            self.set_timer(si, deadline, epoch);
         }
     }
 
@@ -816,9 +842,69 @@ impl Engine {
     // ---------------------------------------------------------------- event loop
 
     #[inline]
-    fn push_event(&mut self, t: u64, kind: EvKind) {
+    fn push_client(&mut self, t: u64, v: usize, f: usize) {
         self.seq += 1;
-        self.heap.push(Reverse(Event { t, seq: self.seq, kind }));
+        self.clients.push(Reverse((ev_key(t, self.seq), v as u32, f as u32)));
+    }
+
+    /// Schedules slot `i`'s event at `t`, replacing the slot's older one.
+    #[inline]
+    fn set_slot(&mut self, i: usize, t: u64, tag: u32) {
+        self.seq += 1;
+        let key = ev_key(t, self.seq);
+        self.slots[i] = Slot { key, tag };
+        if i == self.next_slot {
+            if key <= self.next_key {
+                self.next_key = key;
+            } else {
+                self.slots_dirty = true;
+            }
+        } else if key < self.next_key {
+            self.next_key = key;
+            self.next_slot = i;
+        }
+    }
+
+    #[inline]
+    fn set_cpu_done(&mut self, ci: usize, t: u64, epoch: u32) {
+        self.set_slot(ci, t, epoch);
+    }
+
+    #[inline]
+    fn set_timer(&mut self, si: usize, t: u64, gen_: u32) {
+        self.set_slot(self.timer_slot[si] as usize, t, gen_);
+    }
+
+    /// The stage's timer event went stale (the stage notified): drop it rather than fire it
+    /// for nothing.
+    #[inline]
+    fn clear_timer(&mut self, si: usize) {
+        let i = self.timer_slot[si] as usize;
+        if self.slots[i].key != NO_EVENT {
+            self.slots[i].key = NO_EVENT;
+            if i == self.next_slot {
+                self.slots_dirty = true;
+            }
+        }
+    }
+
+    #[inline]
+    fn set_wire_done(&mut self, t: u64) {
+        self.set_slot(self.slots.len() - 1, t, 0);
+    }
+
+    /// Finds the earliest slot again.
+    fn rescan_slots(&mut self) {
+        let (mut best, mut at) = (NO_EVENT, 0);
+        for (i, s) in self.slots.iter().enumerate() {
+            if s.key < best {
+                best = s.key;
+                at = i;
+            }
+        }
+        self.next_key = best;
+        self.next_slot = at;
+        self.slots_dirty = false;
     }
 
     fn pick_next_source(&mut self) {
@@ -836,18 +922,33 @@ impl Engine {
     /// Runs every event up to and including `t_end`, then sets the clock to `t_end`.
     pub fn run_until(&mut self, t_end: u64) {
         loop {
-            let t_heap = self.heap.peek().map_or(u64::MAX, |e| e.0.t);
+            if self.slots_dirty {
+                self.rescan_slots();
+            }
+            let k_slot = self.next_key;
+            let k_client = self.clients.peek().map_or(NO_EVENT, |e| e.0.0);
+            let k_ev = k_slot.min(k_client);
+            let t_ev = if k_ev == NO_EVENT { u64::MAX } else { (k_ev >> 64) as u64 };
             let t_wire = self.wire_rx.front().map_or(u64::MAX, |x| x.0);
             let t_src = self.next_src_t;
-            let t = t_heap.min(t_wire).min(t_src);
+            let t = t_ev.min(t_wire).min(t_src);
             if t > t_end {
                 break;
             }
             self.now = t;
-            // Fixed order for simultaneous events: heap (by sequence), wire, sources.
-            if t_heap == t {
-                let Reverse(ev) = self.heap.pop().expect("peeked");
-                self.handle(ev.kind);
+            // Fixed order for simultaneous events: scheduled events (by sequence), wire, sources.
+            if t_ev == t {
+                if k_slot < k_client {
+                    let i = self.next_slot;
+                    let tag = self.slots[i].tag;
+                    self.slots[i].key = NO_EVENT;
+                    self.slots_dirty = true;
+                    self.handle_slot(i, tag);
+                } else {
+                    let Reverse((_, vm, flow)) = self.clients.pop().expect("peeked");
+                    let src = self.flows[vm as usize][flow as usize].src;
+                    self.emit(src);
+                }
             } else if t_wire == t {
                 let (_, p) = self.wire_rx.pop_front().expect("peeked");
                 self.admit(NIC_RX, p);
@@ -858,24 +959,20 @@ impl Engine {
         self.now = t_end;
     }
 
-    fn handle(&mut self, ev: EvKind) {
-        match ev {
-            EvKind::Timer { stage, epoch } => {
-                let st = &self.stages[stage as usize];
-                if st.timer_armed && st.timer_gen == epoch && st.pending > 0 {
-                    self.fire(stage as usize);
-                }
+    fn handle_slot(&mut self, i: usize, tag: u32) {
+        let n_cpus = self.cpus.len();
+        if i < n_cpus {
+            if self.cpus[i].epoch == tag {
+                self.cpu_done(i);
             }
-            EvKind::CpuDone { cpu, epoch } => {
-                if self.cpus[cpu as usize].epoch == epoch {
-                    self.cpu_done(cpu as usize);
-                }
+        } else if i < self.slots.len() - 1 {
+            let si = self.slot_stage[i - n_cpus] as usize;
+            let st = &self.stages[si];
+            if st.timer_armed && st.timer_gen == tag && st.pending > 0 {
+                self.fire(si);
             }
-            EvKind::WireDone => self.wire_done(),
-            EvKind::Client { vm, flow } => {
-                let src = self.flows[vm as usize][flow as usize].src;
-                self.emit(src);
-            }
+        } else {
+            self.wire_done();
         }
     }
 
@@ -953,10 +1050,7 @@ impl Engine {
                     st.timer_armed = true;
                     st.timer_gen = st.timer_gen.wrapping_add(1);
                     let epoch = st.timer_gen;
-                    self.push_event(
-                        now + u64::from(kn.usecs) * 1000,
-                        EvKind::Timer { stage: si as u32, epoch },
-                    );
+                    self.set_timer(si, now + u64::from(kn.usecs) * 1000, epoch);
                 }
             }
             Trigger::Worker { .. } => self.kick_worker(si),
@@ -996,8 +1090,11 @@ impl Engine {
                 // napi_schedule: mask, and let the poll take the items when it runs.
                 st.masked = true;
                 st.irq_due = true;
-                st.timer_armed = false;
+                let armed = std::mem::take(&mut st.timer_armed);
                 st.timer_gen = st.timer_gen.wrapping_add(1);
+                if armed {
+                    self.clear_timer(si);
+                }
                 Job::unclaimed(si)
             }
             Trigger::Knobs(_) => {
@@ -1005,13 +1102,16 @@ impl Engine {
                 let bytes = st.pending_bytes;
                 st.pending = 0;
                 st.pending_bytes = 0;
-                st.timer_armed = false;
+                let armed = std::mem::take(&mut st.timer_armed);
                 st.timer_gen = st.timer_gen.wrapping_add(1);
                 st.ctr_pkts += u64::from(k);
                 st.ctr_bytes += bytes;
                 let first = st.in_jobs;
                 if !matches!(st.kind, Kind::NicTxc | Kind::FeTxc(_)) {
                     st.in_jobs += k as usize;
+                }
+                if armed {
+                    self.clear_timer(si);
                 }
                 let notify_ns = self.stages[si].notify_ns;
                 let job = self.cost(si, k, bytes, first, notify_ns);
@@ -1182,7 +1282,7 @@ impl Engine {
                     cpu.epoch = cpu.epoch.wrapping_add(1);
                     let epoch = cpu.epoch;
                     let t = now + cpu.wake_ns;
-                    self.push_event(t, EvKind::CpuDone { cpu: ci as u32, epoch });
+                    self.set_cpu_done(ci, t, epoch);
                 } else {
                     self.cpu_start_next(ci);
                 }
@@ -1233,7 +1333,7 @@ impl Engine {
             cpu.running = Some((job, prio, end));
             cpu.epoch = cpu.epoch.wrapping_add(1);
             let epoch = cpu.epoch;
-            self.push_event(end, EvKind::CpuDone { cpu: ci as u32, epoch });
+            self.set_cpu_done(ci, end, epoch);
             return;
         }
     }
@@ -1373,7 +1473,7 @@ impl Engine {
         let start = self.wire_tx_free_ps.max(self.now * 1000);
         let done = start + self.wire_ps(u32::from(p.bytes));
         self.wire_tx_free_ps = done;
-        self.push_event(done.div_ceil(1000), EvKind::WireDone);
+        self.set_wire_done(done.div_ceil(1000));
     }
 
     fn wire_done(&mut self) {
