@@ -137,6 +137,7 @@ pub(crate) fn knob_stage(layer: LayerId, dir: Direction) -> usize {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
 enum Prio {
     /// Hard/soft interrupt context.
     Irq,
@@ -297,30 +298,48 @@ impl Stage {
     }
 }
 
+/// `Job::k` of a job that has not taken its items yet.
+const UNCLAIMED: u32 = u32::MAX;
+
+// Word-sized fields only (no `bool`): jobs are copied on every push, pop and start, and byte
+// fields made those copies overlap in ways that stall store forwarding.
 #[derive(Debug, Clone, Copy)]
 struct Job {
-    stage: u32,
-    /// Items; for a worker or a NAPI poll, set when the job starts.
-    k: u32,
-    claimed: bool,
     remaining_ns: u64,
     notify_ns: u64,
     packet_ns: u64,
     app_ns: u64,
+    stage: u32,
+    /// Items; for a worker or a NAPI poll `UNCLAIMED` until the job starts.
+    k: u32,
 }
 
 impl Job {
     /// A job that takes its items when it starts (a worker's run, a NAPI poll).
+    #[inline]
     fn unclaimed(si: usize) -> Job {
-        Job { stage: si as u32, k: 0, claimed: false, remaining_ns: 0, notify_ns: 0, packet_ns: 0, app_ns: 0 }
+        Job { stage: si as u32, k: UNCLAIMED, remaining_ns: 0, notify_ns: 0, packet_ns: 0, app_ns: 0 }
     }
+
+    #[inline]
+    fn claimed(&self) -> bool {
+        self.k != UNCLAIMED
+    }
+}
+
+/// The job a CPU runs, at `prio`, and when it ends.
+#[derive(Debug, Clone, Copy)]
+struct Running {
+    job: Job,
+    end: u64,
+    prio: Prio,
 }
 
 #[derive(Debug)]
 struct Cpu {
     irq: VecDeque<Job>,
     thread: VecDeque<Job>,
-    running: Option<(Job, Prio, u64)>,
+    running: Option<Running>,
     /// Start of the running job's current accounting segment.
     seg_start: u64,
     epoch: u32,
@@ -356,7 +375,7 @@ impl Cpu {
     }
 
     fn account(&mut self, now: u64) {
-        if let Some((_, prio, _)) = self.running {
+        if let Some(Running { prio, .. }) = self.running {
             let d = now - self.seg_start;
             match prio {
                 Prio::Irq => self.busy_irq_ns += d,
@@ -1129,6 +1148,7 @@ impl Engine {
 
     /// The CPU cost of a job of `k` items (`bytes` in all) starting at queue index `first`,
     /// with `notify_ns` of fixed overhead.
+    #[inline]
     fn cost(&mut self, si: usize, k: u32, bytes: u64, first: usize, notify_ns: u64) -> Job {
         let st = &self.stages[si];
         let per_pkt = match self.service {
@@ -1154,7 +1174,6 @@ impl Engine {
         Job {
             stage: si as u32,
             k,
-            claimed: true,
             remaining_ns: notify_ns + packet_ns + app_ns,
             notify_ns,
             packet_ns,
@@ -1184,7 +1203,7 @@ impl Engine {
             self.stages[d].reserved += k as usize;
         }
         *job = if k == 0 {
-            Job { k: 0, claimed: true, ..*job }
+            Job { k: 0, ..*job }
         } else {
             self.cost(si, k, bytes, first, notify_ns)
         };
@@ -1287,7 +1306,7 @@ impl Engine {
                     self.cpu_start_next(ci);
                 }
             }
-            Some((run, Prio::Thread, end)) if prio == Prio::Irq => {
+            Some(Running { job: run, prio: Prio::Thread, end }) if prio == Prio::Irq => {
                 // Interrupts preempt threads; the thread resumes later where it stopped.
                 cpu.account(now);
                 let rest = Job { remaining_ns: end - now, ..run };
@@ -1316,10 +1335,10 @@ impl Engine {
                     return;
                 }
             };
-            if !job.claimed && self.stages[job.stage as usize].napi {
+            if !job.claimed() && self.stages[job.stage as usize].napi {
                 // A poll runs even when it finds nothing: an empty poll still costs.
                 self.napi_claim(ci, &mut job, prio);
-            } else if !job.claimed {
+            } else if !job.claimed() {
                 self.claim(&mut job);
                 if job.k == 0 {
                     // Nothing to do after all (the queue was drained or downstream is full).
@@ -1330,7 +1349,7 @@ impl Engine {
             let cpu = &mut self.cpus[ci];
             let end = now + job.remaining_ns;
             cpu.seg_start = now;
-            cpu.running = Some((job, prio, end));
+            cpu.running = Some(Running { job, end, prio });
             cpu.epoch = cpu.epoch.wrapping_add(1);
             let epoch = cpu.epoch;
             self.set_cpu_done(ci, end, epoch);
@@ -1347,7 +1366,7 @@ impl Engine {
             return;
         }
         cpu.account(now);
-        let Some((job, _, _)) = cpu.running.take() else { return };
+        let Some(Running { job, .. }) = cpu.running.take() else { return };
         cpu.idle_since = now;
         cpu.completing = true;
         self.account_job(&job);
