@@ -507,6 +507,8 @@ pub(crate) struct Engine {
     wire_tx_free_ps: u64,
     wire_tx_busy: bool,
     ps_per_byte: f64,
+    /// The last frame size `wire_ps` computed, and its wire time.
+    wire_memo: (u32, u64),
     switch_buffer: usize,
     service: ServiceDist,
     service_rng: Rng64,
@@ -519,8 +521,10 @@ pub(crate) struct Engine {
     pub guest_probe: Vec<Histogram<u64>>,
     pub host_probe: Histogram<u64>,
     probe: ProbeCfg,
-    vm_samples: Vec<u64>,
-    host_samples: u64,
+    /// Latency samples until the next one a probe sees, per VM and for the host: a countdown
+    /// from `probe.every` (every `every`-th sample, without a division per packet).
+    vm_probe_in: Vec<u64>,
+    host_probe_in: u64,
     /// NAPI weight: most items per poll.
     napi_weight: u32,
     softirq: SoftirqLimits,
@@ -698,6 +702,7 @@ impl Engine {
             wire_tx_busy: false,
             // Picoseconds per byte on the wire: 8 bits / (Gbit/s) = 8000 / Gbps ps.
             ps_per_byte: 8000.0 / h.line_rate_gbps,
+            wire_memo: (u32::MAX, 0),
             switch_buffer: h.switch_buffer,
             service: c.service,
             service_rng: stream(seed, Purpose::Service, 0, 0),
@@ -709,8 +714,8 @@ impl Engine {
             guest_probe: (0..vms).map(|_| new_hist()).collect(),
             host_probe: new_hist(),
             probe,
-            vm_samples: vec![0; vms],
-            host_samples: 0,
+            vm_probe_in: vec![probe.every; vms],
+            host_probe_in: probe.every,
             napi_weight: h.napi_weight,
             softirq: SoftirqLimits::new(h),
         };
@@ -1030,10 +1035,14 @@ impl Engine {
         }
     }
 
-    /// Wire time of a frame: the frame plus 20 bytes of preamble and inter-frame gap.
+    /// Wire time of a frame: the frame plus 20 bytes of preamble and inter-frame gap. The last
+    /// size's answer is kept: flows mostly repeat their frame size, and `round` is a libm call.
     #[inline]
-    fn wire_ps(&self, bytes: u32) -> u64 {
-        (f64::from(bytes.max(64) + 20) * self.ps_per_byte).round() as u64
+    fn wire_ps(&mut self, bytes: u32) -> u64 {
+        if self.wire_memo.0 != bytes {
+            self.wire_memo = (bytes, (f64::from(bytes.max(64) + 20) * self.ps_per_byte).round() as u64);
+        }
+        self.wire_memo.1
     }
 
     /// Puts a packet into a stage's queue, or drops it when the queue is full.
@@ -1530,13 +1539,15 @@ impl Engine {
         let l = lat.max(1);
         self.vm_hist[v].saturating_record(l);
         // Probes see a sample of the traffic, with measurement noise.
-        self.vm_samples[v] += 1;
-        if self.vm_samples[v].is_multiple_of(self.probe.every) {
+        self.vm_probe_in[v] -= 1;
+        if self.vm_probe_in[v] == 0 {
+            self.vm_probe_in[v] = self.probe.every;
             let m = self.probe_sample(l);
             self.guest_probe[v].saturating_record(m);
         }
-        self.host_samples += 1;
-        if self.host_samples.is_multiple_of(self.probe.every) {
+        self.host_probe_in -= 1;
+        if self.host_probe_in == 0 {
+            self.host_probe_in = self.probe.every;
             let m = self.probe_sample(l);
             self.host_probe.saturating_record(m);
         }
