@@ -275,6 +275,18 @@ impl Stage {
         self.cap.saturating_sub(self.q.len() + self.held + self.reserved)
     }
 
+    /// Bytes of the `k` pending items from queue index `first` on (the first pending item):
+    /// `pending_bytes` when they are all that is pending, else summed.
+    #[inline]
+    fn pending_bytes_of(&self, first: usize, k: u32) -> u64 {
+        if k == self.pending {
+            debug_assert_eq!(first + k as usize, self.q.len(), "pending items end the queue");
+            self.pending_bytes
+        } else {
+            self.q.range(first..first + k as usize).map(|p| u64::from(p.bytes)).sum()
+        }
+    }
+
     fn knobs(&self) -> Option<Knobs> {
         match self.trigger {
             Trigger::Knobs(k) => Some(k),
@@ -500,6 +512,8 @@ pub(crate) struct Engine {
     next_src: usize,
     next_src_t: u64,
     flows: Vec<Vec<FlowInfo>>,
+    /// Per VM: the application time per packet when all its flows have the same.
+    vm_app_ns: Vec<Option<u64>>,
     vms: usize,
     /// Packets on the rx wire and in the switch, with their NIC arrival times.
     wire_rx: VecDeque<(u64, Pkt)>,
@@ -694,6 +708,10 @@ impl Engine {
             sources,
             next_src: 0,
             next_src_t: u64::MAX,
+            vm_app_ns: flows
+                .iter()
+                .map(|fl| fl.first().map(|f| f.app_ns).filter(|&a| fl.iter().all(|f| f.app_ns == a)))
+                .collect(),
             flows,
             vms,
             wire_rx: VecDeque::with_capacity(h.switch_buffer + 1),
@@ -1175,9 +1193,13 @@ impl Engine {
         let packet_ns = per_pkt + (bytes * st.per_byte_ps + 500) / 1000;
         let mut app_ns = 0;
         if let Kind::SockRx(v) = st.kind {
-            let fl = &self.flows[v];
-            for p in st.q.range(first..first + k as usize) {
-                app_ns += fl[p.flow as usize].app_ns;
+            if let Some(each) = self.vm_app_ns[v] {
+                app_ns = u64::from(k) * each;
+            } else {
+                let fl = &self.flows[v];
+                for p in st.q.range(first..first + k as usize) {
+                    app_ns += fl[p.flow as usize].app_ns;
+                }
             }
         }
         Job {
@@ -1199,7 +1221,7 @@ impl Engine {
         let Trigger::Worker { budget } = st.trigger else { unreachable!("only workers claim") };
         let k = st.pending.min(budget).min(free.min(u32::MAX as usize) as u32);
         let first = st.in_jobs;
-        let bytes: u64 = st.q.range(first..first + k as usize).map(|p| u64::from(p.bytes)).sum();
+        let bytes = st.pending_bytes_of(first, k);
         st.pending -= k;
         st.pending_bytes -= bytes;
         st.in_jobs += k as usize;
@@ -1211,11 +1233,7 @@ impl Engine {
         if let Some(d) = self.downstream_of(si) {
             self.stages[d].reserved += k as usize;
         }
-        *job = if k == 0 {
-            Job { k: 0, ..*job }
-        } else {
-            self.cost(si, k, bytes, first, notify_ns)
-        };
+        *job = if k == 0 { Job { k: 0, ..*job } } else { self.cost(si, k, bytes, first, notify_ns) };
     }
 
     /// A NAPI poll starts on CPU `ci` at `prio`: it takes what is pending now, up to the weight.
@@ -1231,7 +1249,7 @@ impl Engine {
             // Completions carry no queue entries: their bytes are shared out evenly.
             if st.pending == 0 { 0 } else { st.pending_bytes * u64::from(k) / u64::from(st.pending) }
         } else {
-            st.q.range(first..first + k as usize).map(|p| u64::from(p.bytes)).sum()
+            st.pending_bytes_of(first, k)
         };
         st.pending -= k;
         st.pending_bytes -= bytes;
