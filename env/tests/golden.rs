@@ -320,7 +320,7 @@ impl LayerController for Wobble {
     fn on_notification(&mut self, s: &DriverSample) -> Option<Knobs> {
         let mix =
             u64::from(s.pkt_ctr) ^ u64::from(s.byte_ctr) >> 3 ^ u64::from(s.event_ctr) ^ s.time_ns >> 10;
-        (mix % 3 != 0).then(|| Knobs::new((mix % 97) as u32, (mix >> 7) as u32 % 40))
+        (!mix.is_multiple_of(3)).then(|| Knobs::new((mix % 97) as u32, (mix >> 7) as u32 % 40))
     }
 }
 
