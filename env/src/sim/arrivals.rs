@@ -94,14 +94,42 @@ pub(crate) struct ArrivalGen {
     /// On/off state and the time it ends.
     on: bool,
     switch_at: f64,
+    /// Thinning shortcut (diurnal only): a bound on |d rate / dt| in packets/s per second, and
+    /// the last rate computed exactly, at `memo_t_s` (NaN: none yet).
+    lipschitz: Option<f64>,
+    memo_t_s: f64,
+    memo_rate: f64,
 }
+
+/// Slack for floating-point error in the thinning shortcut, relative to the maximum rate: the
+/// computed rate is within ~1e-12 of the exact one for times below `SHORTCUT_MAX_T_S`, so a
+/// decision outside this slack is the one the exact comparison would make.
+const SHORTCUT_SLACK: f64 = 1e-6;
+/// Beyond this time the sine's argument grows and the shortcut is not used (seconds).
+const SHORTCUT_MAX_T_S: f64 = 1e6;
 
 const NS: f64 = 1e9;
 
 impl ArrivalGen {
     pub fn new(process: Arrivals, rng: Rng64) -> Self {
         let max_rate = process.max_rate();
-        let mut g = ArrivalGen { process, rng, t: 0.0, max_rate, on: true, switch_at: f64::INFINITY };
+        let lipschitz = match process {
+            Arrivals::Diurnal { mean_pps, amplitude, period_s, .. } => {
+                Some(mean_pps.abs() * amplitude.abs() * std::f64::consts::TAU / period_s)
+            }
+            _ => None,
+        };
+        let mut g = ArrivalGen {
+            process,
+            rng,
+            t: 0.0,
+            max_rate,
+            on: true,
+            switch_at: f64::INFINITY,
+            lipschitz,
+            memo_t_s: f64::NAN,
+            memo_rate: 0.0,
+        };
         match g.process {
             Arrivals::OnOff { mean_on_ms, .. } => {
                 // Start in the on state, for an exponential (memoryless) share of an on period.
@@ -171,7 +199,8 @@ impl ArrivalGen {
                 let mut t = t;
                 for _ in 0..1_000_000 {
                     t += self.rng.exp1() * NS / self.max_rate;
-                    if self.rng.unit() * self.max_rate < self.process.rate_at(t / NS) {
+                    let x = self.rng.unit() * self.max_rate;
+                    if self.keep(x, t / NS) {
                         return t;
                     }
                 }
@@ -179,6 +208,32 @@ impl ArrivalGen {
                 t
             }
         }
+    }
+}
+
+impl ArrivalGen {
+    /// Thinning's test `x < rate(t_s)`. For a diurnal process the rate moves at most
+    /// `lipschitz · |t_s − memo_t_s|` from the last one computed, so most candidates are decided
+    /// without a sine: the same decisions, the same draws.
+    #[inline]
+    fn keep(&mut self, x: f64, t_s: f64) -> bool {
+        let Some(lip) = self.lipschitz else { return x < self.process.rate_at(t_s) };
+        if t_s < SHORTCUT_MAX_T_S {
+            let slack = lip * (t_s - self.memo_t_s).abs() + SHORTCUT_SLACK * self.max_rate;
+            // NaN (no memo yet) fails both tests and falls through.
+            if slack < 0.01 * self.max_rate {
+                if x < self.memo_rate - slack {
+                    return true;
+                }
+                if x >= self.memo_rate + slack {
+                    return false;
+                }
+            }
+        }
+        let r = self.process.rate_at(t_s);
+        self.memo_t_s = t_s;
+        self.memo_rate = r;
+        x < r
     }
 }
 
@@ -214,6 +269,26 @@ mod tests {
         let (x, y, z) = (a.unit(), b.unit(), c.unit());
         assert_eq!(x.to_bits(), y.to_bits());
         assert_ne!(x.to_bits(), z.to_bits());
+    }
+
+    #[test]
+    fn the_diurnal_shortcut_decides_as_the_exact_rate_does() {
+        let p = Arrivals::Diurnal { mean_pps: 35_000.0, amplitude: 0.9, period_s: 0.01, phase: 0.3 };
+        let mut g = ArrivalGen::new(p.clone(), stream(5, Purpose::Arrivals, 0, 0));
+        let mut u = stream(6, Purpose::Arrivals, 0, 0);
+        let (mut shortcut, mut n) = (0, 0);
+        let mut t_s = 0.0;
+        while t_s < 0.05 {
+            t_s += u.unit() * 2e-5;
+            // Near the rate half the time, so that both branches and the fall-through are hit.
+            let r = p.rate_at(t_s);
+            let x = if n % 2 == 0 { r * (1.0 + (u.unit() - 0.5) * 1e-3) } else { u.unit() * g.max_rate };
+            let before = g.memo_t_s;
+            assert_eq!(g.keep(x, t_s), x < r, "t = {t_s} s, x = {x}, rate = {r}");
+            shortcut += u64::from(g.memo_t_s.to_bits() == before.to_bits());
+            n += 1;
+        }
+        assert!(shortcut > n / 4 && shortcut < n, "{shortcut} of {n} decided without the sine");
     }
 
     #[test]

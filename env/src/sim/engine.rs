@@ -48,8 +48,10 @@
 //!
 //! # Performance
 //! A packet is 16 bytes in a preallocated `VecDeque`; a batch moves as a run of them. Arrivals are
-//! not heap events: the loop compares the next source time, the next wire arrival and the heap top.
-//! The event loop allocates nothing in steady state.
+//! not heap events: the loop compares the next source time, the next wire arrival and the next
+//! scheduled event. Scheduled events sit in fixed slots (see [`Slot`]), one per CPU, knob stage
+//! and the tx wire, since only the latest of each can matter; only closed-loop clients keep a
+//! heap. The event loop allocates nothing in steady state (`tests/alloc_free.rs`).
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
@@ -135,6 +137,7 @@ pub(crate) fn knob_stage(layer: LayerId, dir: Direction) -> usize {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
 enum Prio {
     /// Hard/soft interrupt context.
     Irq,
@@ -272,6 +275,18 @@ impl Stage {
         self.cap.saturating_sub(self.q.len() + self.held + self.reserved)
     }
 
+    /// Bytes of the `k` pending items from queue index `first` on (the first pending item):
+    /// `pending_bytes` when they are all that is pending, else summed.
+    #[inline]
+    fn pending_bytes_of(&self, first: usize, k: u32) -> u64 {
+        if k == self.pending {
+            debug_assert_eq!(first + k as usize, self.q.len(), "pending items end the queue");
+            self.pending_bytes
+        } else {
+            self.q.range(first..first + k as usize).map(|p| u64::from(p.bytes)).sum()
+        }
+    }
+
     fn knobs(&self) -> Option<Knobs> {
         match self.trigger {
             Trigger::Knobs(k) => Some(k),
@@ -295,30 +310,48 @@ impl Stage {
     }
 }
 
+/// `Job::k` of a job that has not taken its items yet.
+const UNCLAIMED: u32 = u32::MAX;
+
+// Word-sized fields only (no `bool`): jobs are copied on every push, pop and start, and byte
+// fields made those copies overlap in ways that stall store forwarding.
 #[derive(Debug, Clone, Copy)]
 struct Job {
-    stage: u32,
-    /// Items; for a worker or a NAPI poll, set when the job starts.
-    k: u32,
-    claimed: bool,
     remaining_ns: u64,
     notify_ns: u64,
     packet_ns: u64,
     app_ns: u64,
+    stage: u32,
+    /// Items; for a worker or a NAPI poll `UNCLAIMED` until the job starts.
+    k: u32,
 }
 
 impl Job {
     /// A job that takes its items when it starts (a worker's run, a NAPI poll).
+    #[inline]
     fn unclaimed(si: usize) -> Job {
-        Job { stage: si as u32, k: 0, claimed: false, remaining_ns: 0, notify_ns: 0, packet_ns: 0, app_ns: 0 }
+        Job { stage: si as u32, k: UNCLAIMED, remaining_ns: 0, notify_ns: 0, packet_ns: 0, app_ns: 0 }
     }
+
+    #[inline]
+    fn claimed(&self) -> bool {
+        self.k != UNCLAIMED
+    }
+}
+
+/// The job a CPU runs, at `prio`, and when it ends.
+#[derive(Debug, Clone, Copy)]
+struct Running {
+    job: Job,
+    end: u64,
+    prio: Prio,
 }
 
 #[derive(Debug)]
 struct Cpu {
     irq: VecDeque<Job>,
     thread: VecDeque<Job>,
-    running: Option<(Job, Prio, u64)>,
+    running: Option<Running>,
     /// Start of the running job's current accounting segment.
     seg_start: u64,
     epoch: u32,
@@ -354,7 +387,7 @@ impl Cpu {
     }
 
     fn account(&mut self, now: u64) {
-        if let Some((_, prio, _)) = self.running {
+        if let Some(Running { prio, .. }) = self.running {
             let d = now - self.seg_start;
             match prio {
                 Prio::Irq => self.busy_irq_ns += d,
@@ -365,30 +398,30 @@ impl Cpu {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum EvKind {
-    Timer {
-        stage: u32,
-        epoch: u32,
-    },
-    /// A closed-loop client sends its next request.
-    Client {
-        vm: u32,
-        flow: u32,
-    },
-    CpuDone {
-        cpu: u32,
-        epoch: u32,
-    },
-    WireDone,
+/// The order of events: by time, then by scheduling order (`seq`), packed as `t << 64 | seq`
+/// so that one integer comparison decides.
+#[inline]
+fn ev_key(t: u64, seq: u64) -> u128 {
+    u128::from(t) << 64 | u128::from(seq)
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-struct Event {
-    t: u64,
-    seq: u64,
-    kind: EvKind,
+/// No event.
+const NO_EVENT: u128 = u128::MAX;
+
+/// An event in a fixed slot. Each CPU (its running job's end or its wake-up), each stage (its
+/// coalescing timer) and the tx wire has at most one event that can still matter: scheduling a
+/// new one makes the older one stale (a CPU's epoch, a timer's generation moved on), so the new
+/// one replaces it in the slot. Firing a stale slot does nothing, as a stale heap entry did.
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    key: u128,
+    /// The CPU's epoch or the timer's generation when the event was scheduled.
+    tag: u32,
 }
+
+/// A closed-loop client's next request: (key, vm, flow). Clients are the only events that are
+/// many per flow; they keep a heap.
+type ClientEv = (u128, u32, u32);
 
 /// A traffic source: a flow's arrivals.
 #[derive(Debug)]
@@ -460,7 +493,16 @@ pub(crate) fn new_hist() -> Histogram<u64> {
 #[derive(Debug)]
 pub(crate) struct Engine {
     pub now: u64,
-    heap: BinaryHeap<Reverse<Event>>,
+    /// Slots `0..cpus` are the CPUs', then one per knob stage (its timer), then the tx wire's.
+    slots: Vec<Slot>,
+    /// The timer slot of each stage (`u32::MAX`: none), and the stage of each timer slot.
+    timer_slot: Vec<u32>,
+    slot_stage: Vec<u32>,
+    /// The earliest slot and its key, unless `slots_dirty` (then found again by a scan).
+    next_slot: usize,
+    next_key: u128,
+    slots_dirty: bool,
+    clients: BinaryHeap<Reverse<ClientEv>>,
     seq: u64,
     stages: Vec<Stage>,
     cpus: Vec<Cpu>,
@@ -470,6 +512,8 @@ pub(crate) struct Engine {
     next_src: usize,
     next_src_t: u64,
     flows: Vec<Vec<FlowInfo>>,
+    /// Per VM: the application time per packet when all its flows have the same.
+    vm_app_ns: Vec<Option<u64>>,
     vms: usize,
     /// Packets on the rx wire and in the switch, with their NIC arrival times.
     wire_rx: VecDeque<(u64, Pkt)>,
@@ -477,6 +521,8 @@ pub(crate) struct Engine {
     wire_tx_free_ps: u64,
     wire_tx_busy: bool,
     ps_per_byte: f64,
+    /// The last frame size `wire_ps` computed, and its wire time.
+    wire_memo: (u32, u64),
     switch_buffer: usize,
     service: ServiceDist,
     service_rng: Rng64,
@@ -489,8 +535,10 @@ pub(crate) struct Engine {
     pub guest_probe: Vec<Histogram<u64>>,
     pub host_probe: Histogram<u64>,
     probe: ProbeCfg,
-    vm_samples: Vec<u64>,
-    host_samples: u64,
+    /// Latency samples until the next one a probe sees, per VM and for the host: a countdown
+    /// from `probe.every` (every `every`-th sample, without a division per packet).
+    vm_probe_in: Vec<u64>,
+    host_probe_in: u64,
     /// NAPI weight: most items per poll.
     napi_weight: u32,
     softirq: SoftirqLimits,
@@ -597,6 +645,15 @@ impl Engine {
         }
         let mut cpus: Vec<Cpu> = (0..h.cpus).map(|_| Cpu::new(0)).collect();
         cpus.extend((0..vms).map(|_| Cpu::new(ns(c.vcpu_wakeup_us))));
+        let n_cpus = cpus.len();
+        let mut timer_slot = vec![u32::MAX; stages.len()];
+        let mut slot_stage = Vec::new();
+        for (si, st) in stages.iter().enumerate() {
+            if st.knobs().is_some() {
+                timer_slot[si] = (n_cpus + slot_stage.len()) as u32;
+                slot_stage.push(si as u32);
+            }
+        }
 
         let mut sources = Vec::new();
         let mut flows = Vec::with_capacity(vms);
@@ -637,7 +694,13 @@ impl Engine {
         }
         let mut e = Engine {
             now: 0,
-            heap: BinaryHeap::with_capacity(4096),
+            slots: vec![Slot { key: NO_EVENT, tag: 0 }; n_cpus + slot_stage.len() + 1],
+            timer_slot,
+            slot_stage,
+            next_slot: 0,
+            next_key: NO_EVENT,
+            slots_dirty: false,
+            clients: BinaryHeap::with_capacity(4096),
             seq: 0,
             stages,
             cpus,
@@ -645,6 +708,10 @@ impl Engine {
             sources,
             next_src: 0,
             next_src_t: u64::MAX,
+            vm_app_ns: flows
+                .iter()
+                .map(|fl| fl.first().map(|f| f.app_ns).filter(|&a| fl.iter().all(|f| f.app_ns == a)))
+                .collect(),
             flows,
             vms,
             wire_rx: VecDeque::with_capacity(h.switch_buffer + 1),
@@ -653,6 +720,7 @@ impl Engine {
             wire_tx_busy: false,
             // Picoseconds per byte on the wire: 8 bits / (Gbit/s) = 8000 / Gbps ps.
             ps_per_byte: 8000.0 / h.line_rate_gbps,
+            wire_memo: (u32::MAX, 0),
             switch_buffer: h.switch_buffer,
             service: c.service,
             service_rng: stream(seed, Purpose::Service, 0, 0),
@@ -664,8 +732,8 @@ impl Engine {
             guest_probe: (0..vms).map(|_| new_hist()).collect(),
             host_probe: new_hist(),
             probe,
-            vm_samples: vec![0; vms],
-            host_samples: 0,
+            vm_probe_in: vec![probe.every; vms],
+            host_probe_in: probe.every,
             napi_weight: h.napi_weight,
             softirq: SoftirqLimits::new(h),
         };
@@ -687,7 +755,7 @@ impl Engine {
     fn client_after_think(&mut self, v: usize, f: usize) {
         let c = self.flows[v][f].clients.as_mut().expect("closed-loop flow");
         let t = self.now + (c.rng.exp1() * c.think_ns) as u64;
-        self.push_event(t, EvKind::Client { vm: v as u32, flow: f as u32 });
+        self.push_client(t, v, f);
     }
 
     /// A packet of flow (v, f) was dropped: a closed-loop client retries after its timeout.
@@ -698,7 +766,7 @@ impl Engine {
         self.vm_ctr[v].dropped += 1;
         if let Some(c) = self.flows[v][f].clients.as_ref() {
             let t = self.now + c.timeout_ns;
-            self.push_event(t, EvKind::Client { vm: v as u32, flow: f as u32 });
+            self.push_client(t, v, f);
         }
     }
 
@@ -782,7 +850,7 @@ impl Engine {
             st.timer_armed = true;
             st.timer_gen = st.timer_gen.wrapping_add(1);
             let epoch = st.timer_gen;
-            self.push_event(deadline, EvKind::Timer { stage: si as u32, epoch });
+            self.set_timer(si, deadline, epoch);
         }
     }
 
@@ -816,9 +884,69 @@ impl Engine {
     // ---------------------------------------------------------------- event loop
 
     #[inline]
-    fn push_event(&mut self, t: u64, kind: EvKind) {
+    fn push_client(&mut self, t: u64, v: usize, f: usize) {
         self.seq += 1;
-        self.heap.push(Reverse(Event { t, seq: self.seq, kind }));
+        self.clients.push(Reverse((ev_key(t, self.seq), v as u32, f as u32)));
+    }
+
+    /// Schedules slot `i`'s event at `t`, replacing the slot's older one.
+    #[inline]
+    fn set_slot(&mut self, i: usize, t: u64, tag: u32) {
+        self.seq += 1;
+        let key = ev_key(t, self.seq);
+        self.slots[i] = Slot { key, tag };
+        if i == self.next_slot {
+            if key <= self.next_key {
+                self.next_key = key;
+            } else {
+                self.slots_dirty = true;
+            }
+        } else if key < self.next_key {
+            self.next_key = key;
+            self.next_slot = i;
+        }
+    }
+
+    #[inline]
+    fn set_cpu_done(&mut self, ci: usize, t: u64, epoch: u32) {
+        self.set_slot(ci, t, epoch);
+    }
+
+    #[inline]
+    fn set_timer(&mut self, si: usize, t: u64, gen_: u32) {
+        self.set_slot(self.timer_slot[si] as usize, t, gen_);
+    }
+
+    /// The stage's timer event went stale (the stage notified): drop it rather than fire it
+    /// for nothing.
+    #[inline]
+    fn clear_timer(&mut self, si: usize) {
+        let i = self.timer_slot[si] as usize;
+        if self.slots[i].key != NO_EVENT {
+            self.slots[i].key = NO_EVENT;
+            if i == self.next_slot {
+                self.slots_dirty = true;
+            }
+        }
+    }
+
+    #[inline]
+    fn set_wire_done(&mut self, t: u64) {
+        self.set_slot(self.slots.len() - 1, t, 0);
+    }
+
+    /// Finds the earliest slot again.
+    fn rescan_slots(&mut self) {
+        let (mut best, mut at) = (NO_EVENT, 0);
+        for (i, s) in self.slots.iter().enumerate() {
+            if s.key < best {
+                best = s.key;
+                at = i;
+            }
+        }
+        self.next_key = best;
+        self.next_slot = at;
+        self.slots_dirty = false;
     }
 
     fn pick_next_source(&mut self) {
@@ -836,18 +964,33 @@ impl Engine {
     /// Runs every event up to and including `t_end`, then sets the clock to `t_end`.
     pub fn run_until(&mut self, t_end: u64) {
         loop {
-            let t_heap = self.heap.peek().map_or(u64::MAX, |e| e.0.t);
+            if self.slots_dirty {
+                self.rescan_slots();
+            }
+            let k_slot = self.next_key;
+            let k_client = self.clients.peek().map_or(NO_EVENT, |e| e.0.0);
+            let k_ev = k_slot.min(k_client);
+            let t_ev = if k_ev == NO_EVENT { u64::MAX } else { (k_ev >> 64) as u64 };
             let t_wire = self.wire_rx.front().map_or(u64::MAX, |x| x.0);
             let t_src = self.next_src_t;
-            let t = t_heap.min(t_wire).min(t_src);
+            let t = t_ev.min(t_wire).min(t_src);
             if t > t_end {
                 break;
             }
             self.now = t;
-            // Fixed order for simultaneous events: heap (by sequence), wire, sources.
-            if t_heap == t {
-                let Reverse(ev) = self.heap.pop().expect("peeked");
-                self.handle(ev.kind);
+            // Fixed order for simultaneous events: scheduled events (by sequence), wire, sources.
+            if t_ev == t {
+                if k_slot < k_client {
+                    let i = self.next_slot;
+                    let tag = self.slots[i].tag;
+                    self.slots[i].key = NO_EVENT;
+                    self.slots_dirty = true;
+                    self.handle_slot(i, tag);
+                } else {
+                    let Reverse((_, vm, flow)) = self.clients.pop().expect("peeked");
+                    let src = self.flows[vm as usize][flow as usize].src;
+                    self.emit(src);
+                }
             } else if t_wire == t {
                 let (_, p) = self.wire_rx.pop_front().expect("peeked");
                 self.admit(NIC_RX, p);
@@ -858,24 +1001,20 @@ impl Engine {
         self.now = t_end;
     }
 
-    fn handle(&mut self, ev: EvKind) {
-        match ev {
-            EvKind::Timer { stage, epoch } => {
-                let st = &self.stages[stage as usize];
-                if st.timer_armed && st.timer_gen == epoch && st.pending > 0 {
-                    self.fire(stage as usize);
-                }
+    fn handle_slot(&mut self, i: usize, tag: u32) {
+        let n_cpus = self.cpus.len();
+        if i < n_cpus {
+            if self.cpus[i].epoch == tag {
+                self.cpu_done(i);
             }
-            EvKind::CpuDone { cpu, epoch } => {
-                if self.cpus[cpu as usize].epoch == epoch {
-                    self.cpu_done(cpu as usize);
-                }
+        } else if i < self.slots.len() - 1 {
+            let si = self.slot_stage[i - n_cpus] as usize;
+            let st = &self.stages[si];
+            if st.timer_armed && st.timer_gen == tag && st.pending > 0 {
+                self.fire(si);
             }
-            EvKind::WireDone => self.wire_done(),
-            EvKind::Client { vm, flow } => {
-                let src = self.flows[vm as usize][flow as usize].src;
-                self.emit(src);
-            }
+        } else {
+            self.wire_done();
         }
     }
 
@@ -914,10 +1053,14 @@ impl Engine {
         }
     }
 
-    /// Wire time of a frame: the frame plus 20 bytes of preamble and inter-frame gap.
+    /// Wire time of a frame: the frame plus 20 bytes of preamble and inter-frame gap. The last
+    /// size's answer is kept: flows mostly repeat their frame size, and `round` is a libm call.
     #[inline]
-    fn wire_ps(&self, bytes: u32) -> u64 {
-        (f64::from(bytes.max(64) + 20) * self.ps_per_byte).round() as u64
+    fn wire_ps(&mut self, bytes: u32) -> u64 {
+        if self.wire_memo.0 != bytes {
+            self.wire_memo = (bytes, (f64::from(bytes.max(64) + 20) * self.ps_per_byte).round() as u64);
+        }
+        self.wire_memo.1
     }
 
     /// Puts a packet into a stage's queue, or drops it when the queue is full.
@@ -953,10 +1096,7 @@ impl Engine {
                     st.timer_armed = true;
                     st.timer_gen = st.timer_gen.wrapping_add(1);
                     let epoch = st.timer_gen;
-                    self.push_event(
-                        now + u64::from(kn.usecs) * 1000,
-                        EvKind::Timer { stage: si as u32, epoch },
-                    );
+                    self.set_timer(si, now + u64::from(kn.usecs) * 1000, epoch);
                 }
             }
             Trigger::Worker { .. } => self.kick_worker(si),
@@ -996,8 +1136,11 @@ impl Engine {
                 // napi_schedule: mask, and let the poll take the items when it runs.
                 st.masked = true;
                 st.irq_due = true;
-                st.timer_armed = false;
+                let armed = std::mem::take(&mut st.timer_armed);
                 st.timer_gen = st.timer_gen.wrapping_add(1);
+                if armed {
+                    self.clear_timer(si);
+                }
                 Job::unclaimed(si)
             }
             Trigger::Knobs(_) => {
@@ -1005,13 +1148,16 @@ impl Engine {
                 let bytes = st.pending_bytes;
                 st.pending = 0;
                 st.pending_bytes = 0;
-                st.timer_armed = false;
+                let armed = std::mem::take(&mut st.timer_armed);
                 st.timer_gen = st.timer_gen.wrapping_add(1);
                 st.ctr_pkts += u64::from(k);
                 st.ctr_bytes += bytes;
                 let first = st.in_jobs;
                 if !matches!(st.kind, Kind::NicTxc | Kind::FeTxc(_)) {
                     st.in_jobs += k as usize;
+                }
+                if armed {
+                    self.clear_timer(si);
                 }
                 let notify_ns = self.stages[si].notify_ns;
                 let job = self.cost(si, k, bytes, first, notify_ns);
@@ -1029,6 +1175,7 @@ impl Engine {
 
     /// The CPU cost of a job of `k` items (`bytes` in all) starting at queue index `first`,
     /// with `notify_ns` of fixed overhead.
+    #[inline]
     fn cost(&mut self, si: usize, k: u32, bytes: u64, first: usize, notify_ns: u64) -> Job {
         let st = &self.stages[si];
         let per_pkt = match self.service {
@@ -1046,15 +1193,18 @@ impl Engine {
         let packet_ns = per_pkt + (bytes * st.per_byte_ps + 500) / 1000;
         let mut app_ns = 0;
         if let Kind::SockRx(v) = st.kind {
-            let fl = &self.flows[v];
-            for p in st.q.range(first..first + k as usize) {
-                app_ns += fl[p.flow as usize].app_ns;
+            if let Some(each) = self.vm_app_ns[v] {
+                app_ns = u64::from(k) * each;
+            } else {
+                let fl = &self.flows[v];
+                for p in st.q.range(first..first + k as usize) {
+                    app_ns += fl[p.flow as usize].app_ns;
+                }
             }
         }
         Job {
             stage: si as u32,
             k,
-            claimed: true,
             remaining_ns: notify_ns + packet_ns + app_ns,
             notify_ns,
             packet_ns,
@@ -1071,7 +1221,7 @@ impl Engine {
         let Trigger::Worker { budget } = st.trigger else { unreachable!("only workers claim") };
         let k = st.pending.min(budget).min(free.min(u32::MAX as usize) as u32);
         let first = st.in_jobs;
-        let bytes: u64 = st.q.range(first..first + k as usize).map(|p| u64::from(p.bytes)).sum();
+        let bytes = st.pending_bytes_of(first, k);
         st.pending -= k;
         st.pending_bytes -= bytes;
         st.in_jobs += k as usize;
@@ -1083,11 +1233,7 @@ impl Engine {
         if let Some(d) = self.downstream_of(si) {
             self.stages[d].reserved += k as usize;
         }
-        *job = if k == 0 {
-            Job { k: 0, claimed: true, ..*job }
-        } else {
-            self.cost(si, k, bytes, first, notify_ns)
-        };
+        *job = if k == 0 { Job { k: 0, ..*job } } else { self.cost(si, k, bytes, first, notify_ns) };
     }
 
     /// A NAPI poll starts on CPU `ci` at `prio`: it takes what is pending now, up to the weight.
@@ -1103,7 +1249,7 @@ impl Engine {
             // Completions carry no queue entries: their bytes are shared out evenly.
             if st.pending == 0 { 0 } else { st.pending_bytes * u64::from(k) / u64::from(st.pending) }
         } else {
-            st.q.range(first..first + k as usize).map(|p| u64::from(p.bytes)).sum()
+            st.pending_bytes_of(first, k)
         };
         st.pending -= k;
         st.pending_bytes -= bytes;
@@ -1182,12 +1328,12 @@ impl Engine {
                     cpu.epoch = cpu.epoch.wrapping_add(1);
                     let epoch = cpu.epoch;
                     let t = now + cpu.wake_ns;
-                    self.push_event(t, EvKind::CpuDone { cpu: ci as u32, epoch });
+                    self.set_cpu_done(ci, t, epoch);
                 } else {
                     self.cpu_start_next(ci);
                 }
             }
-            Some((run, Prio::Thread, end)) if prio == Prio::Irq => {
+            Some(Running { job: run, prio: Prio::Thread, end }) if prio == Prio::Irq => {
                 // Interrupts preempt threads; the thread resumes later where it stopped.
                 cpu.account(now);
                 let rest = Job { remaining_ns: end - now, ..run };
@@ -1216,10 +1362,10 @@ impl Engine {
                     return;
                 }
             };
-            if !job.claimed && self.stages[job.stage as usize].napi {
+            if !job.claimed() && self.stages[job.stage as usize].napi {
                 // A poll runs even when it finds nothing: an empty poll still costs.
                 self.napi_claim(ci, &mut job, prio);
-            } else if !job.claimed {
+            } else if !job.claimed() {
                 self.claim(&mut job);
                 if job.k == 0 {
                     // Nothing to do after all (the queue was drained or downstream is full).
@@ -1230,10 +1376,10 @@ impl Engine {
             let cpu = &mut self.cpus[ci];
             let end = now + job.remaining_ns;
             cpu.seg_start = now;
-            cpu.running = Some((job, prio, end));
+            cpu.running = Some(Running { job, end, prio });
             cpu.epoch = cpu.epoch.wrapping_add(1);
             let epoch = cpu.epoch;
-            self.push_event(end, EvKind::CpuDone { cpu: ci as u32, epoch });
+            self.set_cpu_done(ci, end, epoch);
             return;
         }
     }
@@ -1247,7 +1393,7 @@ impl Engine {
             return;
         }
         cpu.account(now);
-        let Some((job, _, _)) = cpu.running.take() else { return };
+        let Some(Running { job, .. }) = cpu.running.take() else { return };
         cpu.idle_since = now;
         cpu.completing = true;
         self.account_job(&job);
@@ -1373,7 +1519,7 @@ impl Engine {
         let start = self.wire_tx_free_ps.max(self.now * 1000);
         let done = start + self.wire_ps(u32::from(p.bytes));
         self.wire_tx_free_ps = done;
-        self.push_event(done.div_ceil(1000), EvKind::WireDone);
+        self.set_wire_done(done.div_ceil(1000));
     }
 
     fn wire_done(&mut self) {
@@ -1411,13 +1557,15 @@ impl Engine {
         let l = lat.max(1);
         self.vm_hist[v].saturating_record(l);
         // Probes see a sample of the traffic, with measurement noise.
-        self.vm_samples[v] += 1;
-        if self.vm_samples[v].is_multiple_of(self.probe.every) {
+        self.vm_probe_in[v] -= 1;
+        if self.vm_probe_in[v] == 0 {
+            self.vm_probe_in[v] = self.probe.every;
             let m = self.probe_sample(l);
             self.guest_probe[v].saturating_record(m);
         }
-        self.host_samples += 1;
-        if self.host_samples.is_multiple_of(self.probe.every) {
+        self.host_probe_in -= 1;
+        if self.host_probe_in == 0 {
+            self.host_probe_in = self.probe.every;
             let m = self.probe_sample(l);
             self.host_probe.saturating_record(m);
         }
