@@ -475,3 +475,52 @@ fn the_pid_lagrangian_rises_over_budget_and_decays_under_it() {
     s.update(0.5, &g);
     assert!((s.multiplier - (0.4 + 2.0 * 0.5)).abs() < 1e-12);
 }
+
+#[test]
+fn validation_while_training_keeps_the_best_checkpoint_and_exports_it() {
+    let text = format!(
+        "{SIM}\n[validation]\nscenarios = [\"scenarios/validation/idle-host.toml\", \"scenarios/validation/imix-rr-one-core.toml\"]\nevery_iterations = 1\n"
+    );
+    let mut t = Trainer::new(experiment(&text), train_device());
+    assert_eq!(t.exp.validation.len(), 2);
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let mut m = Memory::default();
+    assert!(train_loop(&mut t, &run, &mut m, None, false).unwrap());
+    // Logged at every iteration, with the documented names.
+    let ratio = m.series("validation/cpu_vs_best_static");
+    assert_eq!(ratio.len() as u64, t.exp.config.iterations());
+    assert!(ratio.iter().all(|r| r.1.is_finite() && r.1 > 0.0), "{ratio:?}");
+    assert_eq!(m.series("validation/slo_violation_rate").len(), ratio.len());
+    let scores = m.series("validation/score");
+    let best = t.state.best_validation.clone().expect("a best validation");
+    let lowest = scores.iter().map(|s| s.1).fold(f64::INFINITY, f64::min);
+    assert_eq!(best.score, lowest);
+    assert!(
+        best.table.contains("| idle-host |") && best.table.contains("| imix-rr-one-core |"),
+        "{}",
+        best.table
+    );
+    // The exported model is the best checkpoint, with its validation table.
+    let model = run.join("model");
+    moderato_agent::train::freeze(&t, &model).unwrap();
+    let got = moderato_agent::train::validate::export_best(&t, &run, &model).unwrap().unwrap();
+    assert_eq!(got.iteration, best.iteration);
+    let meta: moderato_policies::learned::ModelMeta =
+        serde_json::from_str(&std::fs::read_to_string(model.join("model.json")).unwrap()).unwrap();
+    assert_eq!(meta.provenance.validation.as_deref(), Some(best.table.as_str()));
+    LearnedPolicy::load(&model, &burn::tensor::Device::flex()).unwrap();
+}
+
+#[test]
+fn a_validation_scenario_that_training_samples_is_refused() {
+    let text = format!("{SIM}\n[validation]\nscenarios = [\"scenarios/mixed-host.toml\"]\n");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../experiments/test.toml");
+    let e = format!("{:#}", ExperimentConfig::parse(&text, &path).unwrap_err());
+    assert!(e.contains("validation.scenarios") && e.contains("training never samples"), "{e}");
+    let e = format!(
+        "{:#}",
+        ExperimentConfig::parse(&format!("{SIM}\n[validation]\nscenarios = []\n"), &path).unwrap_err()
+    );
+    assert!(e.contains("validation.scenarios"), "{e}");
+}

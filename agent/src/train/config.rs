@@ -48,6 +48,37 @@ pub struct ExperimentConfig {
     pub checkpoint: CheckpointConfig,
     #[serde(default)]
     pub evaluation: FinalEvalConfig,
+    /// A validation suite the training never samples, evaluated while training; the exported
+    /// model is the best validation checkpoint. Absent: none (the final model is exported).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation: Option<ValidationConfig>,
+}
+
+/// `[validation]`: every `every_iterations`, the current actor runs on these scenarios (never
+/// sampled by training) against best-static (searched once per scenario and seed, then cached in
+/// `<run>/cache`); `validation/cpu_vs_best_static`, `validation/slo_violation_rate` and
+/// `validation/score` go to TensorBoard, and the actor with the lowest score is kept in
+/// `<run>/model-best` and exported as `<run>/model`, with its validation table in `model.json`.
+/// Score: mean CPU ÷ best-static's, plus 10 × the mean excess of SLO-violating intervals over
+/// best-static's beyond 1 point.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ValidationConfig {
+    /// Scenario files, relative to the experiment file (e.g. `scenarios/validation/*.toml`).
+    pub scenarios: Vec<PathBuf>,
+    /// Evaluate every this many iterations (and after the last).
+    #[serde(default = "d_validation_every")]
+    pub every_iterations: u64,
+    /// Episode seeds of each scenario.
+    #[serde(default = "d_validation_seeds")]
+    pub seeds: Vec<u64>,
+}
+
+fn d_validation_every() -> u64 {
+    20
+}
+fn d_validation_seeds() -> Vec<u64> {
+    vec![1001]
 }
 
 fn d_seed() -> u64 {
@@ -266,6 +297,8 @@ pub struct Experiment {
     /// The file it came from (relative paths resolve against its directory).
     pub path: PathBuf,
     pub scenarios: Vec<Scenario>,
+    /// `[validation]`'s scenarios, loaded (empty without it).
+    pub validation: Vec<Scenario>,
     /// The resolved config as TOML, as written into the run and the model.
     pub toml: String,
 }
@@ -310,8 +343,36 @@ impl ExperimentConfig {
                     .map_err(|e| anyhow::anyhow!("{}: suite.scenarios: {}: {e}", path.display(), s.display()))
             })
             .collect::<Result<Vec<_>>>()?;
+        let mut validation = Vec::new();
+        if let Some(v) = &config.validation {
+            if v.scenarios.is_empty() || v.scenarios.len() > 1024 {
+                bail!(
+                    "{}: validation.scenarios: give 1 to 1024 scenario files (or remove [validation])",
+                    path.display()
+                );
+            }
+            if v.every_iterations == 0 {
+                bail!("{}: validation.every_iterations = 0: use at least 1", path.display());
+            }
+            if v.seeds.is_empty() || v.seeds.len() > 64 {
+                bail!("{}: validation.seeds: give 1 to 64 seeds", path.display());
+            }
+            for s in &v.scenarios {
+                let sc = Scenario::load(base.join(s)).map_err(|e| {
+                    anyhow::anyhow!("{}: validation.scenarios: {}: {e}", path.display(), s.display())
+                })?;
+                if scenarios.iter().any(|t| t == &sc) {
+                    bail!(
+                        "{}: validation.scenarios: {} is also in suite.scenarios; a validation scenario must be one training never samples",
+                        path.display(),
+                        s.display()
+                    );
+                }
+                validation.push(sc);
+            }
+        }
         let toml = toml::to_string(&config)?;
-        Ok(Experiment { config, path: path.to_path_buf(), scenarios, toml })
+        Ok(Experiment { config, path: path.to_path_buf(), scenarios, validation, toml })
     }
 
     fn validate(&self, path: &Path) -> Result<()> {

@@ -18,6 +18,7 @@ pub mod config;
 pub mod metrics;
 pub mod ppo;
 mod randomize;
+pub mod validate;
 
 use std::path::{Path, PathBuf};
 
@@ -134,6 +135,7 @@ pub fn model_meta(exp_name: &str, toml: &str, cfg: &ExperimentConfig, state: &Tr
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
             evaluation: None,
+            validation: None,
             weights_sha256: String::new(),
             semantics_sha256: None,
         },
@@ -148,7 +150,7 @@ pub fn freeze(t: &Trainer, dir: &Path) -> Result<ModelMeta> {
 }
 
 /// What a run directory holds that a new run would overwrite (`--force` removes these only).
-const RUN_OUTPUTS: &[&str] = &["checkpoints", "model", "eval", "tb", "config.toml"];
+const RUN_OUTPUTS: &[&str] = &["checkpoints", "model", "model-best", "cache", "eval", "tb", "config.toml"];
 
 /// Whether `dir` exists and holds anything.
 fn non_empty_dir(dir: &Path) -> bool {
@@ -235,7 +237,15 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
     let model_dir = run.join("model");
     freeze(&trainer, &model_dir)?;
-    tracing::info!("frozen model: {}", model_dir.display());
+    if let Some(best) = validate::export_best(&trainer, &run, &model_dir)? {
+        tracing::info!(
+            "frozen model: {} (the best validation: iteration {})",
+            model_dir.display(),
+            best.iteration
+        );
+    } else {
+        tracing::info!("frozen model: {}", model_dir.display());
+    }
     let evaluated = trainer.exp.config.evaluation.enabled && !args.no_eval;
     if evaluated {
         let t0 = std::time::Instant::now();
@@ -319,6 +329,13 @@ pub fn train_loop(
                 100.0 * s.slo_violation_rate,
                 s.approx_kl
             );
+        }
+        if let Some(v) = &trainer.exp.config.validation
+            && (s.iteration % v.every_iterations == 0 || s.iteration == total)
+        {
+            let t0 = std::time::Instant::now();
+            validate::validate_and_keep(trainer, run, metrics)?;
+            trainer.perf.evaluation += t0.elapsed().as_secs_f64();
         }
         if s.iteration % every == 0 || s.iteration == total {
             let t0 = std::time::Instant::now();

@@ -136,6 +136,9 @@ pub struct TrainState {
     /// The Lagrange multiplier and its PID state (`constraint = "lagrangian"`; zero otherwise).
     #[serde(default)]
     pub lagrange: LagrangeState,
+    /// The best validation so far (`[validation]`), whose actor is in `<run>/model-best`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best_validation: Option<super::validate::BestValidation>,
 }
 
 /// The PID Lagrangian's state between iterations.
@@ -394,6 +397,7 @@ impl Trainer {
             normalizer: Normalizer::default(),
             return_stats: RunningStats::new(1),
             lagrange: LagrangeState::default(),
+            best_validation: None,
         };
         let ignored = Ignored::new(&c.network.ignore_features).expect("a validated experiment config");
         let cost_critic = (c.ppo.constraint == Constraint::Lagrangian).then(|| {

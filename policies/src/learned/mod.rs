@@ -86,6 +86,10 @@ pub struct Provenance {
     /// The evaluation against baselines at the end of training (Markdown), if any.
     #[serde(default)]
     pub evaluation: Option<String>,
+    /// The validation (Markdown) of the checkpoint exported: the best on the experiment's
+    /// `[validation]` suite, which training never sampled; absent without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation: Option<String>,
     pub weights_sha256: String,
     /// SHA-256 of what the weights mean: format version, features, normaliser, action space,
     /// network config, interval, probes and `weights_sha256` (see [`semantics_sha256`]). A
