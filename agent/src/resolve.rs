@@ -137,9 +137,8 @@ pub fn resolve_fixed(
             return resolve_fixed(&format!("static:{name}"), base, statics);
         }
     }
-    // The name is checked here; `slo-feedback` takes its target from the run when instantiated.
-    match baselines::baseline_for(name, statics, Some(200.0)) {
-        Ok(_) => Ok(PolicySource::Baseline { name: name.to_string(), statics: statics.clone() }),
+    match baselines::check_name(name, statics) {
+        Ok(()) => Ok(PolicySource::Baseline { name: name.to_string(), statics: statics.clone() }),
         Err(e @ baselines::UnknownPolicy::Malformed { .. }) => Err(e.into()),
         Err(e) => {
             Err(anyhow!("{e}, a knob file (*.toml) or a frozen-model directory (none at {})", path.display()))
@@ -169,10 +168,11 @@ pub fn controller_factory() -> Arc<dyn ControllerFactory> {
     Arc::new(AdaptiveFactory::default())
 }
 
-/// Resolves a policy for `moderato deploy` on a side with `vms` VMs: a baseline or a model
-/// directory (relative to the working directory). The deploy loop checks the model's feature
+/// Resolves a policy for `moderato deploy` on a side with `vms` VMs and the deploy config's
+/// latency target (`[slo] p99_us`; a target-steering baseline without one is refused): a
+/// baseline or a model directory (relative to the working directory). The deploy loop checks the model's feature
 /// requirements against what the host provides, and clamps its decisions to the operator's bounds.
-pub fn deploy_policy(name: &str, vms: usize) -> Result<Box<dyn Policy>> {
+pub fn deploy_policy(name: &str, vms: usize, slo_p99_us: Option<f64>) -> Result<Box<dyn Policy>> {
     match resolve_fixed(name, Path::new("."), &BTreeMap::new())? {
         PolicySource::Model { dir, .. } => {
             let p = LearnedPolicy::load(&dir, &burn::tensor::Device::flex())?;
@@ -180,11 +180,9 @@ pub fn deploy_policy(name: &str, vms: usize) -> Result<Box<dyn Policy>> {
             Ok(Box::new(p))
         }
         other => {
-            // A live run's target comes from its config (`[slo]`), never from the simulator's default.
-            let spec = moderato_env::EnvSpec {
-                slo_p99_us: None,
-                ..moderato_env::sim::SimConfig::default().spec(vms)
-            };
+            // A live run's target comes from its config, never from the simulator's default.
+            let spec =
+                moderato_env::EnvSpec { slo_p99_us, ..moderato_env::sim::SimConfig::default().spec(vms) };
             other.instantiate(&spec)
         }
     }
@@ -240,12 +238,22 @@ mod tests {
         let e = resolve("napi:2/20", Path::new("."), &none).unwrap_err().to_string();
         assert!(e.contains("no NAPI-deferral model"), "{e}");
         resolve_fixed("per-packet", Path::new("."), &none).unwrap().check_simulable().unwrap();
-        let mut pol = deploy_policy("napi:2/20", 1).unwrap();
+        let mut pol = deploy_policy("napi:2/20", 1, None).unwrap();
         assert_eq!(pol.napi(), Some(moderato_env::live::NapiParams::new(2, 20_000)));
         assert!(!pol.sets_coalescing());
         pol.reset();
-        let e = format!("{:#}", deploy_policy("napi:2/x", 1).err().unwrap());
+        let e = format!("{:#}", deploy_policy("napi:2/x", 1, None).err().unwrap());
         assert!(e.contains("timeout `x`"), "{e}");
+    }
+
+    #[test]
+    fn slo_feedback_takes_the_deploy_configs_target_or_is_refused_without_one() {
+        let p = deploy_policy("slo-feedback", 1, Some(150.0)).unwrap();
+        assert_eq!(p.name(), "slo-feedback");
+        let e = format!("{:#}", deploy_policy("slo-feedback", 1, None).err().unwrap());
+        assert!(e.contains("no latency target") && e.contains("[slo] p99_us"), "{e}");
+        // A named target needs no config.
+        deploy_policy("slo-feedback:300", 1, None).unwrap();
     }
 
     #[test]

@@ -389,6 +389,15 @@ pub fn parse_slo_target(name: &str, s: &str) -> Result<f64, UnknownPolicy> {
     Ok(v)
 }
 
+/// Whether `name` is a baseline, without making one: `slo-feedback` is, though its target comes
+/// from the run that instantiates it.
+pub fn check_name(name: &str, customs: &BTreeMap<String, StaticSpec>) -> Result<(), UnknownPolicy> {
+    if name == "slo-feedback" {
+        return Ok(());
+    }
+    baseline(name, customs).map(|_| ())
+}
+
 /// [`baseline`], with the run's p99 target (µs) for `slo-feedback` where the run has one.
 pub fn baseline_for(
     name: &str,

@@ -196,10 +196,11 @@ fn signals(on_stop: &'static str) -> Result<(watch::Sender<bool>, watch::Receive
     Ok((tx, rx))
 }
 
-/// Resolves a policy name or model directory for a side with `vms` VMs (the binary's resolver).
-pub type PolicyLoader = dyn Fn(&str, usize) -> Result<Box<dyn Policy>>;
+/// Resolves a policy name or model directory for a side with `vms` VMs and the config's latency
+/// target (`[slo] p99_us`, which `slo-feedback` steers to), if any (the binary's resolver).
+pub type PolicyLoader = dyn Fn(&str, usize, Option<f64>) -> Result<Box<dyn Policy>>;
 
-/// `moderato deploy`. `load_policy(name, vms)` resolves a model directory or baseline name for a
+/// `moderato deploy`. `load_policy(name, vms, slo_p99_us)` resolves a model directory or baseline name for a
 /// side with `vms` VMs. A restore that fails at exit is an error (non-zero exit) after the
 /// summary has said so.
 pub fn run_deploy(args: DeployArgs, load_policy: &PolicyLoader) -> Result<()> {
@@ -217,15 +218,10 @@ fn deploy(args: DeployArgs, load_policy: &PolicyLoader) -> Result<()> {
     let live = cfg.live_config(role, &args.config)?;
     let limits = cfg.limits(role, &args.config)?;
     let vms = live.vms();
-    // `slo-feedback` steers to the config's `[slo] p99_us` (without one, the resolver says how to
-    // name a target).
-    let with_target = |name: &str| match (&cfg.slo, name) {
-        (Some(slo), "slo-feedback") => format!("slo-feedback:{}", slo.p99_us),
-        _ => name.to_string(),
-    };
-    let primary = load_policy(&with_target(&args.policy), vms)
+    let target = cfg.slo.as_ref().map(|s| s.p99_us);
+    let primary = load_policy(&args.policy, vms, target)
         .with_context(|| format!("loading the policy `{}` (--policy)", args.policy))?;
-    let fallback = load_policy(&with_target(&cfg.fallback), vms).with_context(|| {
+    let fallback = load_policy(&cfg.fallback, vms, target).with_context(|| {
         format!(
             "loading the fallback policy `{}` (key `fallback` in {})",
             cfg.fallback,

@@ -150,11 +150,11 @@ pub fn validate_and_keep(t: &mut Trainer, run: &Path, metrics: &mut dyn Metrics)
     );
     if t.state.best_validation.as_ref().is_none_or(|b| v.score < b.score) {
         let dir = run.join(BEST_DIR);
+        let table = v.markdown();
         let mut meta = model_meta(&t.exp.config.name, &t.exp.toml, &t.exp.config, &t.state);
-        meta.provenance.validation = Some(v.markdown());
+        meta.provenance.validation = Some(table.clone());
         LearnedPolicy::save(&dir, t.model.actor.clone().valid(), meta)?;
-        t.state.best_validation =
-            Some(BestValidation { iteration: v.iteration, score: v.score, table: v.markdown() });
+        t.state.best_validation = Some(BestValidation { iteration: v.iteration, score: v.score, table });
     }
     Ok(v)
 }
