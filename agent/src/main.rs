@@ -131,6 +131,10 @@ struct TrainCli {
     /// Skip the final evaluation against baselines.
     #[arg(long)]
     no_eval: bool,
+    /// Train with this seed instead of the experiment's `seed` (for several training seeds of one
+    /// recipe); recorded in the run's config.toml and the model.
+    #[arg(long, value_name = "N")]
+    seed: Option<u64>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -340,6 +344,7 @@ fn try_main() -> Result<()> {
             force: a.force,
             max_iterations: a.max_iterations,
             no_eval: a.no_eval,
+            seed: a.seed,
         }),
         Command::Export(a) => train::export(a),
         Command::Deploy(a) => deploy::run_deploy(

@@ -172,11 +172,17 @@ pub fn controller_factory() -> Arc<dyn ControllerFactory> {
 /// latency target (`[slo] p99_us`; a target-steering baseline without one is refused): a
 /// baseline or a model directory (relative to the working directory). The deploy loop checks the model's feature
 /// requirements against what the host provides, and clamps its decisions to the operator's bounds.
-pub fn deploy_policy(name: &str, vms: usize, slo_p99_us: Option<f64>) -> Result<Box<dyn Policy>> {
+pub fn deploy_policy(
+    name: &str,
+    vms: usize,
+    slo_p99_us: Option<f64>,
+    objectives: &[Option<f64>],
+) -> Result<Box<dyn Policy>> {
     match resolve_fixed(name, Path::new("."), &BTreeMap::new())? {
         PolicySource::Model { dir, .. } => {
             let p = LearnedPolicy::load(&dir, &burn::tensor::Device::flex())?;
             p.check_vms(vms)?;
+            p.check_objectives(objectives)?;
             Ok(Box::new(p))
         }
         other => {
@@ -238,22 +244,22 @@ mod tests {
         let e = resolve("napi:2/20", Path::new("."), &none).unwrap_err().to_string();
         assert!(e.contains("no NAPI-deferral model"), "{e}");
         resolve_fixed("per-packet", Path::new("."), &none).unwrap().check_simulable().unwrap();
-        let mut pol = deploy_policy("napi:2/20", 1, None).unwrap();
+        let mut pol = deploy_policy("napi:2/20", 1, None, &[]).unwrap();
         assert_eq!(pol.napi(), Some(moderato_env::live::NapiParams::new(2, 20_000)));
         assert!(!pol.sets_coalescing());
         pol.reset();
-        let e = format!("{:#}", deploy_policy("napi:2/x", 1, None).err().unwrap());
+        let e = format!("{:#}", deploy_policy("napi:2/x", 1, None, &[]).err().unwrap());
         assert!(e.contains("timeout `x`"), "{e}");
     }
 
     #[test]
     fn slo_feedback_takes_the_deploy_configs_target_or_is_refused_without_one() {
-        let p = deploy_policy("slo-feedback", 1, Some(150.0)).unwrap();
+        let p = deploy_policy("slo-feedback", 1, Some(150.0), &[]).unwrap();
         assert_eq!(p.name(), "slo-feedback");
-        let e = format!("{:#}", deploy_policy("slo-feedback", 1, None).err().unwrap());
+        let e = format!("{:#}", deploy_policy("slo-feedback", 1, None, &[]).err().unwrap());
         assert!(e.contains("no latency target") && e.contains("[slo] p99_us"), "{e}");
         // A named target needs no config.
-        deploy_policy("slo-feedback:300", 1, None).unwrap();
+        deploy_policy("slo-feedback:300", 1, None, &[]).unwrap();
     }
 
     #[test]

@@ -198,7 +198,25 @@ fn print_summary(r: &SimulateResult) {
         s.latency.count,
         if sensitive { "latency-sensitive flows" } else { "all flows, none latency-sensitive" }
     );
-    if sensitive {
+    let targets: Vec<Option<f64>> = t.vms.iter().map(|v| v.slo_p99_us).collect();
+    if sensitive && targets.iter().flatten().any(|&x| x != slo) {
+        // Per-VM objectives: each VM's own target, and its p99 over the run.
+        let per_vm: Vec<String> = targets
+            .iter()
+            .zip(&s.vm_latency)
+            .enumerate()
+            .map(|(v, (tg, l))| match tg {
+                Some(x) => format!("vm{v} p99 {:.1} ≤ {x} µs", l.p99_us),
+                None => format!("vm{v} none"),
+            })
+            .collect();
+        println!(
+            "  SLO per VM ({}) violated in {} of {} intervals",
+            per_vm.join(", "),
+            s.slo_violations,
+            s.intervals
+        );
+    } else if sensitive {
         println!(
             "  SLO p99 ≤ {slo} µs (latency-sensitive flows) violated in {} of {} intervals",
             s.slo_violations, s.intervals

@@ -128,3 +128,21 @@ fn eval_scenario_dev_zero_is_refused_not_a_hang() {
     let e = format!("{:#}", EvalConfig::load(Path::new("/dev/zero")).unwrap_err());
     assert!(e.contains("/dev/zero") && e.contains("not a regular file"), "{e}");
 }
+
+#[test]
+fn a_model_records_the_range_of_targets_its_training_held_vms_to() {
+    let load =
+        |f: &str| ExperimentConfig::load(&experiments().join(f)).unwrap_or_else(|e| panic!("{f}: {e:#}"));
+    // The generalist: the generator's range and the suite's, 50 µs – 2 ms.
+    assert_eq!(load("ppo-generalist.toml").slo_range_us(), Some([50.0, 2000.0]));
+    // The standard recipe holds every latency-sensitive VM to the one 200 µs target.
+    assert_eq!(load("ppo-standard.toml").slo_range_us(), Some([200.0, 200.0]));
+    // A bad range names the key.
+    let text = std::fs::read_to_string(experiments().join("ppo-generalist.toml")).unwrap();
+    let bad = text.replacen("slo_p99_us = [50.0, 2000.0]", "slo_p99_us = [500.0, 20.0]", 1);
+    let e = format!(
+        "{:#}",
+        ExperimentConfig::parse(&bad, &experiments().join("ppo-generalist.toml")).unwrap_err()
+    );
+    assert!(e.contains("suite.slo_p99_us") && e.contains("low <= high"), "{e}");
+}

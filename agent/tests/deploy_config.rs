@@ -32,6 +32,8 @@ fn the_host_example_loads_into_a_live_config() {
     let limits = cfg.limits(Role::Host, &path).unwrap();
     assert_eq!(limits.nic.max_change_usecs, 32);
     assert_eq!(cfg.vm_names(), ["vm0", "vm1"]);
+    // vm0 has its own target, vm1 is marked as having none.
+    assert_eq!(live.objectives, [Some(150.0), None]);
     // The host example has no guest side.
     let e = format!("{:#}", cfg.live_config(Role::Guest, &path).unwrap_err());
     assert!(e.contains("key `guest`") && e.contains("Fix:"), "{e}");
@@ -201,4 +203,32 @@ fn the_state_dir_and_the_slo_guard_are_checked() {
     assert!(e.contains("key `slo`: the guard needs a latency probe"), "{e}");
     let e = err(&text.replace("timeout_ms = 200", "timeout_ms = 99999999"));
     assert!(e.contains("key `latency.timeout_ms`") && e.contains("out of range"), "{e}");
+}
+
+#[test]
+fn vm_objectives_default_to_the_slo_table_or_none_and_bad_ones_name_the_key() {
+    let (text, path) = example("host");
+    // Files from before per-VM objectives (no slo_p99_us keys): every VM gets [slo] p99_us where
+    // there is an [slo] table, else no objective.
+    let old: String = text.lines().filter(|l| !l.starts_with("slo_p99_us")).collect::<Vec<_>>().join("\n");
+    let cfg = DeployConfig::parse(&old, &path).unwrap();
+    let live = cfg.live_config(Role::Host, &path).unwrap();
+    assert_eq!(live.objectives, [Some(500.0), Some(500.0)], "the host example's [slo] p99_us");
+    let no_slo = old.split("\n[slo]").next().unwrap();
+    let cfg = DeployConfig::parse(no_slo, &path).unwrap();
+    assert_eq!(cfg.live_config(Role::Host, &path).unwrap().objectives, [None, None]);
+    let (guest, gpath) = example("guest");
+    let g = DeployConfig::parse(&guest, &gpath).unwrap();
+    assert_eq!(g.live_config(Role::Guest, &gpath).unwrap().objectives, [None]);
+    let own = guest.replace("# slo_p99_us = 200", "slo_p99_us = 200");
+    let g = DeployConfig::parse(&own, &gpath).unwrap();
+    assert_eq!(g.live_config(Role::Guest, &gpath).unwrap().objectives, [Some(200.0)]);
+    // Out of range, or neither a number nor "none": the key and the fix.
+    let e = err(&text.replace("slo_p99_us = 150", "slo_p99_us = 0"));
+    assert!(
+        e.contains("key `host.vms[0].slo_p99_us`") && e.contains("Fix:") && e.contains("\"none\""),
+        "{e}"
+    );
+    let e = err(&guest.replace("# slo_p99_us = 200", "slo_p99_us = \"soon\""));
+    assert!(e.contains("soon") && e.contains("\"none\""), "{e}");
 }

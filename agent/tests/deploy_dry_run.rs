@@ -148,6 +148,7 @@ keep = 0
         force: false,
         max_iterations: None,
         no_eval: true,
+        seed: None,
     })
     .unwrap();
     let veth_model = run.join("model");

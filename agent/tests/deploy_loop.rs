@@ -303,7 +303,7 @@ fn the_shipped_model_deploys_on_a_virtio_guest_with_a_loopback_probe() {
     let mut rig = Rig::with_probe(Some(probe));
     let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/default");
     // Loaded as `moderato deploy --policy models/default` loads it.
-    let primary = moderato_agent::resolve::deploy_policy(model.to_str().unwrap(), 1, None).unwrap();
+    let primary = moderato_agent::resolve::deploy_policy(model.to_str().unwrap(), 1, None, &[]).unwrap();
     assert_eq!(primary.name(), "model:default");
     let lp =
         make(&mut rig, primary, Scripted::fixed("fb", CoalescingSettings::per_packet(1)), opts(Some(12)));

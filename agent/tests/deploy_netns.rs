@@ -43,7 +43,12 @@ impl Policy for Fixed {
     }
 }
 
-fn load(name: &str, _vms: usize, _slo_p99_us: Option<f64>) -> anyhow::Result<Box<dyn Policy>> {
+fn load(
+    name: &str,
+    _vms: usize,
+    _slo_p99_us: Option<f64>,
+    _objectives: &[Option<f64>],
+) -> anyhow::Result<Box<dyn Policy>> {
     match name {
         "fake-baseline" => Ok(Box::new(Fixed("fake-baseline"))),
         "fake-fallback" => Ok(Box::new(Fixed("fake-fallback"))),

@@ -29,7 +29,7 @@ fn the_generalist_config_loads_and_its_resolved_toml_round_trips() {
         .unwrap_or_else(|e| panic!("{e:#}"));
     let g = exp.config.suite.generator.as_ref().expect("ppo-generalist has a generator");
     assert_eq!(g, &Default::default(), "ppo-generalist writes out the defaults");
-    assert_eq!(exp.config.suite.generator_share(), 1.0);
+    assert_eq!(exp.config.suite.generator_share(), 0.6);
     assert_eq!(exp.max_vms(), 4);
     // The run's config.toml (checked again on resume and read by export) parses back to it.
     let back: ExperimentConfig = toml::from_str(&exp.toml).unwrap();
@@ -50,7 +50,7 @@ fn bad_generator_configs_name_the_key() {
         (text.replace("load = [0.05, 1.1]", "load = [0.05, 5.0]"), "suite.generator.load = [0.05, 5]"),
         (text.replace("p_jumbo = 0.2", "p_jumbo = 2.0"), "suite.generator.p_jumbo = 2"),
         (text.replace("\"trace\"]", "\"tracefile\"]"), "tracefile"),
-        (text.replace("generator_share = 1.0", "generator_share = 1.5"), "suite.generator_share = 1.5"),
+        (text.replace("generator_share = 0.6", "generator_share = 1.5"), "suite.generator_share = 1.5"),
     ];
     for (bad, key) in &cases {
         let e = format!("{:#}", ExperimentConfig::parse(bad, &base).unwrap_err());
@@ -59,7 +59,8 @@ fn bad_generator_configs_name_the_key() {
     // The list may be empty only when the generator draws every episode and nothing evaluates on it.
     let start = text.find("scenarios = [").unwrap();
     let end = start + text[start..].find(']').unwrap() + 1;
-    let empty = format!("{}scenarios = []{}", &text[..start], &text[end..]);
+    let empty = format!("{}scenarios = []{}", &text[..start], &text[end..])
+        .replace("generator_share = 0.6", "generator_share = 1.0");
     let e = format!("{:#}", ExperimentConfig::parse(&empty, &base).unwrap_err());
     assert!(e.contains("final evaluation") && e.contains("evaluation.enabled = false"), "{e}");
     let no_eval = empty.replace("[evaluation]", "[evaluation]\nenabled = false");

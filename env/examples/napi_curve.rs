@@ -51,6 +51,7 @@ fn host(offered: f64, napi: bool, in_poll: bool) -> Scenario {
             backend_queue: 256,
             socket_buffer: 1024,
             flows: vec![flow],
+            slo_p99_us: None,
         }],
     }
 }

@@ -24,6 +24,9 @@ pub struct EnvSpec {
     /// `[sim.reward] slo_p99_us`, a deploy config's `[slo] p99_us`. Policies that steer to a
     /// target (`slo-feedback`) take it from here.
     pub slo_p99_us: Option<f64>,
+    /// Each VM's own p99 target (µs), `None` for a VM without a latency objective; empty where
+    /// the environment does not know them (then `slo_p99_us` applies to every VM).
+    pub vm_slo_p99_us: Vec<Option<f64>>,
 }
 
 impl EnvSpec {

@@ -90,8 +90,11 @@ impl CpuBreakdown {
 /// Ground truth of one VM over one interval.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct VmTruth {
-    /// Whether this VM's latency is held to the SLO.
+    /// Whether this VM's latency is held to a target (`slo_p99_us` is set).
     pub latency_sensitive: bool,
+    /// This VM's p99 target, µs; `None` for a VM without a latency objective.
+    #[serde(default)]
+    pub slo_p99_us: Option<f64>,
     /// Round trip (request-response) or one-way (stream, bulk transmit) latency.
     pub latency: LatencyStats,
     /// Packets of this VM's traffic that completed their path (delivered or sent on the wire).
@@ -172,6 +175,20 @@ impl IntervalTruth {
             .reduce(f64::max)
     }
 
+    /// The worst ratio of a VM's p99 to its own target, among VMs with a target that completed
+    /// packets this interval.
+    pub fn worst_slo_ratio(&self) -> Option<f64> {
+        self.vms
+            .iter()
+            .filter_map(|v| v.slo_p99_us.filter(|_| v.latency.count > 0).map(|t| v.latency.p99_us / t))
+            .reduce(f64::max)
+    }
+
+    /// Whether some VM's p99 exceeded its own target this interval.
+    pub fn slo_violated(&self) -> bool {
+        self.worst_slo_ratio().is_some_and(|r| r > 1.0)
+    }
+
     /// Adds another interval's counts (latency percentiles do not add; they are left alone, and
     /// `in_flight` takes the later value).
     pub fn add(&mut self, o: &IntervalTruth) {
@@ -188,14 +205,10 @@ impl IntervalTruth {
         }
         for (a, b) in self.vms.iter_mut().zip(&o.vms) {
             a.latency_sensitive = b.latency_sensitive;
+            a.slo_p99_us = b.slo_p99_us;
             a.completed += b.completed;
             a.dropped += b.dropped;
         }
-    }
-
-    /// Whether the interval's p99 exceeded `slo_us` for some latency-sensitive VM.
-    pub fn slo_violated(&self, slo_us: f64) -> bool {
-        self.worst_sensitive_p99_us().is_some_and(|p| p > slo_us)
     }
 }
 
@@ -225,6 +238,6 @@ pub struct EpisodeSummary {
     /// Per VM, over the episode.
     pub vm_latency: Vec<LatencyStats>,
     pub intervals: u64,
-    /// Intervals whose p99 exceeded the SLO.
+    /// Intervals in which some VM's p99 exceeded its target.
     pub slo_violations: u64,
 }

@@ -54,6 +54,18 @@ pub const HOST_FEATURES: &[Feature] = &[
     f("host.probe_present", "1 when a host-side latency probe answered this interval", 0.0, 1.0),
     f("host.probe_p50_ln", "ln(1 + host probe p50 latency in µs); 0 when absent", 0.0, LN_US_MAX),
     f("host.probe_p99_ln", "ln(1 + host probe p99 latency in µs); 0 when absent", 0.0, LN_US_MAX),
+    f(
+        "host.slo_present",
+        "1 when some VM on the host has a latency objective (operator intent, configured)",
+        0.0,
+        1.0,
+    ),
+    f(
+        "host.slo_tightest_ln",
+        "ln(1 + the tightest p99 target of the host's VMs in µs); 0 when none has one",
+        0.0,
+        LN_US_MAX,
+    ),
 ];
 
 /// Features of one VM's backend interface, as the host sees it (rx: towards the guest).
@@ -67,6 +79,13 @@ pub const BACKEND_FEATURES: &[Feature] = &[
     f("backend.rx_frames", "current backend rx-frames, encoded", -1.0, 1.0),
     f("backend.tx_usecs", "current backend tx-usecs (tx completions to the guest), encoded", -1.0, 1.0),
     f("backend.tx_frames", "current backend tx-frames, encoded", -1.0, 1.0),
+    f(
+        "backend.slo_present",
+        "1 when this VM has a latency objective (operator intent, configured)",
+        0.0,
+        1.0,
+    ),
+    f("backend.slo_ln", "ln(1 + this VM's p99 target in µs); 0 when it has none", 0.0, LN_US_MAX),
 ];
 
 /// Features of one guest: its frontend interface and its vCPU.
@@ -97,6 +116,13 @@ pub const GUEST_FEATURES: &[Feature] = &[
     f("guest.probe_present", "1 when the application latency probe reported this interval", 0.0, 1.0),
     f("guest.probe_p50_ln", "ln(1 + application probe p50 latency in µs); 0 when absent", 0.0, LN_US_MAX),
     f("guest.probe_p99_ln", "ln(1 + application probe p99 latency in µs); 0 when absent", 0.0, LN_US_MAX),
+    f(
+        "guest.slo_present",
+        "1 when this guest has a latency objective (operator intent, configured)",
+        0.0,
+        1.0,
+    ),
+    f("guest.slo_ln", "ln(1 + this guest's p99 target in µs); 0 when it has none", 0.0, LN_US_MAX),
 ];
 
 /// Counters of one network interface over one control interval, as rates.
@@ -164,6 +190,10 @@ pub struct HostObs {
     pub cpu: CpuObs,
     /// A host-side latency probe, where configured and answered this interval.
     pub probe: Option<ProbeObs>,
+    /// Each VM's p99 target (µs), in VM order; `None` for a VM without a latency objective.
+    /// Configured by the operator, not measured.
+    #[serde(default)]
+    pub slo_p99_us: Vec<Option<f64>>,
 }
 
 /// What one guest measures.
@@ -172,6 +202,9 @@ pub struct GuestObs {
     pub frontend: InterfaceObs,
     pub cpu: CpuObs,
     pub probe: Option<ProbeObs>,
+    /// This guest's p99 target (µs); `None` without a latency objective. Configured, not measured.
+    #[serde(default)]
+    pub slo_p99_us: Option<f64>,
 }
 
 /// One control interval's observation, by side.
@@ -193,6 +226,14 @@ fn ln_us(us: f64) -> f32 {
 
 fn share(x: f64) -> f32 {
     x.clamp(0.0, 1.0) as f32
+}
+
+/// `[present, ln(1 + target)]` of one latency objective.
+fn slo_features(t: Option<f64>) -> [f32; 2] {
+    match t {
+        Some(t) => [1.0, ln_us(t)],
+        None => [0.0, 0.0],
+    }
 }
 
 fn probe_features(p: &Option<ProbeObs>) -> [f32; 3] {
@@ -218,6 +259,7 @@ impl HostObs {
         v.extend(n.knob_features(space, LayerKind::Nic));
         v.extend([share(self.cpu.irq), share(self.cpu.other)]);
         v.extend(probe_features(&self.probe));
+        v.extend(slo_features(self.slo_p99_us.iter().flatten().copied().reduce(f64::min)));
         debug_assert_eq!(v.len(), HOST_FEATURES.len());
         v
     }
@@ -234,6 +276,7 @@ impl HostObs {
             ln_k(b.drops_per_s, LN_KPPS_MAX),
         ]);
         v.extend(b.knob_features(space, LayerKind::Backend));
+        v.extend(slo_features(self.slo_p99_us.get(vm).copied().flatten()));
         debug_assert_eq!(v.len(), BACKEND_FEATURES.len());
         v
     }
@@ -256,6 +299,7 @@ impl GuestObs {
         v.extend(fe.knob_features(space, LayerKind::Frontend));
         v.extend([share(self.cpu.irq), share(self.cpu.other)]);
         v.extend(probe_features(&self.probe));
+        v.extend(slo_features(self.slo_p99_us));
         debug_assert_eq!(v.len(), GUEST_FEATURES.len());
         v
     }
@@ -291,5 +335,31 @@ mod tests {
         assert_eq!(v[present], 0.0);
         // Idle: no division by zero for sizes.
         assert!(v.iter().all(|x| x.is_finite()));
+    }
+
+    #[test]
+    fn objectives_enter_as_configured_and_the_host_sees_its_tightest() {
+        let sp = ActionSpace::default();
+        let col = |list: &[Feature], name: &str| list.iter().position(|f| f.name == name).unwrap();
+        let host = HostObs {
+            backends: vec![InterfaceObs::default(); 3],
+            slo_p99_us: vec![Some(300.0), None, Some(80.0)],
+            ..Default::default()
+        };
+        let h = host.features(&sp);
+        assert_eq!(h[col(HOST_FEATURES, "host.slo_present")], 1.0);
+        assert_eq!(h[col(HOST_FEATURES, "host.slo_tightest_ln")], 81f32.ln());
+        let (p, t) = (col(BACKEND_FEATURES, "backend.slo_present"), col(BACKEND_FEATURES, "backend.slo_ln"));
+        let b0 = host.backend_features(&sp, 0);
+        assert_eq!((b0[p], b0[t]), (1.0, 301f32.ln()));
+        let b1 = host.backend_features(&sp, 1);
+        assert_eq!((b1[p], b1[t]), (0.0, 0.0), "a VM without an objective");
+        // No VM with an objective (or a host that knows none).
+        let idle = HostObs { backends: vec![InterfaceObs::default()], ..Default::default() };
+        assert_eq!(idle.features(&sp)[col(HOST_FEATURES, "host.slo_present")], 0.0);
+        assert_eq!(idle.backend_features(&sp, 0)[p], 0.0);
+        let g = GuestObs { slo_p99_us: Some(2000.0), ..Default::default() }.features(&sp);
+        assert_eq!(g[col(GUEST_FEATURES, "guest.slo_present")], 1.0);
+        assert_eq!(g[col(GUEST_FEATURES, "guest.slo_ln")], 2001f32.ln());
     }
 }

@@ -1,10 +1,11 @@
 //! The reward: a documented function of ground truth ([`IntervalTruth`]).
 //!
-//! `r = −w_cpu · cpu_us_per_packet / cpu_ref_us − w_lat · max(0, p99 / slo − 1) − w_drop · drop_fraction`
+//! `r = −w_cpu · cpu_us_per_packet / cpu_ref_us − w_lat · max(0, max_v p99_v / (m · slo_v) − 1) − w_drop · drop_fraction`
 //!
-//! where `p99` is the worst p99 latency among latency-sensitive VMs in the interval (a VM with no
-//! completed latency sample contributes nothing) and `drop_fraction` is packets dropped over
-//! packets offered in the interval.
+//! where `p99_v` is VM `v`'s p99 latency in the interval and `slo_v` its own target (its
+//! `[[vm]] slo_p99_us`, or `slo_p99_us` here for a latency-sensitive VM that sets none; VMs
+//! without an objective and VMs with no completed latency sample contribute nothing), `m` is
+//! `slo_margin` and `drop_fraction` is packets dropped over packets offered in the interval.
 
 use serde::{Deserialize, Serialize};
 
@@ -23,9 +24,14 @@ pub struct RewardConfig {
     /// Weight of the drop fraction.
     #[serde(default = "d_w_drop")]
     pub w_drop: f64,
-    /// The p99 latency SLO of latency-sensitive VMs, microseconds.
+    /// The p99 latency target of latency-sensitive VMs that set none of their own, microseconds.
     #[serde(default = "d_slo")]
     pub slo_p99_us: f64,
+    /// The reward and the constraint's cost judge each VM's p99 against `slo_margin` × its
+    /// target (e.g. 0.9 trains with a 10% margin); evaluations always count violations of the
+    /// target itself. Default 1.
+    #[serde(default = "d_margin")]
+    pub slo_margin: f64,
     /// CPU per packet that scores −w_cpu, microseconds.
     #[serde(default = "d_cpu_ref")]
     pub cpu_ref_us: f64,
@@ -39,6 +45,9 @@ fn d_w_lat() -> f64 {
 }
 fn d_w_drop() -> f64 {
     10.0
+}
+fn d_margin() -> f64 {
+    1.0
 }
 fn d_slo() -> f64 {
     200.0
@@ -54,6 +63,7 @@ impl Default for RewardConfig {
             w_lat: d_w_lat(),
             w_drop: d_w_drop(),
             slo_p99_us: d_slo(),
+            slo_margin: d_margin(),
             cpu_ref_us: d_cpu_ref(),
         }
     }
@@ -66,8 +76,8 @@ pub struct RewardTerms {
     pub cpu: f64,
     pub latency: f64,
     pub drops: f64,
-    /// The constraint's cost of the interval: 1 when a latency-sensitive flow's p99 exceeded the
-    /// SLO (an SLO-violating interval, as evaluations count them), else 0. Not part of
+    /// The constraint's cost of the interval: 1 when some VM's p99 exceeded `slo_margin` × its
+    /// target (with margin 1: an SLO-violating interval, as evaluations count them), else 0. Not part of
     /// [`RewardTerms::total`]; constrained PPO (`[ppo] constraint = "lagrangian"`) bounds its mean.
     #[serde(default)]
     pub cost: f64,
@@ -92,12 +102,19 @@ impl RewardConfig {
                 return Err(format!("reward.{k} = {v}: must be a positive number of microseconds"));
             }
         }
+        if !(self.slo_margin.is_finite() && (0.1..=10.0).contains(&self.slo_margin)) {
+            return Err(format!(
+                "reward.slo_margin = {}: the reward judges p99 against slo_margin × the target; use a number in \
+                 [0.1, 10] (1 = the target itself)",
+                self.slo_margin
+            ));
+        }
         Ok(())
     }
 
-    /// The relative SLO excess `max(0, p99 / slo − 1)` of the worst latency-sensitive VM.
+    /// The relative SLO excess `max(0, p99 / (margin · target) − 1)` of the worst VM.
     pub fn slo_excess(&self, t: &IntervalTruth) -> f64 {
-        t.worst_sensitive_p99_us().map_or(0.0, |p99| (p99 / self.slo_p99_us - 1.0).max(0.0))
+        t.worst_slo_ratio().map_or(0.0, |r| (r / self.slo_margin - 1.0).max(0.0))
     }
 
     pub fn terms(&self, t: &IntervalTruth) -> RewardTerms {
@@ -105,11 +122,58 @@ impl RewardConfig {
             cpu: -self.w_cpu * t.cpu_us_per_packet() / self.cpu_ref_us,
             latency: -self.w_lat * self.slo_excess(t),
             drops: -self.w_drop * t.drop_fraction(),
-            cost: if t.worst_sensitive_p99_us().is_some_and(|p99| p99 > self.slo_p99_us) { 1.0 } else { 0.0 },
+            cost: if t.worst_slo_ratio().is_some_and(|r| r > self.slo_margin) { 1.0 } else { 0.0 },
         }
     }
 
     pub fn reward(&self, t: &IntervalTruth) -> f32 {
         self.terms(t).total() as f32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::info::{LatencyStats, VmTruth};
+
+    fn vm(target: Option<f64>, p99_us: f64) -> VmTruth {
+        VmTruth {
+            latency_sensitive: target.is_some(),
+            slo_p99_us: target,
+            latency: LatencyStats { p99_us, count: 10, ..Default::default() },
+            completed: 10,
+            dropped: 0,
+        }
+    }
+
+    fn truth(vms: Vec<VmTruth>) -> IntervalTruth {
+        IntervalTruth { interval_ns: 10_000_000, completed: 20, offered: 20, vms, ..Default::default() }
+    }
+
+    #[test]
+    fn each_vm_is_judged_against_its_own_target_and_a_vm_without_one_never() {
+        let r = RewardConfig::default();
+        // 150 µs against a 100 µs target is 50% over; 900 µs against 1 ms is under.
+        let t = truth(vec![vm(Some(100.0), 150.0), vm(Some(1000.0), 900.0)]);
+        assert!((r.slo_excess(&t) - 0.5).abs() < 1e-12);
+        assert_eq!(r.terms(&t).cost, 1.0);
+        assert!(t.slo_violated());
+        // The same latencies with the targets swapped: the 1 ms VM is far over.
+        let t = truth(vec![vm(Some(1000.0), 150.0), vm(Some(100.0), 900.0)]);
+        assert!((r.slo_excess(&t) - 8.0).abs() < 1e-12);
+        // A throughput-only VM's latency never counts, however high.
+        let t = truth(vec![vm(None, 1e6), vm(Some(1000.0), 900.0)]);
+        assert_eq!(r.slo_excess(&t), 0.0);
+        assert_eq!(r.terms(&t).cost, 0.0);
+        assert!(!t.slo_violated());
+        // A margin of 0.8 judges against 800 µs: 900 µs is over for the reward and the cost,
+        // but not an SLO violation as evaluations count them.
+        let m = RewardConfig { slo_margin: 0.8, ..r };
+        assert!((m.slo_excess(&t) - 0.125).abs() < 1e-12);
+        assert_eq!(m.terms(&t).cost, 1.0);
+        assert!(!t.slo_violated());
+        // The margin is checked.
+        let e = RewardConfig { slo_margin: 0.0, ..r }.validate().unwrap_err();
+        assert!(e.contains("reward.slo_margin = 0") && e.contains("[0.1, 10]"), "{e}");
     }
 }

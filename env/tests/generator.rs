@@ -123,6 +123,13 @@ fn honours(spec: &GeneratorSpec, s: &Scenario) -> Result<(), String> {
         if sensitive.windows(2).any(|w| w[0] != w[1]) {
             return Err(format!("{at}: flows disagree on the VM's objective"));
         }
+        // The VM's own target exactly where it has an objective, within the documented range.
+        let has = sensitive.first().copied().unwrap_or(false);
+        match vm.slo_p99_us.and_then(|o| o.target_us()) {
+            Some(t) if has && (spec.slo_p99_us[0]..=spec.slo_p99_us[1]).contains(&t) => {}
+            None if !has && vm.slo_p99_us.is_none() => {}
+            other => return Err(format!("{at}.slo_p99_us = {other:?} (objective: {has})")),
+        }
         for (fi, f) in vm.flows.iter().enumerate() {
             let at = format!("{at}.flow{fi}");
             if !spec.kinds.contains(&f.kind) {
@@ -249,6 +256,26 @@ fn a_narrow_spec_is_honoured_too() {
     }
     // Jumbo frames on a 1 Gbit/s wire: the line rate, not the CPU, caps some hosts.
     assert!(wire_capped > 0, "no host was capped by the wire");
+}
+
+#[test]
+fn tight_and_loose_targets_and_vms_without_one_all_appear() {
+    let spec = GeneratorSpec::default();
+    let hosts: Vec<Scenario> = (0..SEEDS).map(|seed| sample(&spec, seed)).collect();
+    let objectives: Vec<Option<f64>> =
+        hosts.iter().flat_map(|s| s.vms.iter().map(|v| v.slo_p99_us.and_then(|o| o.target_us()))).collect();
+    let targets: Vec<f64> = objectives.iter().flatten().copied().collect();
+    let share =
+        |f: &dyn Fn(f64) -> bool| targets.iter().filter(|&&t| f(t)).count() as f64 / targets.len() as f64;
+    // Log-uniform over 50 µs – 2 ms: about a quarter under 125 µs and a quarter over 800 µs.
+    assert!(share(&|t| t < 125.0) > 0.15 && share(&|t| t > 800.0) > 0.15, "{targets:?}");
+    let without = objectives.iter().filter(|o| o.is_none()).count() as f64 / objectives.len() as f64;
+    assert!(without > 0.2 && without < 0.6, "share of VMs without an objective: {without}");
+    // Mixed hosts: latency-sensitive and bulk VMs side by side.
+    assert!(hosts.iter().any(|s| {
+        let o: Vec<bool> = s.vms.iter().map(|v| v.slo_p99_us.is_some()).collect();
+        o.contains(&true) && o.contains(&false)
+    }));
 }
 
 #[test]

@@ -42,7 +42,15 @@ fn flow(kind: FlowKind, arrivals: Arrivals, bytes: u32) -> FlowConfig {
 }
 
 fn vm(flows: Vec<FlowConfig>) -> VmConfig {
-    VmConfig { name: "vm0".into(), backend_cpu: 1, ring: 256, backend_queue: 256, socket_buffer: 1024, flows }
+    VmConfig {
+        name: "vm0".into(),
+        backend_cpu: 1,
+        ring: 256,
+        backend_queue: 256,
+        socket_buffer: 1024,
+        flows,
+        slo_p99_us: None,
+    }
 }
 
 fn scenario(host: HostConfig, costs: Costs, vms: Vec<VmConfig>) -> Scenario {

@@ -32,6 +32,7 @@ fn bench(c: &mut Criterion) {
         network: cfg.clone(),
         interval_us: 10_000,
         probes: Probes::default(),
+        slo_range_us: None,
         provenance: Provenance::default(),
     };
     let mut learned = LearnedPolicy::new("bench", Actor::new(&cfg, 1, &device), meta, device);

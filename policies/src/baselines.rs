@@ -11,8 +11,9 @@
 //! `static:1000/4`.
 //! - `dim`, `itr`: the kernel's adaptive algorithms, run inside every layer and direction by the
 //!   environment (`adaptive-rx/tx on`).
-//! - `slo-feedback` (the run's SLO as target) or `slo-feedback:<p99_us>`: AIMD feedback on each
-//!   VM's probe p99 ([`crate::slo_feedback`]).
+//! - `slo-feedback` (each VM's own target, the run's SLO for VMs the observation gives none) or
+//!   `slo-feedback:<p99_us>` (one target for every VM): AIMD feedback on each VM's probe p99
+//!   ([`crate::slo_feedback`]).
 //! - `napi:<defer>/<timeout_us>`: the NAPI recipes of the kernel documentation
 //!   (Documentation/networking/napi.rst): `napi_defer_hard_irqs = defer` and
 //!   `gro_flush_timeout = timeout_us` µs on every interface of the side it is deployed on (e.g.
@@ -414,7 +415,7 @@ pub fn baseline_for(
                     .into(),
             });
         };
-        return Ok(Box::new(SloFeedbackPolicy::new(name, t, Gains::default())));
+        return Ok(Box::new(SloFeedbackPolicy::per_vm(name, t, Gains::default())));
     }
     if let Some(t) = name.strip_prefix("slo-feedback:") {
         return Ok(Box::new(SloFeedbackPolicy::new(name, parse_slo_target(name, t)?, Gains::default())));

@@ -66,6 +66,8 @@ impl Default for Gains {
 pub struct SloFeedbackPolicy {
     name: String,
     target_us: f64,
+    /// Whether each VM's own target (from the observation) overrides `target_us`.
+    per_vm: bool,
     gains: Gains,
     levels: Vec<f64>,
     seen: Vec<bool>,
@@ -74,7 +76,35 @@ pub struct SloFeedbackPolicy {
 impl SloFeedbackPolicy {
     /// A controller holding each VM's probe p99 under `target_us`.
     pub fn new(name: impl Into<String>, target_us: f64, gains: Gains) -> Self {
-        SloFeedbackPolicy { name: name.into(), target_us, gains, levels: Vec::new(), seen: Vec::new() }
+        SloFeedbackPolicy {
+            name: name.into(),
+            target_us,
+            per_vm: false,
+            gains,
+            levels: Vec::new(),
+            seen: Vec::new(),
+        }
+    }
+
+    /// A controller holding each VM's probe p99 under that VM's own target where the observation
+    /// carries one (`slo_p99_us`), under `default_us` where it does not; a VM the observation
+    /// marks as having no objective gets the heaviest coalescing and leaves the NIC to the others.
+    pub fn per_vm(name: impl Into<String>, default_us: f64, gains: Gains) -> Self {
+        SloFeedbackPolicy { per_vm: true, ..Self::new(name, default_us, gains) }
+    }
+
+    /// VM `vm`'s target in `obs`: `None` for a VM without a latency objective.
+    fn target_of(&self, obs: &Observation, vm: usize) -> Option<f64> {
+        if !self.per_vm {
+            return Some(self.target_us);
+        }
+        if let Some(t) = obs.guests[vm].slo_p99_us {
+            return Some(t);
+        }
+        match obs.host.slo_p99_us.get(vm) {
+            Some(t) if obs.host.slo_p99_us.len() == obs.guests.len() => *t,
+            _ => Some(self.target_us),
+        }
     }
 
     pub fn target_us(&self) -> f64 {
@@ -86,7 +116,7 @@ impl SloFeedbackPolicy {
         &self.levels
     }
 
-    fn step(&mut self, vm: usize, probe: Option<&ProbeObs>) {
+    fn step(&mut self, vm: usize, probe: Option<&ProbeObs>, target_us: f64) {
         let Some(p) = probe.filter(|p| p.samples > 0 && p.p99_us.is_finite()) else {
             if !self.seen[vm] {
                 self.levels[vm] = TOP;
@@ -99,9 +129,9 @@ impl SloFeedbackPolicy {
         }
         let g = self.gains;
         let l = &mut self.levels[vm];
-        if p.p99_us > g.setpoint * self.target_us {
+        if p.p99_us > g.setpoint * target_us {
             *l -= g.decrease;
-        } else if p.p99_us < g.headroom * self.target_us {
+        } else if p.p99_us < g.headroom * target_us {
             *l += g.increase;
         }
         *l = l.clamp(0.0, TOP);
@@ -127,7 +157,14 @@ impl Policy for SloFeedbackPolicy {
             // A guest's own probe where it has one (deployed in the guest, or simulated with
             // guest probes); else the host's, which stands for every VM behind the NIC.
             let probe = obs.guests[vm].probe.as_ref().or(obs.host.probe.as_ref());
-            self.step(vm, probe);
+            match self.target_of(obs, vm) {
+                Some(t) => self.step(vm, probe, t),
+                None => {
+                    // No objective: throughput only, the heaviest coalescing; not the NIC's concern.
+                    self.levels[vm] = TOP;
+                    self.seen[vm] = false;
+                }
+            }
         }
         let nic = (0..vms).filter(|&v| self.seen[v]).map(|v| self.levels[v]).fold(TOP, f64::min);
         let nk = knobs(nic);
@@ -229,5 +266,34 @@ mod tests {
         p.reset();
         p.act(&obs(&[Some(80.0)]));
         assert_eq!(p.levels(), &[2.0]);
+    }
+
+    #[test]
+    fn each_vm_steers_to_its_own_target_and_a_vm_without_one_is_left_to_coalesce() {
+        let mut p = SloFeedbackPolicy::per_vm("slo-feedback", 200.0, Gains::default());
+        // 150 µs: over 0.8 × 100 µs for vm0, under 0.6 × 1 ms for vm1; vm2 has no objective.
+        let mut o = obs(&[Some(150.0), Some(150.0), Some(150.0)]);
+        o.host.slo_p99_us = vec![Some(100.0), Some(1000.0), None];
+        let mut s = p.act(&o);
+        for _ in 0..3 {
+            s = p.act(&o);
+        }
+        assert_eq!(p.levels(), &[0.0, 3.0, TOP]);
+        // The NIC follows the tightest VM with an objective.
+        assert_eq!(rx(&s, LayerId::Nic), Knobs::PER_PACKET);
+        // A guest's own target (deployed in the guest) wins over the host's list.
+        let mut g = obs(&[Some(150.0)]);
+        g.guests[0].slo_p99_us = Some(1000.0);
+        let mut q = SloFeedbackPolicy::per_vm("slo-feedback", 100.0, Gains::default());
+        q.act(&g);
+        assert_eq!(q.levels(), &[2.25]);
+        // Without targets in the observation, the default holds for every VM; a named target
+        // (`slo-feedback:<us>`) ignores the observation's.
+        let mut d = SloFeedbackPolicy::per_vm("slo-feedback", 100.0, Gains::default());
+        d.act(&obs(&[Some(150.0)]));
+        assert_eq!(d.levels(), &[0.0]);
+        let mut fixed = SloFeedbackPolicy::new("slo-feedback:100", 100.0, Gains::default());
+        fixed.act(&g);
+        assert_eq!(fixed.levels(), &[0.0]);
     }
 }

@@ -35,6 +35,7 @@ fn udp_stream(bytes: u32, rate_pps: f64) -> Scenario {
             backend_queue: 256,
             socket_buffer: 1024,
             flows: vec![flow],
+            slo_p99_us: None,
         }],
     }
 }

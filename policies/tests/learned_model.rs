@@ -21,6 +21,7 @@ fn meta() -> ModelMeta {
         network: NetConfig::default(),
         interval_us: 10_000,
         probes: Probes { host: true, guest: true },
+        slo_range_us: None,
         provenance: Provenance { experiment: "test".into(), ..Default::default() },
     }
 }
@@ -284,4 +285,123 @@ fn the_shipped_default_model_is_sealed_and_loads() {
         m.provenance.weights_sha256,
         "6427fcb9ee358ef141f18abdbd8fe8394eed4274a16b8408f2a8ee7418a4d996"
     );
+}
+
+#[test]
+fn a_target_outside_the_trained_range_is_refused_with_the_vm_and_the_range() {
+    let tmp = tempfile::tempdir().unwrap();
+    saved(tmp.path());
+    edit(tmp.path(), |m| m.slo_range_us = Some([50.0, 2000.0]), true);
+    let pol = LearnedPolicy::load(tmp.path(), &Device::flex()).unwrap();
+    pol.check_objectives(&[Some(50.0), None, Some(2000.0)]).unwrap();
+    let e = pol.check_objectives(&[Some(200.0), Some(20.0)]).unwrap_err().to_string();
+    assert!(e.contains("VM 1") && e.contains("20 µs") && e.contains("50–2000 µs"), "{e}");
+    // Through the simulator's spec: a scenario VM with its own target of 3 ms.
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../experiments/scenarios");
+    let mut s = Scenario::load(dir.join("rr-latency.toml")).unwrap();
+    s.vms[0].slo_p99_us = Some(moderato_env::sim::Objective::P99Us(3000.0));
+    let env = SimEnv::new(s.clone(), SimConfig::default(), None).unwrap();
+    let e = pol.check_spec(env.spec()).unwrap_err().to_string();
+    assert!(e.contains("VM 0") && e.contains("3000 µs"), "{e}");
+    // The run's SLO is every latency-sensitive VM's target where it sets none: 100 µs fits.
+    s.vms[0].slo_p99_us = None;
+    let cfg = SimConfig {
+        reward: moderato_env::RewardConfig { slo_p99_us: 100.0, ..Default::default() },
+        ..SimConfig::default()
+    };
+    pol.check_spec(SimEnv::new(s, cfg, None).unwrap().spec()).unwrap();
+    // The range is part of what the weights mean: widening it by hand is refused.
+    edit(tmp.path(), |m| m.slo_range_us = Some([1.0, 1e7]), false);
+    let e = LearnedPolicy::load(tmp.path(), &Device::flex()).unwrap_err().to_string();
+    assert!(e.contains("edited by hand"), "{e}");
+}
+
+/// Observations of every standard and validation scenario at a few loads, under per-packet
+/// settings, with a VM of each to vary.
+fn varied_observations() -> Vec<moderato_env::Observation> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../experiments/scenarios");
+    let mut files: Vec<_> = std::fs::read_dir(&root)
+        .unwrap()
+        .chain(std::fs::read_dir(root.join("validation")).unwrap())
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    files.sort();
+    let mut out = Vec::new();
+    for f in files {
+        let s = Scenario::load(&f).unwrap();
+        let vms = s.vms.len();
+        let cfg = SimConfig { episode_steps: 40, ..SimConfig::default() };
+        let mut env = SimEnv::new(s, cfg, None).unwrap();
+        env.reset(3).unwrap();
+        for step in 1..=30 {
+            let o = env.step(&moderato_env::CoalescingSettings::per_packet(vms)).unwrap().obs;
+            if step % 10 == 0 {
+                out.push(o);
+            }
+        }
+    }
+    out
+}
+
+/// Every knob on VM `vm`'s path (the NIC, its backend, its frontend) at target `t` µs.
+fn path_knobs(
+    p: &mut LearnedPolicy,
+    obs: &moderato_env::Observation,
+    vm: usize,
+    t: f64,
+) -> Vec<(String, u32)> {
+    use moderato_env::{Direction, LayerId, Moderation};
+    let mut o = obs.clone();
+    o.host.slo_p99_us.resize(o.guests.len(), None);
+    o.host.slo_p99_us[vm] = Some(t);
+    o.guests[vm].slo_p99_us = Some(t);
+    let s = p.act(&o);
+    let mut out = Vec::new();
+    for id in [LayerId::Nic, LayerId::Backend(vm), LayerId::Frontend(vm)] {
+        for dir in Direction::BOTH {
+            let Moderation::Fixed(k) = s.layer(id).get(dir) else {
+                panic!("a learned policy sets fixed knobs")
+            };
+            out.push((format!("{id:?} {dir:?} usecs"), k.usecs));
+            out.push((format!("{id:?} {dir:?} frames"), k.frames));
+        }
+    }
+    out
+}
+
+#[test]
+fn the_shipped_model_never_coalesces_more_on_a_vms_path_for_a_tighter_target() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/default");
+    let mut p = LearnedPolicy::load(&dir, &Device::flex()).unwrap();
+    let [lo, hi] = p.meta().slo_range_us.expect("the shipped model is trained for a range of targets");
+    // Log-spaced targets across the trained range, loosest first.
+    let grid: Vec<f64> = (0..=12).rev().map(|i| lo * (hi / lo).powf(f64::from(i) / 12.0)).collect();
+    let (mut checked, mut moved, mut bad) = (0usize, 0usize, Vec::new());
+    for (n, obs) in varied_observations().iter().enumerate() {
+        for vm in 0..obs.guests.len() {
+            let knobs: Vec<_> = grid.iter().map(|&t| path_knobs(&mut p, obs, vm, t)).collect();
+            for w in 1..grid.len() {
+                for ((name, looser), (_, tighter)) in knobs[w - 1].iter().zip(&knobs[w]) {
+                    checked += 1;
+                    moved += usize::from(tighter != looser);
+                    if tighter > looser {
+                        bad.push(format!(
+                            "observation {n}, vm {vm}: {name} {looser} at {:.0} µs → {tighter} at {:.0} µs",
+                            grid[w - 1],
+                            grid[w]
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "{} of {checked} steps coalesce more for a tighter target:\n{}",
+        bad.len(),
+        bad.join("\n")
+    );
+    // The check has teeth: the target does move the knobs.
+    assert!(moved > 0, "no knob moved with the target over {checked} steps");
 }

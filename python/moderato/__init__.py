@@ -103,12 +103,16 @@ class HostEnv(gym.Env):
     :attr:`action_names`); on a log scale, −1 is per-packet (0 µs, 1 frame) and 1 the bound of
     :meth:`knob_bounds`. :meth:`decode_action` shows the knobs an action sets.
 
-    Reward: moderato's reward, ``−w_cpu·cpu/ref − w_lat·max(0, p99/slo − 1) − w_drop·drops``.
+    Reward: moderato's reward, ``−w_cpu·cpu/ref − w_lat·max(0, max_v p99_v/(margin·slo_v) − 1) − w_drop·drops``,
+    each VM judged against its own p99 target (``[[vm]] slo_p99_us`` of the scenario, else the
+    config's ``slo_p99_us`` for a latency-sensitive VM); the targets are in the observation
+    (``backend.slo_*``, ``guest.slo_*``, ``host.slo_*``).
     ``terminated`` is always False; ``truncated`` is True after ``episode_steps`` steps.
 
     Info (ground truth of the interval): ``cpu_us_per_packet`` and its split
     ``cpu_us_per_packet_{nic,backend,frontend,stack}``; ``p50_us`` and ``p99_us`` of the worst
-    latency-sensitive VM (of all VMs when none is; 0 without samples) and ``slo_violated``;
+    latency-sensitive VM (of all VMs when none is; 0 without samples) and ``slo_violated`` (some
+    VM over its own target);
     ``offered``, ``completed``, ``dropped``, ``in_flight``, ``drop_fraction``, ``throughput_pps``,
     ``throughput_bps``; per VM ``vm_p50_us``, ``vm_p99_us``, ``vm_latency_samples``,
     ``vm_completed``, ``vm_dropped``; the reward's terms ``reward_cpu``, ``reward_latency``,

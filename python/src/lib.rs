@@ -161,7 +161,7 @@ enum Val {
 }
 
 /// The info of one step: reward terms and ground truth (see `moderato.HostEnv`'s docs).
-fn info_entries(info: &Info, slo_p99_us: f64) -> Vec<(&'static str, Val)> {
+fn info_entries(info: &Info) -> Vec<(&'static str, Val)> {
     use Val::*;
     let r = &info.reward_terms;
     let mut v = vec![
@@ -185,7 +185,7 @@ fn info_entries(info: &Info, slo_p99_us: f64) -> Vec<(&'static str, Val)> {
             ("cpu_us_per_packet_stack", F(per(t.cpu.stack.total_ns()))),
             ("p50_us", F(worst(|l| l.p50_us))),
             ("p99_us", F(worst(|l| l.p99_us))),
-            ("slo_violated", B(t.slo_violated(slo_p99_us))),
+            ("slo_violated", B(t.slo_violated())),
             ("offered", U(t.offered)),
             ("completed", U(t.completed)),
             ("dropped", U(t.dropped)),
@@ -367,8 +367,7 @@ impl Slot {
         self.steps = 0;
         let mut obs = Vec::new();
         flat_obs(&o, &self.env.spec().action_space, &mut obs);
-        let slo = self.env.config().reward.slo_p99_us;
-        Ok(Out { obs, reward: 0.0, terminated: false, truncated: false, info: info_entries(&info, slo) })
+        Ok(Out { obs, reward: 0.0, terminated: false, truncated: false, info: info_entries(&info) })
     }
 
     fn step(&mut self, action: &[f32]) -> Result<Out, EnvError> {
@@ -379,13 +378,12 @@ impl Slot {
         self.steps += 1;
         let mut obs = Vec::new();
         flat_obs(&st.obs, &self.env.spec().action_space, &mut obs);
-        let slo = self.env.config().reward.slo_p99_us;
         Ok(Out {
             obs,
             reward: st.reward,
             terminated: st.terminated,
             truncated: st.truncated,
-            info: info_entries(&st.info, slo),
+            info: info_entries(&st.info),
         })
     }
 }
@@ -447,7 +445,7 @@ impl Sim {
         self.setup.sim.interval_us
     }
 
-    /// The p99 latency SLO the reward and `slo_violated` use, µs.
+    /// The p99 target (µs) of latency-sensitive VMs that set none of their own (`slo_violated` judges each VM against its own).
     #[getter]
     fn slo_p99_us(&self) -> f64 {
         self.setup.sim.reward.slo_p99_us

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use moderato_env::live::{InterfaceConfig, LiveConfig, ProbeConfig, Role};
+use moderato_env::sim::Objective;
 use serde::Deserialize;
 
 use super::limits::{LayerLimits, Limits, Range};
@@ -78,6 +79,10 @@ pub struct VmSection {
     pub backend: Option<String>,
     #[serde(default)]
     pub backend_irq_names: Vec<String>,
+    /// The VM's latency objective: a p99 target in µs, or `"none"`. Absent: `[slo] p99_us` where
+    /// the file has an `[slo]` table, else none.
+    #[serde(default)]
+    pub slo_p99_us: Option<Objective>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -87,6 +92,10 @@ pub struct GuestSection {
     pub frontend: Option<String>,
     #[serde(default)]
     pub frontend_irq_names: Vec<String>,
+    /// The guest's latency objective: a p99 target in µs, or `"none"`. Absent: `[slo] p99_us`
+    /// where the file has an `[slo]` table, else none.
+    #[serde(default)]
+    pub slo_p99_us: Option<Objective>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -271,6 +280,20 @@ impl DeployConfig {
             ));
         }
         self.probe(path)?;
+        let vm_keys = self.host.iter().flat_map(|h| {
+            h.vms.iter().enumerate().map(|(i, v)| (format!("host.vms[{i}].slo_p99_us"), v.slo_p99_us))
+        });
+        let guest_key = self.guest.iter().map(|g| ("guest.slo_p99_us".to_string(), g.slo_p99_us));
+        for (key, o) in vm_keys.chain(guest_key) {
+            if let Some(Objective::P99Us(x)) = o.filter(|o| o.validate(&key).is_err()) {
+                return Err(key_error(
+                    path,
+                    &key,
+                    format!("{x} is out of range"),
+                    "give a p99 target in microseconds in [1, 1e7], or \"none\" for a VM without a latency objective",
+                ));
+            }
+        }
         if let Some(slo) = &self.slo {
             if !(slo.p99_us.is_finite() && slo.p99_us > 0.0 && slo.p99_us <= 10_000_000.0) {
                 return Err(key_error(
@@ -400,6 +423,14 @@ impl DeployConfig {
         }
     }
 
+    /// A VM's p99 target: its own objective, else `[slo] p99_us`, else none.
+    fn objective(&self, own: Option<Objective>) -> Option<f64> {
+        match own {
+            Some(o) => o.target_us(),
+            None => self.slo.as_ref().map(|s| s.p99_us),
+        }
+    }
+
     /// The live host's config for `role`.
     pub fn live_config(&self, role: Role, path: &Path) -> Result<LiveConfig> {
         let iface = |name: &Option<String>, irq: &Vec<String>| {
@@ -418,6 +449,7 @@ impl DeployConfig {
                 LiveConfig {
                     nic: iface(&h.nic, &h.nic_irq_names),
                     backends: h.vms.iter().map(|v| iface(&v.backend, &v.backend_irq_names)).collect(),
+                    objectives: h.vms.iter().map(|v| self.objective(v.slo_p99_us)).collect(),
                     ..LiveConfig::host(None, &[])
                 }
             }
@@ -430,7 +462,11 @@ impl DeployConfig {
                         "add a [guest] table with the frontend interface",
                     )
                 })?;
-                LiveConfig { frontend: iface(&g.frontend, &g.frontend_irq_names), ..LiveConfig::guest(None) }
+                LiveConfig {
+                    frontend: iface(&g.frontend, &g.frontend_irq_names),
+                    objectives: vec![self.objective(g.slo_p99_us)],
+                    ..LiveConfig::guest(None)
+                }
             }
         };
         let cfg = LiveConfig {

@@ -198,7 +198,9 @@ fn signals(on_stop: &'static str) -> Result<(watch::Sender<bool>, watch::Receive
 
 /// Resolves a policy name or model directory for a side with `vms` VMs and the config's latency
 /// target (`[slo] p99_us`, which `slo-feedback` steers to), if any (the binary's resolver).
-pub type PolicyLoader = dyn Fn(&str, usize, Option<f64>) -> Result<Box<dyn Policy>>;
+/// The last argument is each VM's p99 target (µs, `None`: no objective), which a model checks
+/// against the range it was trained for.
+pub type PolicyLoader = dyn Fn(&str, usize, Option<f64>, &[Option<f64>]) -> Result<Box<dyn Policy>>;
 
 /// `moderato deploy`. `load_policy(name, vms, slo_p99_us)` resolves a model directory or baseline name for a
 /// side with `vms` VMs. A restore that fails at exit is an error (non-zero exit) after the
@@ -219,9 +221,10 @@ fn deploy(args: DeployArgs, load_policy: &PolicyLoader) -> Result<()> {
     let limits = cfg.limits(role, &args.config)?;
     let vms = live.vms();
     let target = cfg.slo.as_ref().map(|s| s.p99_us);
-    let primary = load_policy(&args.policy, vms, target)
+    let objectives: Vec<Option<f64>> = (0..vms).map(|v| live.objective(v)).collect();
+    let primary = load_policy(&args.policy, vms, target, &objectives)
         .with_context(|| format!("loading the policy `{}` (--policy)", args.policy))?;
-    let fallback = load_policy(&cfg.fallback, vms, target).with_context(|| {
+    let fallback = load_policy(&cfg.fallback, vms, target, &objectives).with_context(|| {
         format!(
             "loading the fallback policy `{}` (key `fallback` in {})",
             cfg.fallback,

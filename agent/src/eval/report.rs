@@ -233,9 +233,9 @@ pub fn overview(aggs: &[Aggregate]) -> String {
     md
 }
 
-/// Whether any flow of `sc` is held to the SLO.
+/// Whether any VM of `sc` is held to a latency target (its own, or the run's SLO).
 pub fn has_sensitive_flows(sc: &moderato_env::sim::Scenario) -> bool {
-    sc.vms.iter().any(|v| v.flows.iter().any(|f| f.is_latency_sensitive()))
+    sc.vms.iter().any(|v| v.target_us(1.0).is_some())
 }
 
 fn points(aggs: &[Aggregate], scenario: &str) -> Vec<PlotPoint> {

@@ -123,6 +123,12 @@ pub struct SuiteConfig {
     /// from `scenarios`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generator_share: Option<f64>,
+    /// Each latency-sensitive VM of a listed scenario that sets no target of its own is held, per
+    /// episode, to a p99 target drawn log-uniform from this range (µs); absent: the experiment's
+    /// `[sim.reward] slo_p99_us`. (Generated hosts draw their own, from the generator's
+    /// `slo_p99_us`.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slo_p99_us: Option<[f64; 2]>,
 }
 
 impl SuiteConfig {
@@ -304,6 +310,42 @@ pub struct Experiment {
 }
 
 impl Experiment {
+    /// The range of p99 targets (µs) a VM of a training episode can be held to: the generator's
+    /// `slo_p99_us` (when it draws episodes), the suite's `slo_p99_us` (or, without one,
+    /// `[sim.reward] slo_p99_us`) and every `[[vm]] slo_p99_us` of the listed scenarios (when
+    /// they are drawn). `None` when no training VM has a target.
+    pub fn slo_range_us(&self) -> Option<[f64; 2]> {
+        let suite = &self.config.suite;
+        let mut r: Option<[f64; 2]> = None;
+        let mut add = |lo: f64, hi: f64| {
+            r = Some(r.map_or([lo, hi], |[a, b]| [a.min(lo), b.max(hi)]));
+        };
+        if let Some(g) =
+            suite.generator.as_ref().filter(|g| suite.generator_share() > 0.0 && g.p_objective > 0.0)
+        {
+            add(g.slo_p99_us[0], g.slo_p99_us[1]);
+        }
+        if suite.generator_share() < 1.0 {
+            let default = self.config.sim.reward.slo_p99_us;
+            for vm in self.scenarios.iter().flat_map(|s| &s.vms) {
+                match (vm.slo_p99_us, suite.slo_p99_us) {
+                    (Some(o), _) => {
+                        if let Some(t) = o.target_us() {
+                            add(t, t);
+                        }
+                    }
+                    (None, Some([lo, hi])) if vm.target_us(default).is_some() => add(lo, hi),
+                    (None, _) => {
+                        if let Some(t) = vm.target_us(default) {
+                            add(t, t);
+                        }
+                    }
+                }
+            }
+        }
+        r
+    }
+
     /// The most VMs an episode's host can have: the suite's scenarios and the generator's range.
     /// (The trainer pads every batch row to it.)
     pub fn max_vms(&self) -> usize {
@@ -476,6 +518,13 @@ impl ExperimentConfig {
             if !(r[0] > 0.0 && r[0] <= r[1] && r[1].is_finite()) {
                 bail!("{at}: {k} = {r:?}: a range [low, high] with 0 < low <= high");
             }
+        }
+        if let Some(r) = s.slo_p99_us
+            && !(r[0] >= 1.0 && r[0] <= r[1] && r[1] <= moderato_env::sim::limits::MAX_SLO_US)
+        {
+            bail!(
+                "{at}: suite.slo_p99_us = {r:?}: a range [low, high] of p99 targets in µs with 1 <= low <= high <= 1e7"
+            );
         }
         if c.checkpoint.every_iterations == 0 {
             bail!("{at}: checkpoint.every_iterations = 0: use at least 1");

@@ -50,6 +50,8 @@ pub struct TrainArgs {
     pub max_iterations: Option<u64>,
     /// Skip the final evaluation against baselines.
     pub no_eval: bool,
+    /// Overrides the experiment's `seed`.
+    pub seed: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -124,6 +126,7 @@ pub fn model_meta(exp_name: &str, toml: &str, cfg: &ExperimentConfig, state: &Tr
         network: cfg.network.clone(),
         interval_us: cfg.sim.interval_us,
         probes: Probes { host: cfg.sim.probe.host(), guest: cfg.sim.probe.guest() },
+        slo_range_us: state.slo_range_us,
         provenance: Provenance {
             experiment: exp_name.to_string(),
             config_toml: toml.to_string(),
@@ -193,7 +196,11 @@ fn prepare_new_run(run: &Path, force: bool) -> Result<()> {
 
 /// Trains (or resumes) as the arguments say, then freezes and evaluates.
 pub fn run(args: TrainArgs) -> Result<()> {
-    let exp = ExperimentConfig::load(&args.experiment)?;
+    let mut exp = ExperimentConfig::load(&args.experiment)?;
+    if let Some(seed) = args.seed {
+        exp.config.seed = seed;
+        exp.toml = toml::to_string(&exp.config)?;
+    }
     let device = train_device();
     let (mut trainer, run) = match &args.resume {
         Some(run) => {
@@ -426,6 +433,7 @@ pub fn export(args: ExportArgs) -> Result<()> {
         &std::fs::read_to_string(dir.join("state.json"))
             .with_context(|| format!("{}: not a checkpoint (no state.json)", dir.display()))?,
     )?;
+    ppo::check_state_features(dir, &state)?;
     let device = Device::flex();
     let bytes =
         std::fs::read(dir.join("model.bpk")).with_context(|| format!("{}: no model.bpk", dir.display()))?;

@@ -139,6 +139,10 @@ pub struct TrainState {
     /// The best validation so far (`[validation]`), whose actor is in `<run>/model-best`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub best_validation: Option<super::validate::BestValidation>,
+    /// The range of p99 targets (µs) the training episodes can hold a VM to (see
+    /// [`super::config::Experiment::slo_range_us`]); recorded in `model.json`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slo_range_us: Option<[f64; 2]>,
 }
 
 /// The PID Lagrangian's state between iterations.
@@ -398,6 +402,7 @@ impl Trainer {
             return_stats: RunningStats::new(1),
             lagrange: LagrangeState::default(),
             best_validation: None,
+            slo_range_us: exp.slo_range_us(),
         };
         let ignored = Ignored::new(&c.network.ignore_features).expect("a validated experiment config");
         let cost_critic = (c.ppo.constraint == Constraint::Lagrangian).then(|| {
@@ -1092,6 +1097,12 @@ impl Trainer {
             dir.display(),
             exp.path.display()
         );
+        // A checkpoint of a build with other observation features (before per-VM objectives, say)
+        // would fail deep in the weights; say so first.
+        let state = std::fs::read_to_string(dir.join("state.json"))
+            .with_context(|| ctx(dir, "cannot read state.json"))?;
+        let state: TrainState = serde_json::from_str(&state).with_context(|| ctx(dir, "state.json"))?;
+        check_state_features(dir, &state)?;
         let mut t = Trainer::with_envs(exp, device, make_env, vmax);
         let bytes =
             std::fs::read(dir.join("model.bpk")).with_context(|| ctx(dir, "cannot read model.bpk"))?;
@@ -1116,9 +1127,27 @@ impl Trainer {
             .with_context(|| ctx(dir, "cannot read optimizer.bpk"))?;
         t.optim = HostAdam::from_bytes(AdamSettings::default(), burn::tensor::Bytes::from_bytes_vec(bytes))
             .map_err(|e| anyhow::anyhow!("{}: optimizer.bpk: {e:#}", dir.display()))?;
-        let state = std::fs::read_to_string(dir.join("state.json"))
-            .with_context(|| ctx(dir, "cannot read state.json"))?;
-        t.state = serde_json::from_str(&state).with_context(|| ctx(dir, "state.json"))?;
+        t.state = state;
         Ok(t)
     }
+}
+
+/// Refuses a checkpoint whose normaliser has other feature counts than this build (a checkpoint of
+/// a build with other observation features), with a sentence instead of a weight-shape error.
+pub fn check_state_features(dir: &std::path::Path, state: &TrainState) -> Result<()> {
+    let want = Normalizer::default();
+    for (group, have, need) in [
+        ("host", state.normalizer.host.mean.len(), want.host.mean.len()),
+        ("backend", state.normalizer.backend.mean.len(), want.backend.mean.len()),
+        ("guest", state.normalizer.guest.mean.len(), want.guest.mean.len()),
+    ] {
+        anyhow::ensure!(
+            have == need,
+            "{}: this checkpoint was made by a build with {have} {group} features, this build has {need} \
+             (moderato_env::obs lists them; per-VM objectives added the slo_* features): it cannot be resumed \
+             or exported by this build; start a new run",
+            dir.display()
+        );
+    }
+    Ok(())
 }

@@ -1,7 +1,7 @@
 //! Domain randomisation of scenarios, per episode.
 
 use moderato_env::random::{splitmix64, unit_f64};
-use moderato_env::sim::{Scenario, generator};
+use moderato_env::sim::{Objective, Scenario, generator};
 use rand::{Rng, SeedableRng};
 use rand_pcg::Pcg64Mcg;
 
@@ -74,8 +74,21 @@ fn perturb(scenarios: &[Scenario], suite: &SuiteConfig, seed: u64) -> (usize, Sc
     ] {
         *x *= k;
     }
+    if let Some(range) = suite.slo_p99_us {
+        // Its own stream, so that the draws above are those of the same seed without a range.
+        let mut g = Pcg64Mcg::seed_from_u64(splitmix64(seed ^ SLO_STREAM));
+        let default = f64::NAN;
+        for vm in &mut s.vms {
+            if vm.slo_p99_us.is_none() && vm.target_us(default).is_some() {
+                vm.slo_p99_us = Some(Objective::P99Us(log_uniform(&mut g, range).clamp(range[0], range[1])));
+            }
+        }
+    }
     (i, s)
 }
+
+/// Tags the per-episode SLO stream of an episode seed.
+const SLO_STREAM: u64 = 0x736c_6f2e_7039_3975;
 
 #[cfg(test)]
 mod tests {
@@ -93,6 +106,7 @@ mod tests {
             cost_scale: [0.85, 1.15],
             generator,
             generator_share: share,
+            slo_p99_us: None,
         }
     }
 
@@ -127,5 +141,33 @@ mod tests {
         assert!((0..50).all(|seed| sample(&sc, &all, seed).0.is_none()));
         let none = suite(Some(GeneratorSpec::default()), Some(0.0));
         assert!((0..50).all(|seed| sample(&sc, &none, seed).0.is_some()));
+    }
+
+    #[test]
+    fn a_suite_slo_range_draws_each_sensitive_vms_target_and_leaves_every_other_draw_alone() {
+        let sc = listed();
+        let plain = suite(None, None);
+        let ranged = SuiteConfig { slo_p99_us: Some([50.0, 2000.0]), ..suite(None, None) };
+        let mut targets = Vec::new();
+        for seed in 0..200u64 {
+            let (i, s) = sample(&sc, &ranged, seed);
+            let (j, mut t) = sample(&sc, &plain, seed);
+            assert_eq!(i, j);
+            for (a, b) in s.vms.iter().zip(&mut t.vms) {
+                // Only latency-sensitive VMs without a target of their own get one.
+                match (a.slo_p99_us, b.target_us(200.0)) {
+                    (Some(Objective::P99Us(x)), Some(_)) => {
+                        assert!((50.0..=2000.0).contains(&x), "{x}");
+                        targets.push(x);
+                    }
+                    (None, None) => {}
+                    other => panic!("seed {seed}: {other:?}"),
+                }
+                b.slo_p99_us = a.slo_p99_us;
+            }
+            // Everything else is the episode the seed draws without a range.
+            assert_eq!(s, t, "seed {seed}");
+        }
+        assert!(targets.iter().any(|&x| x < 100.0) && targets.iter().any(|&x| x > 1000.0), "{targets:?}");
     }
 }

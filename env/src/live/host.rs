@@ -334,6 +334,7 @@ impl HostEnv {
             host_probe: config.role == Role::Host && config.probe.is_some(),
             guest_probe: config.role == Role::Guest && config.probe.is_some(),
             slo_p99_us: None,
+            vm_slo_p99_us: (0..vms).map(|v| config.objective(v)).collect(),
         };
         let layers = config
             .interfaces()
@@ -925,13 +926,19 @@ impl HostEnv {
                     backends: (0..vms).map(|v| iface(LayerId::Backend(v))).collect(),
                     cpu: cpu_obs,
                     probe,
+                    slo_p99_us: (0..vms).map(|v| self.config.objective(v)).collect(),
                 },
                 guests: vec![GuestObs::default(); vms],
             },
             Role::Guest => Observation {
                 interval_ns: elapsed.map_or(0, |e| e.as_nanos() as u64),
                 host: HostObs { backends: vec![InterfaceObs::default()], ..Default::default() },
-                guests: vec![GuestObs { frontend: iface(LayerId::Frontend(0)), cpu: cpu_obs, probe }],
+                guests: vec![GuestObs {
+                    frontend: iface(LayerId::Frontend(0)),
+                    cpu: cpu_obs,
+                    probe,
+                    slo_p99_us: self.config.objective(0),
+                }],
             },
         };
         let started = *self.started_at.get_or_insert(now);

@@ -125,6 +125,10 @@ pub struct LiveConfig {
     pub sysfs_root: PathBuf,
     /// Where procfs is mounted (`/proc`); tests point it at fixtures.
     pub procfs_root: PathBuf,
+    /// Each VM's p99 target (µs) in VM order, `None` for a VM without a latency objective (one
+    /// entry for the guest role); empty: no VM has one. Operator intent: it enters the
+    /// observation as configured.
+    pub objectives: Vec<Option<f64>>,
 }
 
 impl LiveConfig {
@@ -140,6 +144,7 @@ impl LiveConfig {
             action_space: ActionSpace::default(),
             sysfs_root: PathBuf::from("/sys"),
             procfs_root: PathBuf::from("/proc"),
+            objectives: Vec::new(),
         }
     }
 
@@ -165,9 +170,21 @@ impl LiveConfig {
         }
     }
 
+    /// VM `vm`'s p99 target, µs.
+    pub fn objective(&self, vm: usize) -> Option<f64> {
+        self.objectives.get(vm).copied().flatten()
+    }
+
     /// Checks that the interfaces fit the role and the interval is usable.
     pub fn validate(&self) -> Result<(), LiveError> {
         let bad = |m: String| Err(LiveError::Config(m));
+        if self.objectives.len() > self.vms() {
+            return bad(format!(
+                "{} latency objectives for {} VMs: give one per VM, in VM order",
+                self.objectives.len(),
+                self.vms()
+            ));
+        }
         match self.role {
             Role::Host if self.frontend.is_some() => {
                 return bad("a frontend interface is set, but the role is host: frontends are controlled \

@@ -28,11 +28,10 @@
 //! a later change to how one VM is drawn leaves the others alone.
 //!
 //! # Per-VM objectives
-//! The scenario format has no per-VM latency objective yet. Today a VM with an objective (drawn
-//! with `p_objective`) marks its stream and request-response flows `latency_sensitive`; the SLO
-//! is the experiment's `sim.reward.slo_p99_us`. `slo_p99_us` here is validated and documented,
-//! and takes effect once per-VM objectives land in the scenario format: the objective's value
-//! will then be drawn from its own stream, so no other draw changes.
+//! A VM with an objective (drawn with `p_objective`) marks its stream and request-response flows
+//! `latency_sensitive` and gets its own p99 target (`[[vm]] slo_p99_us`), drawn log-uniform from
+//! `slo_p99_us` and rounded to whole µs, from a stream of its own (so the target's draw changes
+//! no other draw). A VM whose flows are all bulk transmit has no objective.
 
 use rand::SeedableRng;
 use rand_pcg::Pcg64Mcg;
@@ -40,8 +39,8 @@ use serde::{Deserialize, Serialize};
 
 use super::limits;
 use super::scenario::{
-    Arrivals, BackendKind, Costs, FlowConfig, FlowKind, HostConfig, MAX_FRAME, Scenario, ServiceDist,
-    SizeDist, VmConfig,
+    Arrivals, BackendKind, Costs, FlowConfig, FlowKind, HostConfig, MAX_FRAME, Objective, Scenario,
+    ServiceDist, SizeDist, VmConfig,
 };
 use crate::random::{splitmix64, standard_normal, unit_f64};
 
@@ -152,8 +151,7 @@ pub struct GeneratorSpec {
     /// Probability that a VM has a latency objective (its stream and request-response flows are
     /// then latency-sensitive); the others have none.
     pub p_objective: f64,
-    /// A VM objective's p99 latency, µs (log-uniform). Validated now; takes effect once per-VM
-    /// objectives land in the scenario format (until then the experiment's SLO applies).
+    /// A VM objective's p99 latency target, µs (log-uniform, rounded to whole µs).
     pub slo_p99_us: [f64; 2],
 }
 
@@ -314,6 +312,7 @@ fn part_rng(seed: u64, part: u64) -> Pcg64Mcg {
 const PART_HOST: u64 = 1;
 const PART_COSTS: u64 = 2;
 const PART_VM: u64 = 1 << 16;
+const PART_OBJECTIVE: u64 = 1 << 17;
 
 /// The draws the generator makes.
 struct Draw(Pcg64Mcg);
@@ -714,6 +713,8 @@ pub fn sample(spec: &GeneratorSpec, seed: u64) -> Scenario {
                 share: d.uniform([0.2, 1.0]),
             });
         }
+        let sensitive = pending.iter().any(|p| p.vm == v && p.latency_sensitive);
+        let target = Draw(part_rng(seed, PART_OBJECTIVE + v as u64)).log_uniform(spec.slo_p99_us).round();
         vms.push(VmConfig {
             name: format!("vm{v}"),
             backend_cpu,
@@ -721,6 +722,8 @@ pub fn sample(spec: &GeneratorSpec, seed: u64) -> Scenario {
             backend_queue,
             socket_buffer,
             flows: vec![],
+            slo_p99_us: sensitive
+                .then_some(Objective::P99Us(target.clamp(spec.slo_p99_us[0], spec.slo_p99_us[1]))),
         });
     }
     let shares: f64 = pending.iter().map(|p| p.share).sum();

@@ -34,8 +34,8 @@ use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
 pub use scenario::{
-    Arrivals, BackendKind, Costs, FlowConfig, FlowKind, HostConfig, MAX_FRAME, Scenario, ServiceDist,
-    SizeDist, VmConfig,
+    Arrivals, BackendKind, Costs, FlowConfig, FlowKind, HostConfig, MAX_FRAME, Objective, Scenario,
+    ServiceDist, SizeDist, VmConfig,
 };
 
 use crate::controller::ControllerFactory;
@@ -120,6 +120,7 @@ impl SimConfig {
             host_probe: self.probe.host(),
             guest_probe: self.probe.guest(),
             slo_p99_us: Some(self.reward.slo_p99_us),
+            vm_slo_p99_us: Vec::new(),
         }
     }
 
@@ -187,7 +188,8 @@ pub struct SimEnv {
     episode: Option<Episode>,
     steps: u32,
     noise: Rng64,
-    sensitive: Vec<bool>,
+    /// Each VM's p99 target, µs (`None`: no latency objective).
+    targets: Vec<Option<f64>>,
 }
 
 impl SimEnv {
@@ -207,9 +209,9 @@ impl SimEnv {
                 scenario.vms.len()
             )));
         }
-        let spec = cfg.spec(scenario.vms.len());
-        let sensitive =
-            scenario.vms.iter().map(|v| v.flows.iter().any(|f| f.is_latency_sensitive())).collect();
+        let targets: Vec<Option<f64>> =
+            scenario.vms.iter().map(|v| v.target_us(cfg.reward.slo_p99_us)).collect();
+        let spec = EnvSpec { vm_slo_p99_us: targets.clone(), ..cfg.spec(scenario.vms.len()) };
         Ok(SimEnv {
             scenario,
             cfg,
@@ -220,7 +222,7 @@ impl SimEnv {
             episode: None,
             steps: 0,
             noise: stream(0, Purpose::ObsNoise, 0, 0),
-            sensitive,
+            targets,
         })
     }
 
@@ -377,6 +379,7 @@ impl SimEnv {
                 },
                 cpu: CpuObs { irq: irq as f64 / interval_ns as f64, other: thr as f64 / interval_ns as f64 },
                 probe: None,
+                slo_p99_us: self.targets[v],
             });
         }
         let (mut hi, mut ht) = (0, 0);
@@ -391,6 +394,7 @@ impl SimEnv {
             backends,
             cpu: CpuObs { irq: hi as f64 / denom, other: ht as f64 / denom },
             probe: None,
+            slo_p99_us: self.targets.clone(),
         };
 
         // Latency: ground truth from the interval histograms, then probes.
@@ -403,7 +407,8 @@ impl SimEnv {
             let sum = a.lat_sum_ns - b.lat_sum_ns;
             let h = &mut eng.vm_hist[v];
             vm_truth.push(VmTruth {
-                latency_sensitive: self.sensitive[v],
+                latency_sensitive: self.targets[v].is_some(),
+                slo_p99_us: self.targets[v],
                 latency: latency_stats(h, count, || sum as f64 / count as f64 / 1000.0),
                 completed: a.completed - b.completed,
                 dropped: a.dropped - b.dropped,
@@ -531,12 +536,11 @@ impl Env for SimEnv {
         let (obs, truth) = self.interval();
         self.steps += 1;
         let terms = self.cfg.reward.terms(&truth);
-        let slo = self.cfg.reward.slo_p99_us;
         if let Some(ep) = self.episode.as_mut() {
             ep.totals.add(&truth);
             ep.intervals += 1;
             ep.duration_ns += truth.interval_ns;
-            ep.slo_violations += u64::from(truth.slo_violated(slo));
+            ep.slo_violations += u64::from(truth.slo_violated());
         }
         Ok(Step {
             obs,
@@ -556,7 +560,7 @@ impl Env for SimEnv {
     fn episode_summary(&self) -> Option<EpisodeSummary> {
         let ep = self.episode.as_ref()?;
         let vms = self.spec.vms;
-        let any = self.sensitive.iter().any(|&s| s);
+        let any = self.targets.iter().any(Option::is_some);
         let mut all = new_hist();
         let mut vm_latency = Vec::with_capacity(vms);
         let (mut count, mut sum) = (0u64, 0f64);
@@ -565,7 +569,7 @@ impl Env for SimEnv {
             let n = h.len();
             // Exact means are not kept per episode; the histogram mean is within its 1% buckets.
             let st = latency_stats(h, n, || h.mean() / 1000.0);
-            if !any || self.sensitive[v] {
+            if !any || self.targets[v].is_some() {
                 all.add(h).expect("same histogram bounds");
                 count += n;
                 sum += h.mean() * n as f64;

@@ -222,6 +222,98 @@ pub struct VmConfig {
     /// The applications' flows; at least one.
     #[serde(rename = "flow")]
     pub flows: Vec<FlowConfig>,
+    /// This VM's latency objective: a p99 target in µs, or `"none"` (throughput only). Absent:
+    /// a VM with a latency-sensitive flow is held to the run's SLO (`[sim.reward] slo_p99_us`, an
+    /// eval config's `slo_p99_us`), any other VM has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slo_p99_us: Option<Objective>,
+}
+
+/// A VM's latency objective, as written in scenario and deploy files: a number of µs, or the
+/// string `"none"`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Objective {
+    /// A p99 latency target, µs.
+    P99Us(f64),
+    /// No latency objective: the VM is judged on CPU and throughput only.
+    Throughput,
+}
+
+impl Objective {
+    /// The target in µs, `None` for throughput only.
+    pub fn target_us(self) -> Option<f64> {
+        match self {
+            Objective::P99Us(x) => Some(x),
+            Objective::Throughput => None,
+        }
+    }
+
+    /// Checks the target's range; `key` names it in the message.
+    pub fn validate(self, key: &str) -> Result<(), String> {
+        match self {
+            Objective::P99Us(x)
+                if !(x.is_finite() && (1.0..=crate::sim::limits::MAX_SLO_US).contains(&x)) =>
+            {
+                Err(format!(
+                    "{key} = {x}: a p99 target is a number of microseconds in [1, {:e}], or \"none\" for a VM \
+                     without a latency objective",
+                    crate::sim::limits::MAX_SLO_US
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Serialize for Objective {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Objective::P99Us(x) => s.serialize_f64(*x),
+            Objective::Throughput => s.serialize_str("none"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Objective {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Objective;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a p99 target in microseconds (a number) or \"none\"")
+            }
+            fn visit_f64<E: serde::de::Error>(self, x: f64) -> Result<Objective, E> {
+                Ok(Objective::P99Us(x))
+            }
+            fn visit_i64<E: serde::de::Error>(self, x: i64) -> Result<Objective, E> {
+                Ok(Objective::P99Us(x as f64))
+            }
+            fn visit_u64<E: serde::de::Error>(self, x: u64) -> Result<Objective, E> {
+                Ok(Objective::P99Us(x as f64))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Objective, E> {
+                if v == "none" {
+                    Ok(Objective::Throughput)
+                } else {
+                    Err(E::custom(format!(
+                        "`{v}`: a latency objective is a p99 target in microseconds (a number) or \"none\""
+                    )))
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl VmConfig {
+    /// This VM's p99 target in µs under a run whose SLO is `default_us`, `None` where it has no
+    /// latency objective (see [`VmConfig::slo_p99_us`]).
+    pub fn target_us(&self, default_us: f64) -> Option<f64> {
+        match self.slo_p99_us {
+            Some(o) => o.target_us(),
+            None => self.flows.iter().any(|f| f.is_latency_sensitive()).then_some(default_us),
+        }
+    }
 }
 
 fn d_backend_cpu() -> usize {
@@ -593,6 +685,9 @@ impl Scenario {
         }
         for (vi, vm) in self.vms.iter().enumerate() {
             let at = format!("vm[{vi}] ({})", vm.name);
+            if let Some(o) = vm.slo_p99_us {
+                o.validate(&format!("{at}.slo_p99_us"))?;
+            }
             if vm.backend_cpu >= h.cpus {
                 return Err(format!(
                     "{at}.backend_cpu = {} but host.cpus = {}: use 0..{} or add host cores",
@@ -829,5 +924,38 @@ arrivals = { process = "poisson", rate_pps = 1000 }
         assert_eq!(trace_rate(&pts, 0.5), 10.0);
         assert_eq!(trace_rate(&pts, 1.0), 20.0);
         assert_eq!(trace_rate(&pts, 2.5), 10.0);
+    }
+
+    #[test]
+    fn a_vm_objective_is_a_target_none_or_absent_with_the_documented_default() {
+        // Absent (every file written before per-VM objectives): a VM with a latency-sensitive flow
+        // is held to the run's SLO, any other VM has no objective.
+        let s = Scenario::from_toml(MIN, Path::new("t.toml")).unwrap();
+        assert_eq!(s.vms[0].slo_p99_us, None);
+        assert_eq!(s.vms[0].target_us(200.0), None, "a stream VM has no objective by default");
+        let rr = MIN.replace("kind = \"stream\"", "kind = \"request-response\"");
+        assert_eq!(
+            Scenario::from_toml(&rr, Path::new("t.toml")).unwrap().vms[0].target_us(200.0),
+            Some(200.0)
+        );
+        // Its own target, integer or float, overrides the run's SLO, even on a stream VM.
+        for (v, want) in [("150", 150.0), ("87.5", 87.5)] {
+            let own = MIN.replace("name = \"a\"", &format!("name = \"a\"\nslo_p99_us = {v}"));
+            let s = Scenario::from_toml(&own, Path::new("t.toml")).unwrap();
+            assert_eq!(s.vms[0].target_us(200.0), Some(want));
+            // It writes back as it was read.
+            let again = Scenario::from_toml(&toml::to_string(&s).unwrap(), Path::new("t.toml")).unwrap();
+            assert_eq!(again, s);
+        }
+        // "none": throughput only, even for request-response.
+        let none = rr.replace("name = \"a\"", "name = \"a\"\nslo_p99_us = \"none\"");
+        assert_eq!(Scenario::from_toml(&none, Path::new("t.toml")).unwrap().vms[0].target_us(200.0), None);
+        // Anything else names the key and says what to write.
+        let bad = MIN.replace("name = \"a\"", "name = \"a\"\nslo_p99_us = \"fast\"");
+        let e = Scenario::from_toml(&bad, Path::new("s.toml")).unwrap_err().to_string();
+        assert!(e.contains("s.toml") && e.contains("fast") && e.contains("\"none\""), "{e}");
+        let bad = MIN.replace("name = \"a\"", "name = \"a\"\nslo_p99_us = 0.5");
+        let e = Scenario::from_toml(&bad, Path::new("s.toml")).unwrap_err().to_string();
+        assert!(e.contains("vm[0] (a).slo_p99_us = 0.5") && e.contains("\"none\""), "{e}");
     }
 }

@@ -34,8 +34,9 @@ pub use net::{
 
 use crate::{Policy, Requirements};
 
-/// Version of the frozen-model format this build reads and writes.
-pub const FORMAT_VERSION: u32 = 1;
+/// Version of the frozen-model format this build reads and writes (2: per-VM objectives, the
+/// `slo_*` features and `slo_range_us`).
+pub const FORMAT_VERSION: u32 = 2;
 pub const META_FILE: &str = "model.json";
 pub const WEIGHTS_FILE: &str = "actor.bpk";
 /// Largest weights file read, bytes (16 layers of 4096 × 4096 f32 weights are 1 GiB).
@@ -112,6 +113,10 @@ pub struct ModelMeta {
     /// The control interval it was trained with, µs.
     pub interval_us: u64,
     pub probes: Probes,
+    /// The range of p99 targets (µs) the training held VMs to; a deploy or evaluation that gives
+    /// a VM a target outside it is refused. Absent: a model from before per-VM objectives.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slo_range_us: Option<[f64; 2]>,
     pub provenance: Provenance,
 }
 
@@ -123,7 +128,7 @@ pub enum ModelError {
     #[error("{path}: not a valid model.json: {message}")]
     Meta { path: PathBuf, message: String },
     #[error(
-        "{path}: format version {found}, but this build reads version {FORMAT_VERSION}; re-export the model with this build (moderato export)"
+        "{path}: format version {found}, but this build reads version {FORMAT_VERSION}; re-export the model with this build (moderato export) from a checkpoint of this build, or retrain it from its provenance.config_toml"
     )]
     Version { path: PathBuf, found: u32 },
     #[error("{path}: the model was trained on other {group} features: {diff}; retrain it for this build")]
@@ -191,6 +196,8 @@ struct Semantics<'a> {
     network: &'a NetConfig,
     interval_us: u64,
     probes: &'a Probes,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    slo_range_us: Option<[f64; 2]>,
     weights_sha256: &'a str,
 }
 
@@ -206,6 +213,7 @@ pub fn semantics_sha256(meta: &ModelMeta) -> String {
         network: &meta.network,
         interval_us: meta.interval_us,
         probes: &meta.probes,
+        slo_range_us: meta.slo_range_us,
         weights_sha256: &meta.provenance.weights_sha256,
     };
     sha256_hex(&serde_json::to_vec(&s).unwrap_or_default())
@@ -414,6 +422,25 @@ impl LearnedPolicy {
                     message: format!(
                         "the model was trained with a {side} latency probe and this environment has none; \
                          configure one (or use a model trained without it)"
+                    ),
+                });
+            }
+        }
+        self.check_objectives(&spec.vm_slo_p99_us)
+    }
+
+    /// Refuses VM targets (µs, `None`: no objective) outside the range the model was trained
+    /// for, naming the VM, its target and the range.
+    pub fn check_objectives(&self, targets: &[Option<f64>]) -> Result<(), ModelError> {
+        let Some([lo, hi]) = self.meta.slo_range_us else { return Ok(()) };
+        for (v, t) in targets.iter().enumerate() {
+            if let Some(t) = t.filter(|t| !(lo * (1.0 - 1e-9)..=hi * (1.0 + 1e-9)).contains(t)) {
+                return Err(ModelError::Mismatch {
+                    path: self.dir.join(META_FILE),
+                    message: format!(
+                        "VM {v} has a p99 target of {t} µs, outside the {lo}–{hi} µs the model was trained for; \
+                         give it a target in that range, or use a model trained for it (its experiment's \
+                         [suite.generator] slo_p99_us or [suite] slo_p99_us)"
                     ),
                 });
             }
