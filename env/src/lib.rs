@@ -34,7 +34,7 @@ pub use obs::{
     BACKEND_FEATURES, CpuObs, Feature, GUEST_FEATURES, GuestObs, HOST_FEATURES, HostObs, InterfaceObs,
     Observation, ProbeObs, feature_names,
 };
-pub use reward::{RewardConfig, RewardTerms};
+pub use reward::{ExcessShape, RewardConfig, RewardTerms};
 pub use settings::{
     ActionSpace, Adaptive, CoalescingSettings, Direction, KNOB_NAMES, KNOBS_PER_LAYER, KnobBounds, Knobs,
     LayerId, LayerKind, LayerSettings, Moderation, VmSettings,

@@ -5,7 +5,10 @@
 //! where `p99_v` is VM `v`'s p99 latency in the interval and `slo_v` its own target (its
 //! `[[vm]] slo_p99_us`, or `slo_p99_us` here for a latency-sensitive VM that sets none; VMs
 //! without an objective and VMs with no completed latency sample contribute nothing), `m` is
-//! `slo_margin` and `drop_fraction` is packets dropped over packets offered in the interval.
+//! `slo_margin` and `drop_fraction` is packets dropped over packets offered in the interval. With
+//! `slo_excess = "log"` the latency term is `−w_lat · ln(max(1, max_v p99_v / (m · slo_v)))`
+//! instead: the same slope at the target, but a p99 at 200× a tight target costs 5.3, not 199, so
+//! the hosts no setting can serve do not drown the CPU term.
 
 use serde::{Deserialize, Serialize};
 
@@ -32,6 +35,9 @@ pub struct RewardConfig {
     /// target itself. Default 1.
     #[serde(default = "d_margin")]
     pub slo_margin: f64,
+    /// How the latency term grows with the excess: `"linear"` (default) or `"log"`.
+    #[serde(default)]
+    pub slo_excess: ExcessShape,
     /// CPU per packet that scores −w_cpu, microseconds.
     #[serde(default = "d_cpu_ref")]
     pub cpu_ref_us: f64,
@@ -46,6 +52,17 @@ fn d_w_lat() -> f64 {
 fn d_w_drop() -> f64 {
     10.0
 }
+/// The latency term's shape (see the module docs).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ExcessShape {
+    /// `max(0, r − 1)` of the worst ratio `r` of p99 to its (margined) target.
+    #[default]
+    Linear,
+    /// `ln(max(1, r))`.
+    Log,
+}
+
 fn d_margin() -> f64 {
     1.0
 }
@@ -64,6 +81,7 @@ impl Default for RewardConfig {
             w_drop: d_w_drop(),
             slo_p99_us: d_slo(),
             slo_margin: d_margin(),
+            slo_excess: ExcessShape::Linear,
             cpu_ref_us: d_cpu_ref(),
         }
     }
@@ -114,7 +132,10 @@ impl RewardConfig {
 
     /// The relative SLO excess `max(0, p99 / (margin · target) − 1)` of the worst VM.
     pub fn slo_excess(&self, t: &IntervalTruth) -> f64 {
-        t.worst_slo_ratio().map_or(0.0, |r| (r / self.slo_margin - 1.0).max(0.0))
+        t.worst_slo_ratio().map_or(0.0, |r| match self.slo_excess {
+            ExcessShape::Linear => (r / self.slo_margin - 1.0).max(0.0),
+            ExcessShape::Log => (r / self.slo_margin).max(1.0).ln(),
+        })
     }
 
     pub fn terms(&self, t: &IntervalTruth) -> RewardTerms {
@@ -172,6 +193,14 @@ mod tests {
         assert!((m.slo_excess(&t) - 0.125).abs() < 1e-12);
         assert_eq!(m.terms(&t).cost, 1.0);
         assert!(!t.slo_violated());
+        // The log shape: the same where p99 is just over, far less where it is far over.
+        let lg = RewardConfig { slo_excess: ExcessShape::Log, ..r };
+        let t = truth(vec![vm(Some(100.0), 20_000.0)]);
+        assert!((r.slo_excess(&t) - 199.0).abs() < 1e-9);
+        assert!((lg.slo_excess(&t) - 200f64.ln()).abs() < 1e-12);
+        let t = truth(vec![vm(Some(100.0), 101.0)]);
+        assert!((lg.slo_excess(&t) - r.slo_excess(&t)).abs() < 1e-4);
+        assert_eq!(lg.slo_excess(&truth(vec![vm(Some(100.0), 99.0)])), 0.0);
         // The margin is checked.
         let e = RewardConfig { slo_margin: 0.0, ..r }.validate().unwrap_err();
         assert!(e.contains("reward.slo_margin = 0") && e.contains("[0.1, 10]"), "{e}");
