@@ -283,7 +283,7 @@ fn the_shipped_default_model_is_sealed_and_loads() {
     assert_eq!(m.provenance.semantics_sha256.as_deref(), Some(semantics_sha256(m).as_str()));
     assert_eq!(
         m.provenance.weights_sha256,
-        "6427fcb9ee358ef141f18abdbd8fe8394eed4274a16b8408f2a8ee7418a4d996"
+        "db9808ca9696a386dfcf6eae828650f739838440bec1d96775ab4d0636f66857"
     );
 }
 
