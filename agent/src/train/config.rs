@@ -328,18 +328,11 @@ impl Experiment {
         if suite.generator_share() < 1.0 {
             let default = self.config.sim.reward.slo_p99_us;
             for vm in self.scenarios.iter().flat_map(|s| &s.vms) {
-                match (vm.slo_p99_us, suite.slo_p99_us) {
-                    (Some(o), _) => {
-                        if let Some(t) = o.target_us() {
-                            add(t, t);
-                        }
-                    }
-                    (None, Some([lo, hi])) if vm.target_us(default).is_some() => add(lo, hi),
-                    (None, _) => {
-                        if let Some(t) = vm.target_us(default) {
-                            add(t, t);
-                        }
-                    }
+                match (vm.holds_run_slo(), suite.slo_p99_us, vm.target_us(default)) {
+                    // Drawn per episode from the suite's range.
+                    (true, Some([lo, hi]), _) => add(lo, hi),
+                    (_, _, Some(t)) => add(t, t),
+                    _ => {}
                 }
             }
         }

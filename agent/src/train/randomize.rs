@@ -77,9 +77,8 @@ fn perturb(scenarios: &[Scenario], suite: &SuiteConfig, seed: u64) -> (usize, Sc
     if let Some(range) = suite.slo_p99_us {
         // Its own stream, so that the draws above are those of the same seed without a range.
         let mut g = Pcg64Mcg::seed_from_u64(splitmix64(seed ^ SLO_STREAM));
-        let default = f64::NAN;
         for vm in &mut s.vms {
-            if vm.slo_p99_us.is_none() && vm.target_us(default).is_some() {
+            if vm.holds_run_slo() {
                 vm.slo_p99_us = Some(Objective::P99Us(log_uniform(&mut g, range).clamp(range[0], range[1])));
             }
         }

@@ -926,7 +926,7 @@ impl HostEnv {
                     backends: (0..vms).map(|v| iface(LayerId::Backend(v))).collect(),
                     cpu: cpu_obs,
                     probe,
-                    slo_p99_us: (0..vms).map(|v| self.config.objective(v)).collect(),
+                    slo_p99_us: self.spec.vm_slo_p99_us.clone(),
                 },
                 guests: vec![GuestObs::default(); vms],
             },
@@ -937,7 +937,7 @@ impl HostEnv {
                     frontend: iface(LayerId::Frontend(0)),
                     cpu: cpu_obs,
                     probe,
-                    slo_p99_us: self.config.objective(0),
+                    slo_p99_us: self.spec.vm_slo_p99_us[0],
                 }],
             },
         };

@@ -188,8 +188,6 @@ pub struct SimEnv {
     episode: Option<Episode>,
     steps: u32,
     noise: Rng64,
-    /// Each VM's p99 target, µs (`None`: no latency objective).
-    targets: Vec<Option<f64>>,
 }
 
 impl SimEnv {
@@ -209,9 +207,9 @@ impl SimEnv {
                 scenario.vms.len()
             )));
         }
-        let targets: Vec<Option<f64>> =
-            scenario.vms.iter().map(|v| v.target_us(cfg.reward.slo_p99_us)).collect();
-        let spec = EnvSpec { vm_slo_p99_us: targets.clone(), ..cfg.spec(scenario.vms.len()) };
+        // Each VM's p99 target (`None`: no latency objective), read from the spec from here on.
+        let vm_slo_p99_us = scenario.vms.iter().map(|v| v.target_us(cfg.reward.slo_p99_us)).collect();
+        let spec = EnvSpec { vm_slo_p99_us, ..cfg.spec(scenario.vms.len()) };
         Ok(SimEnv {
             scenario,
             cfg,
@@ -222,7 +220,6 @@ impl SimEnv {
             episode: None,
             steps: 0,
             noise: stream(0, Purpose::ObsNoise, 0, 0),
-            targets,
         })
     }
 
@@ -379,7 +376,7 @@ impl SimEnv {
                 },
                 cpu: CpuObs { irq: irq as f64 / interval_ns as f64, other: thr as f64 / interval_ns as f64 },
                 probe: None,
-                slo_p99_us: self.targets[v],
+                slo_p99_us: self.spec.vm_slo_p99_us[v],
             });
         }
         let (mut hi, mut ht) = (0, 0);
@@ -394,7 +391,7 @@ impl SimEnv {
             backends,
             cpu: CpuObs { irq: hi as f64 / denom, other: ht as f64 / denom },
             probe: None,
-            slo_p99_us: self.targets.clone(),
+            slo_p99_us: self.spec.vm_slo_p99_us.clone(),
         };
 
         // Latency: ground truth from the interval histograms, then probes.
@@ -407,8 +404,8 @@ impl SimEnv {
             let sum = a.lat_sum_ns - b.lat_sum_ns;
             let h = &mut eng.vm_hist[v];
             vm_truth.push(VmTruth {
-                latency_sensitive: self.targets[v].is_some(),
-                slo_p99_us: self.targets[v],
+                latency_sensitive: self.spec.vm_slo_p99_us[v].is_some(),
+                slo_p99_us: self.spec.vm_slo_p99_us[v],
                 latency: latency_stats(h, count, || sum as f64 / count as f64 / 1000.0),
                 completed: a.completed - b.completed,
                 dropped: a.dropped - b.dropped,
@@ -560,7 +557,7 @@ impl Env for SimEnv {
     fn episode_summary(&self) -> Option<EpisodeSummary> {
         let ep = self.episode.as_ref()?;
         let vms = self.spec.vms;
-        let any = self.targets.iter().any(Option::is_some);
+        let any = self.spec.vm_slo_p99_us.iter().any(Option::is_some);
         let mut all = new_hist();
         let mut vm_latency = Vec::with_capacity(vms);
         let (mut count, mut sum) = (0u64, 0f64);
@@ -569,7 +566,7 @@ impl Env for SimEnv {
             let n = h.len();
             // Exact means are not kept per episode; the histogram mean is within its 1% buckets.
             let st = latency_stats(h, n, || h.mean() / 1000.0);
-            if !any || self.targets[v].is_some() {
+            if !any || self.spec.vm_slo_p99_us[v].is_some() {
                 all.add(h).expect("same histogram bounds");
                 count += n;
                 sum += h.mean() * n as f64;

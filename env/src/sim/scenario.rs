@@ -311,8 +311,14 @@ impl VmConfig {
     pub fn target_us(&self, default_us: f64) -> Option<f64> {
         match self.slo_p99_us {
             Some(o) => o.target_us(),
-            None => self.flows.iter().any(|f| f.is_latency_sensitive()).then_some(default_us),
+            None => self.holds_run_slo().then_some(default_us),
         }
+    }
+
+    /// Whether this VM is held to the run's SLO: it sets no objective of its own and has a
+    /// latency-sensitive flow.
+    pub fn holds_run_slo(&self) -> bool {
+        self.slo_p99_us.is_none() && self.flows.iter().any(|f| f.is_latency_sensitive())
     }
 }
 

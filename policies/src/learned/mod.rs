@@ -488,6 +488,14 @@ fn target_in(obs: &Observation, vm: usize) -> Option<f64> {
     obs.guests[vm].slo_p99_us.or(obs.host.slo_p99_us.get(vm).copied().flatten())
 }
 
+/// What a row of the monotone envelope's batch decides: a VM's path, the NIC, or both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Row {
+    Path,
+    Alone,
+    Both,
+}
+
 /// `obs` with VM `vm`'s target set to `t` (where the observation carries targets) and, with
 /// `alone`, every other VM's target removed.
 fn with_target(obs: &Observation, vm: usize, t: f64, alone: bool) -> Observation {
@@ -534,15 +542,18 @@ impl LearnedPolicy {
         let mut b = FeatureBatch::new(vms);
         b.push(obs, space);
         // Rows: 0 the observation as it is; then per VM with a target, its grid variants, each
-        // once with the other VMs' targets as they are (its path) and once alone (the NIC).
-        let mut rows: Vec<(usize, bool)> = vec![(usize::MAX, false)];
+        // once with the other VMs' targets as they are (its path) and once alone (the NIC); one
+        // row serves both where no other VM has a target.
+        let mut rows: Vec<(usize, Row)> = vec![(usize::MAX, Row::Path)];
         for (v, t) in targets.iter().enumerate() {
             let Some(t) = *t else { continue };
+            let others = targets.iter().enumerate().any(|(w, t)| w != v && t.is_some());
+            let kinds: &[Row] = if others { &[Row::Path, Row::Alone] } else { &[Row::Both] };
             let snapped = grid.iter().rposition(|&g| g <= t * (1.0 + 1e-9)).unwrap_or(0);
             for &g in &grid[snapped..] {
-                for alone in [false, true] {
-                    b.push(&with_target(obs, v, g, alone), space);
-                    rows.push((v, alone));
+                for &kind in kinds {
+                    b.push(&with_target(obs, v, g, kind == Row::Alone), space);
+                    rows.push((v, kind));
                 }
             }
         }
@@ -556,10 +567,11 @@ impl LearnedPolicy {
             out_be[v * k..(v + 1) * k].fill(f32::INFINITY);
             out_fe[v * k..(v + 1) * k].fill(f32::INFINITY);
         }
-        for (r, &(v, alone)) in rows.iter().enumerate().skip(1) {
-            if alone {
+        for (r, &(v, kind)) in rows.iter().enumerate().skip(1) {
+            if kind != Row::Path {
                 min_into(&mut out_nic, &nic[r * k..(r + 1) * k]);
-            } else {
+            }
+            if kind != Row::Alone {
                 let at = (r * vms + v) * k;
                 min_into(&mut out_be[v * k..(v + 1) * k], &be[at..at + k]);
                 min_into(&mut out_fe[v * k..(v + 1) * k], &fe[at..at + k]);
