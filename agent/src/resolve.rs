@@ -55,22 +55,6 @@ impl PolicySource {
         }
     }
 
-    /// Refuses a policy the simulator cannot run: a NAPI-deferral baseline (`napi:...`) sets a
-    /// mechanism the simulator does not model yet, so simulating it would silently measure
-    /// something else.
-    pub fn check_simulable(&self) -> Result<()> {
-        if let PolicySource::Baseline { name, statics } = self
-            && baselines::baseline(name, statics).is_ok_and(|p| p.napi().is_some())
-        {
-            anyhow::bail!(
-                "policy `{name}` sets NAPI deferral (napi_defer_hard_irqs, gro_flush_timeout), and the \
-                 simulator has no NAPI-deferral model yet: run it on a live host with `moderato deploy`, \
-                 or simulate a coalescing baseline"
-            );
-        }
-        Ok(())
-    }
-
     /// Refuses a static setting with knobs beyond `space`'s bounds (which the simulator would
     /// clamp without a word).
     pub fn check_bounds(&self, space: &ActionSpace) -> Result<()> {
@@ -105,10 +89,7 @@ pub fn resolve(name: &str, base: &Path, statics: &BTreeMap<String, StaticSpec>) 
     if name == "best-static" {
         return Ok(PolicySource::BestStatic);
     }
-    let source = resolve_fixed(name, base, statics)
-        .map_err(|e| anyhow!("{e:#} (an eval config also takes best-static)"))?;
-    source.check_simulable()?;
-    Ok(source)
+    resolve_fixed(name, base, statics).map_err(|e| anyhow!("{e:#} (an eval config also takes best-static)"))
 }
 
 /// Resolves `name` for one run (simulate, deploy): like [`resolve`] but without `best-static`,
@@ -236,14 +217,12 @@ mod tests {
     }
 
     #[test]
-    fn napi_baselines_are_for_deploy_only() {
+    fn napi_baselines_simulate_and_deploy() {
         let none = BTreeMap::new();
-        let p = resolve_fixed("napi:2/20", Path::new("."), &none).unwrap();
-        let e = p.check_simulable().unwrap_err().to_string();
-        assert!(e.contains("napi:2/20") && e.contains("no NAPI-deferral model"), "{e}");
-        let e = resolve("napi:2/20", Path::new("."), &none).unwrap_err().to_string();
-        assert!(e.contains("no NAPI-deferral model"), "{e}");
-        resolve_fixed("per-packet", Path::new("."), &none).unwrap().check_simulable().unwrap();
+        assert!(matches!(
+            resolve("napi:2/20", Path::new("."), &none).unwrap(),
+            PolicySource::Baseline { .. }
+        ));
         let mut pol = deploy_policy("napi:2/20", 1, None, &[]).unwrap();
         assert_eq!(pol.napi(), Some(moderato_env::live::NapiParams::new(2, 20_000)));
         assert!(!pol.sets_coalescing());

@@ -95,7 +95,6 @@ pub fn simulate(args: &SimulateArgs) -> Result<SimulateResult> {
         .with_context(|| format!("--policy {}", args.policy))?;
     let cfg = SimConfig { interval_us, episode_steps: steps, ..SimConfig::default() };
     source.check_bounds(&cfg.action_space)?;
-    source.check_simulable().with_context(|| format!("--policy {}", args.policy))?;
     let mut policy = source.instantiate(&cfg.spec(scenario.vms.len()))?;
     let slo = cfg.reward.slo_p99_us;
     let mut env = SimEnv::new(scenario.clone(), cfg, Some(controller_factory()))?;

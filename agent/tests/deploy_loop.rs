@@ -333,7 +333,10 @@ fn the_shipped_model_deploys_on_a_virtio_guest_with_a_loopback_probe() {
         last = last.updated(p);
     }
     let decided = s.last.unwrap().vms[0].frontend;
-    assert_ne!(decided, LayerSettings { rx: Moderation::fixed(0, 1), tx: Moderation::fixed(0, 1) });
+    assert_ne!(
+        decided,
+        LayerSettings { rx: Moderation::fixed(0, 1), tx: Moderation::fixed(0, 1), napi: Default::default() }
+    );
     assert_eq!(s.restored, 1);
     assert_eq!(rig.state(), ORIGINAL);
 }

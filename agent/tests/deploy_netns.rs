@@ -38,7 +38,11 @@ impl Policy for Fixed {
     fn act(&mut self, obs: &Observation) -> CoalescingSettings {
         CoalescingSettings::uniform(
             obs.host.backends.len(),
-            LayerSettings { rx: Moderation::fixed(32, 32), tx: Moderation::fixed(32, 32) },
+            LayerSettings {
+                rx: Moderation::fixed(32, 32),
+                tx: Moderation::fixed(32, 32),
+                napi: Default::default(),
+            },
         )
     }
 }

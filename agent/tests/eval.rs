@@ -18,6 +18,7 @@ fn suite(policies: &[&str]) -> eval::Suite {
         threads: 2,
         warmup_steps: 0,
         slo_p99_us: None,
+        profile: None,
     };
     cfg.into_suite(&dir.join("test.toml")).unwrap()
 }
@@ -178,6 +179,7 @@ fn the_report_says_which_flows_the_slo_covers() {
         threads: 2,
         warmup_steps: 0,
         slo_p99_us: None,
+        profile: None,
     };
     let s = cfg.into_suite(&dir.join("t.toml")).unwrap();
     let rows = eval::run_suite(&s, &Cache { dir: None }, false).unwrap();
@@ -203,6 +205,7 @@ fn out_of_bounds_knobs_in_an_eval_config_are_refused() {
         threads: 1,
         warmup_steps: 0,
         slo_p99_us: None,
+        profile: None,
     };
     let e = format!("{:#}", cfg.into_suite(&dir.join("t.toml")).unwrap_err());
     assert!(e.contains("t.toml") && e.contains("2000") && e.contains("usecs_max"), "{e}");

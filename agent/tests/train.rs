@@ -38,6 +38,7 @@ impl Bandit {
             guest_probe: false,
             slo_p99_us: None,
             vm_slo_p99_us: Vec::new(),
+            profile: Default::default(),
         };
         Bandit { spec, rng: 0, high: false, steps: 0 }
     }

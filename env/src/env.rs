@@ -27,6 +27,8 @@ pub struct EnvSpec {
     /// Each VM's own p99 target (µs), `None` for a VM without a latency objective; empty where
     /// the environment does not know them (then `slo_p99_us` applies to every VM).
     pub vm_slo_p99_us: Vec<Option<f64>>,
+    /// The host's moderation mechanisms (the scenario's profile, a deploy config's `profile`).
+    pub profile: crate::HostProfile,
 }
 
 impl EnvSpec {

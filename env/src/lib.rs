@@ -17,6 +17,7 @@ mod controller;
 mod env;
 mod info;
 mod obs;
+mod profile;
 mod reward;
 mod settings;
 
@@ -34,8 +35,9 @@ pub use obs::{
     BACKEND_FEATURES, CpuObs, Feature, GUEST_FEATURES, GuestObs, HOST_FEATURES, HostObs, InterfaceObs,
     Observation, ProbeObs, feature_names,
 };
+pub use profile::{HostProfile, LayerMechanisms};
 pub use reward::{ExcessShape, RewardConfig, RewardTerms};
 pub use settings::{
-    ActionSpace, Adaptive, CoalescingSettings, Direction, KNOB_NAMES, KNOBS_PER_LAYER, KnobBounds, Knobs,
-    LayerId, LayerKind, LayerSettings, Moderation, VmSettings,
+    ActionSpace, Adaptive, COALESCING_KNOBS, CoalescingSettings, Direction, KNOB_NAMES, KNOBS_PER_LAYER,
+    KnobBounds, Knobs, LayerId, LayerKind, LayerSettings, Moderation, NapiBounds, NapiParams, VmSettings,
 };

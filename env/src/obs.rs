@@ -12,7 +12,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::settings::{ActionSpace, Knobs, LayerKind};
+use crate::HostProfile;
+use crate::settings::{ActionSpace, Knobs, LayerKind, NapiParams};
 
 /// One named, documented entry of a flat feature vector.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -49,6 +50,8 @@ pub const HOST_FEATURES: &[Feature] = &[
     f("nic.rx_frames", "current NIC rx-frames, encoded", -1.0, 1.0),
     f("nic.tx_usecs", "current NIC tx-usecs, encoded", -1.0, 1.0),
     f("nic.tx_frames", "current NIC tx-frames, encoded", -1.0, 1.0),
+    f("nic.napi_defer", "current NIC napi_defer_hard_irqs, encoded by the action space", -1.0, 1.0),
+    f("nic.napi_timeout", "current NIC gro_flush_timeout, encoded", -1.0, 1.0),
     f("host.cpu_irq", "host CPU share in irq + softirq, averaged over the host cores", 0.0, 1.0),
     f("host.cpu_other", "host CPU share busy outside irq/softirq (backend threads, ...)", 0.0, 1.0),
     f("host.probe_present", "1 when a host-side latency probe answered this interval", 0.0, 1.0),
@@ -66,6 +69,13 @@ pub const HOST_FEATURES: &[Feature] = &[
         0.0,
         LN_US_MAX,
     ),
+    f(
+        "host.backend_coalescing",
+        "1 when the host's backends take ethtool coalescing (its profile, configured)",
+        0.0,
+        1.0,
+    ),
+    f("host.guest_coalescing", "1 when the host's guests take ethtool coalescing (its profile)", 0.0, 1.0),
 ];
 
 /// Features of one VM's backend interface, as the host sees it (rx: towards the guest).
@@ -111,6 +121,9 @@ pub const GUEST_FEATURES: &[Feature] = &[
     f("frontend.rx_frames", "current frontend rx-frames, encoded", -1.0, 1.0),
     f("frontend.tx_usecs", "current frontend tx-usecs (kicks to the backend), encoded", -1.0, 1.0),
     f("frontend.tx_frames", "current frontend tx-frames, encoded", -1.0, 1.0),
+    f("frontend.napi_defer", "current frontend napi_defer_hard_irqs, encoded", -1.0, 1.0),
+    f("frontend.napi_timeout", "current frontend gro_flush_timeout, encoded", -1.0, 1.0),
+    f("guest.coalescing", "1 when this guest's frontend takes ethtool coalescing (its profile)", 0.0, 1.0),
     f("guest.cpu_irq", "guest vCPU share in irq + softirq", 0.0, 1.0),
     f("guest.cpu_other", "guest vCPU share busy outside irq/softirq (stack, application)", 0.0, 1.0),
     f("guest.probe_present", "1 when the application latency probe reported this interval", 0.0, 1.0),
@@ -142,6 +155,9 @@ pub struct InterfaceObs {
     /// `None` where they cannot be read.
     pub rx_knobs: Option<Knobs>,
     pub tx_knobs: Option<Knobs>,
+    /// NAPI deferral in force; `None` where it cannot be read (and on a backend, which has none).
+    #[serde(default)]
+    pub napi: Option<NapiParams>,
 }
 
 impl InterfaceObs {
@@ -153,6 +169,10 @@ impl InterfaceObs {
         let rx = self.rx_knobs.unwrap_or(Knobs::PER_PACKET);
         let tx = self.tx_knobs.unwrap_or(Knobs::PER_PACKET);
         space.encode_layer(kind, rx, tx)
+    }
+
+    fn napi_features(&self, space: &ActionSpace) -> [f32; 2] {
+        space.encode_napi(self.napi.unwrap_or(NapiParams::OFF))
     }
 
     /// Notifications per second in both directions, where known.
@@ -194,6 +214,9 @@ pub struct HostObs {
     /// Configured by the operator, not measured.
     #[serde(default)]
     pub slo_p99_us: Vec<Option<f64>>,
+    /// The host's moderation mechanisms (configured, or the simulated scenario's).
+    #[serde(default)]
+    pub profile: HostProfile,
 }
 
 /// What one guest measures.
@@ -205,6 +228,9 @@ pub struct GuestObs {
     /// This guest's p99 target (µs); `None` without a latency objective. Configured, not measured.
     #[serde(default)]
     pub slo_p99_us: Option<f64>,
+    /// The host's moderation mechanisms, as the guest is told (its deploy config).
+    #[serde(default)]
+    pub profile: HostProfile,
 }
 
 /// One control interval's observation, by side.
@@ -257,9 +283,12 @@ impl HostObs {
             ln_k(n.drops_per_s, LN_KPPS_MAX),
         ]);
         v.extend(n.knob_features(space, LayerKind::Nic));
+        v.extend(n.napi_features(space));
         v.extend([share(self.cpu.irq), share(self.cpu.other)]);
         v.extend(probe_features(&self.probe));
         v.extend(slo_features(self.slo_p99_us.iter().flatten().copied().reduce(f64::min)));
+        let has = |k: LayerKind| if self.profile.mechanisms(k).coalescing { 1.0 } else { 0.0 };
+        v.extend([has(LayerKind::Backend), has(LayerKind::Frontend)]);
         debug_assert_eq!(v.len(), HOST_FEATURES.len());
         v
     }
@@ -297,6 +326,8 @@ impl GuestObs {
             ln_k(fe.drops_per_s, LN_KPPS_MAX),
         ]);
         v.extend(fe.knob_features(space, LayerKind::Frontend));
+        v.extend(fe.napi_features(space));
+        v.push(if self.profile.mechanisms(LayerKind::Frontend).coalescing { 1.0 } else { 0.0 });
         v.extend([share(self.cpu.irq), share(self.cpu.other)]);
         v.extend(probe_features(&self.probe));
         v.extend(slo_features(self.slo_p99_us));

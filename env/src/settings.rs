@@ -1,16 +1,23 @@
 //! The action: coalescing settings for every layer, and the [`ActionSpace`] that maps a learned
 //! actor's outputs in `[-1, 1]` to knobs.
 //!
-//! Layout of a flat action vector (and of the knob features in observations): the NIC's four
-//! knobs, then for each VM its backend's four and its frontend's four. Inside a layer the order is
-//! always `rx_usecs, rx_frames, tx_usecs, tx_frames` ([`KNOB_NAMES`]).
+//! Layout of a flat action vector: the NIC's six values, then for each VM its backend's six and
+//! its frontend's six. Inside a layer the order is always `rx_usecs, rx_frames, tx_usecs,
+//! tx_frames, napi_defer, napi_timeout_us` ([`KNOB_NAMES`]): ethtool's four knobs, then the NAPI
+//! deferral (`napi_defer_hard_irqs`, `gro_flush_timeout` in µs). A backend has no NAPI: its last
+//! two values decode to no deferral, and a learned policy's training masks them (as it masks what
+//! a host profile lacks, [`crate::HostProfile`]).
 
 use serde::{Deserialize, Serialize};
 
-/// The four ethtool knob names, in the order used by every flat vector in the project.
-pub const KNOB_NAMES: [&str; 4] = ["rx_usecs", "rx_frames", "tx_usecs", "tx_frames"];
+/// The names of a layer's values, in the order used by every flat action vector in the project:
+/// ethtool's four knobs, then the NAPI deferral.
+pub const KNOB_NAMES: [&str; 6] =
+    ["rx_usecs", "rx_frames", "tx_usecs", "tx_frames", "napi_defer", "napi_timeout_us"];
 /// Values per layer in a flat action vector.
-pub const KNOBS_PER_LAYER: usize = 4;
+pub const KNOBS_PER_LAYER: usize = 6;
+/// Of which ethtool's coalescing knobs (the first four).
+pub const COALESCING_KNOBS: usize = 4;
 
 /// Fixed ethtool knobs for one notification stream: a notification fires when `frames` items are
 /// pending or `usecs` after the first pending item, whichever comes first. `usecs = 0` fires at
@@ -56,6 +63,71 @@ impl Adaptive {
     }
 }
 
+/// The largest `napi_defer_hard_irqs` the kernel accepts (`S32_MAX`).
+pub const DEFER_HARD_IRQS_MAX: u32 = i32::MAX as u32;
+/// The largest `gro_flush_timeout` (ns) that the kernel's hrtimer takes without wrapping.
+pub const GRO_FLUSH_TIMEOUT_NS_MAX: u64 = i64::MAX as u64;
+
+/// One interface's NAPI deferral (`napi_defer_hard_irqs`, `gro_flush_timeout`; see
+/// `live::napi` for the kernel's semantics and interfaces). Serialised with the sysfs names (the
+/// deploy's journal stores it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NapiParams {
+    /// `napi_defer_hard_irqs`: empty polls before the interrupt is re-armed (0: off).
+    pub napi_defer_hard_irqs: u32,
+    /// `gro_flush_timeout`, nanoseconds: the deferral timer (0: off).
+    pub gro_flush_timeout_ns: u64,
+}
+
+impl NapiParams {
+    /// No deferral (the kernel's default).
+    pub const OFF: NapiParams = NapiParams { napi_defer_hard_irqs: 0, gro_flush_timeout_ns: 0 };
+
+    pub const fn new(napi_defer_hard_irqs: u32, gro_flush_timeout_ns: u64) -> Self {
+        NapiParams { napi_defer_hard_irqs, gro_flush_timeout_ns }
+    }
+
+    /// Whether this defers nothing: the kernel defers only when both values are non-zero.
+    pub fn is_off(&self) -> bool {
+        self.napi_defer_hard_irqs == 0 || self.gro_flush_timeout_ns == 0
+    }
+
+    /// Whether both values are zero (what `skip_serializing_if` tests: a setting of 2/0 is kept).
+    pub fn is_zero(&self) -> bool {
+        *self == NapiParams::OFF
+    }
+
+    /// Refuses values the kernel would refuse or misread (see `live::napi`).
+    pub fn check(&self) -> Result<(), String> {
+        if self.napi_defer_hard_irqs > DEFER_HARD_IRQS_MAX {
+            return Err(format!(
+                "napi_defer_hard_irqs {} is above the kernel's limit {DEFER_HARD_IRQS_MAX} (i32::MAX)",
+                self.napi_defer_hard_irqs
+            ));
+        }
+        if self.gro_flush_timeout_ns > GRO_FLUSH_TIMEOUT_NS_MAX {
+            return Err(format!(
+                "gro_flush_timeout {} ns is above {GRO_FLUSH_TIMEOUT_NS_MAX} ns (i64::MAX), which the \
+                 kernel's timer cannot hold",
+                self.gro_flush_timeout_ns
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Display for NapiParams {
+    /// `napi_defer_hard_irqs 2 gro_flush_timeout 20000` (the sysfs names and units).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "napi_defer_hard_irqs {} gro_flush_timeout {}",
+            self.napi_defer_hard_irqs, self.gro_flush_timeout_ns
+        )
+    }
+}
+
 /// How one direction of one layer is moderated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -78,18 +150,27 @@ impl Moderation {
 pub struct LayerSettings {
     pub rx: Moderation,
     pub tx: Moderation,
+    /// NAPI deferral of the layer's NAPI instances (the NIC driver's; the frontend's virtio-net
+    /// or netfront rx and tx NAPI). The backend has none: it stays off there. Absent in a file:
+    /// off.
+    #[serde(default, skip_serializing_if = "NapiParams::is_zero")]
+    pub napi: NapiParams,
 }
 
 impl LayerSettings {
     pub const PER_PACKET: LayerSettings =
-        LayerSettings { rx: Moderation::PER_PACKET, tx: Moderation::PER_PACKET };
+        LayerSettings { rx: Moderation::PER_PACKET, tx: Moderation::PER_PACKET, napi: NapiParams::OFF };
 
     pub fn fixed(rx: Knobs, tx: Knobs) -> Self {
-        LayerSettings { rx: Moderation::Fixed(rx), tx: Moderation::Fixed(tx) }
+        LayerSettings { rx: Moderation::Fixed(rx), tx: Moderation::Fixed(tx), napi: NapiParams::OFF }
     }
 
     pub fn adaptive(mode: Adaptive) -> Self {
-        LayerSettings { rx: Moderation::Adaptive(mode), tx: Moderation::Adaptive(mode) }
+        LayerSettings {
+            rx: Moderation::Adaptive(mode),
+            tx: Moderation::Adaptive(mode),
+            napi: NapiParams::OFF,
+        }
     }
 
     pub fn get(&self, dir: Direction) -> Moderation {
@@ -255,6 +336,32 @@ impl KnobBounds {
     }
 }
 
+/// Inclusive bounds of the NAPI deferral a policy may set (every NAPI layer).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NapiBounds {
+    /// Most `napi_defer_hard_irqs`.
+    pub defer_max: u32,
+    /// Most `gro_flush_timeout`, µs.
+    pub timeout_us_max: u32,
+}
+
+impl Default for NapiBounds {
+    fn default() -> Self {
+        NapiBounds { defer_max: 8, timeout_us_max: 500 }
+    }
+}
+
+impl NapiBounds {
+    /// Clamps into the bounds (the timeout in whole µs, as decoded).
+    pub fn clamp(&self, p: NapiParams) -> NapiParams {
+        NapiParams::new(
+            p.napi_defer_hard_irqs.min(self.defer_max),
+            p.gro_flush_timeout_ns.min(u64::from(self.timeout_us_max) * 1000),
+        )
+    }
+}
+
 /// Decodes actor outputs in `[-1, 1]` into knobs on a log scale, and encodes knobs back.
 ///
 /// `usecs = exp(u · ln(usecs_max + 1)) − 1` and `frames = exp(u · ln(frames_max))` with
@@ -267,6 +374,10 @@ pub struct ActionSpace {
     pub nic: KnobBounds,
     pub backend: KnobBounds,
     pub frontend: KnobBounds,
+    /// NAPI deferral on the NIC and the frontends (default: 8 polls, 500 µs). `defer` and the
+    /// timeout decode like `usecs`: `exp(u · ln(max + 1)) − 1`, so `a = −1` is off.
+    #[serde(default)]
+    pub napi: NapiBounds,
 }
 
 impl Default for ActionSpace {
@@ -275,6 +386,7 @@ impl Default for ActionSpace {
             nic: KnobBounds { usecs_max: 1000, frames_max: 256 },
             backend: KnobBounds { usecs_max: 1000, frames_max: 128 },
             frontend: KnobBounds { usecs_max: 1000, frames_max: 128 },
+            napi: NapiBounds::default(),
         }
     }
 }
@@ -299,8 +411,43 @@ impl ActionSpace {
     }
 
     pub fn decode_usecs(&self, kind: LayerKind, a: f32) -> u32 {
-        let max = f64::from(self.bounds(kind).usecs_max);
+        Self::decode_log0(a, self.bounds(kind).usecs_max)
+    }
+
+    /// `exp(u · ln(max + 1)) − 1`, rounded: 0 at `a = −1`, `max` at 1.
+    fn decode_log0(a: f32, max: u32) -> u32 {
+        let max = f64::from(max);
         ((Self::unit(a) * (max + 1.0).ln()).exp() - 1.0).round().clamp(0.0, max) as u32
+    }
+
+    fn encode_log0(v: u32, max: u32) -> f32 {
+        let max = f64::from(max);
+        if max <= 0.0 {
+            return -1.0;
+        }
+        let u = (f64::from(v).min(max) + 1.0).ln() / (max + 1.0).ln();
+        (2.0 * u - 1.0) as f32
+    }
+
+    /// The NAPI deferral of a layer of `kind` from its two values (a backend has none).
+    pub fn decode_napi(&self, kind: LayerKind, defer: f32, timeout: f32) -> NapiParams {
+        if kind == LayerKind::Backend {
+            return NapiParams::OFF;
+        }
+        let d = Self::decode_log0(defer, self.napi.defer_max);
+        let t = Self::decode_log0(timeout, self.napi.timeout_us_max);
+        NapiParams::new(d, u64::from(t) * 1000)
+    }
+
+    /// The two values of a deferral (the timeout in whole µs, clamped into the bounds).
+    pub fn encode_napi(&self, p: NapiParams) -> [f32; 2] {
+        [
+            Self::encode_log0(p.napi_defer_hard_irqs, self.napi.defer_max),
+            Self::encode_log0(
+                (p.gro_flush_timeout_ns / 1000).min(u64::from(u32::MAX)) as u32,
+                self.napi.timeout_us_max,
+            ),
+        ]
     }
 
     pub fn decode_frames(&self, kind: LayerKind, a: f32) -> u32 {
@@ -309,9 +456,7 @@ impl ActionSpace {
     }
 
     pub fn encode_usecs(&self, kind: LayerKind, usecs: u32) -> f32 {
-        let max = f64::from(self.bounds(kind).usecs_max);
-        let u = (f64::from(usecs).min(max) + 1.0).ln() / (max + 1.0).ln();
-        (2.0 * u - 1.0) as f32
+        Self::encode_log0(usecs, self.bounds(kind).usecs_max)
     }
 
     pub fn encode_frames(&self, kind: LayerKind, frames: u32) -> f32 {
@@ -323,15 +468,18 @@ impl ActionSpace {
         (2.0 * u - 1.0) as f32
     }
 
-    /// Decodes one layer's four values (`rx_usecs, rx_frames, tx_usecs, tx_frames`).
+    /// Decodes one layer's six values ([`KNOB_NAMES`]).
     pub fn decode_layer(&self, kind: LayerKind, a: &[f32]) -> LayerSettings {
-        LayerSettings::fixed(
-            Knobs::new(self.decode_usecs(kind, a[0]), self.decode_frames(kind, a[1])),
-            Knobs::new(self.decode_usecs(kind, a[2]), self.decode_frames(kind, a[3])),
-        )
+        LayerSettings {
+            napi: self.decode_napi(kind, a[4], a[5]),
+            ..LayerSettings::fixed(
+                Knobs::new(self.decode_usecs(kind, a[0]), self.decode_frames(kind, a[1])),
+                Knobs::new(self.decode_usecs(kind, a[2]), self.decode_frames(kind, a[3])),
+            )
+        }
     }
 
-    /// Encodes one layer's fixed knobs into four values in `[-1, 1]`.
+    /// Encodes one layer's fixed knobs into its four coalescing values in `[-1, 1]`.
     pub fn encode_layer(&self, kind: LayerKind, rx: Knobs, tx: Knobs) -> [f32; 4] {
         [
             self.encode_usecs(kind, rx.usecs),
@@ -357,7 +505,9 @@ impl ActionSpace {
         let ids: Vec<LayerId> = s.layer_ids().collect();
         for id in ids {
             let b = *self.bounds(id.kind());
+            let nb = self.napi;
             let layer = s.layer_mut(id);
+            layer.napi = nb.clamp(layer.napi);
             for dir in Direction::BOTH {
                 if let Moderation::Fixed(k) = layer.get(dir) {
                     layer.set(dir, Moderation::Fixed(b.clamp(k)));
@@ -397,6 +547,25 @@ mod tests {
                 assert_eq!(sp.decode_frames(kind, sp.encode_frames(kind, fr)), fr);
             }
         }
+    }
+
+    #[test]
+    fn deferral_decodes_off_at_minus_one_and_round_trips() {
+        let sp = ActionSpace::default();
+        assert_eq!(sp.decode_napi(LayerKind::Nic, -1.0, -1.0), NapiParams::OFF);
+        assert_eq!(sp.decode_napi(LayerKind::Frontend, 1.0, 1.0), NapiParams::new(8, 500_000));
+        assert_eq!(sp.decode_napi(LayerKind::Backend, 1.0, 1.0), NapiParams::OFF, "no NAPI in a backend");
+        for d in 0..=8 {
+            for t in [0, 1, 10, 20, 50, 100, 500] {
+                let p = NapiParams::new(d, t * 1000);
+                let [a, b] = sp.encode_napi(p);
+                assert_eq!(sp.decode_napi(LayerKind::Nic, a, b), p);
+            }
+        }
+        let mut s = CoalescingSettings::per_packet(1);
+        s.nic.napi = NapiParams::new(100, 9_000_000);
+        sp.clamp(&mut s);
+        assert_eq!(s.nic.napi, NapiParams::new(8, 500_000));
     }
 
     #[test]

@@ -348,7 +348,11 @@ fn host_role_swaps_backend_directions_and_reports_absent_layers_as_defaults() {
     assert!(!un.contains_key("nic.rx_usecs"));
     // An action for the NIC sets it; fixed knobs turn its adaptive modes off in the same request.
     let mut a = CoalescingSettings::per_packet(3);
-    a.nic = LayerSettings { rx: Moderation::fixed(32, 64), tx: Moderation::fixed(16, 32) };
+    a.nic = LayerSettings {
+        rx: Moderation::fixed(32, 64),
+        tx: Moderation::fixed(16, 32),
+        napi: Default::default(),
+    };
     env.apply(&a).unwrap();
     let (originals, _) = env.originals();
     assert_eq!(originals.iter().map(|o| o.ifname.as_str()).collect::<Vec<_>>(), ["ens2f0np0"]);

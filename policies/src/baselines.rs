@@ -17,8 +17,9 @@
 //! - `napi:<defer>/<timeout_us>`: the NAPI recipes of the kernel documentation
 //!   (Documentation/networking/napi.rst): `napi_defer_hard_irqs = defer` and
 //!   `gro_flush_timeout = timeout_us` µs on every interface of the side it is deployed on (e.g.
-//!   `napi:2/20`: 2 empty polls, 20 µs = 20000 ns); coalescing knobs are left as they are. Live
-//!   hosts only: the simulator has no NAPI-deferral model yet and refuses it.
+//!   `napi:2/20`: 2 empty polls, 20 µs = 20000 ns); a deploy leaves the coalescing knobs as they
+//!   are, the simulator runs them per-packet (the kernel's default where a profile has no
+//!   knobs) with the deferral on the NIC and every frontend.
 //!
 //! `best-static` (the hindsight oracle over fixed settings) is a search, not a fixed policy; see
 //! [`crate::best_static`].
@@ -200,10 +201,17 @@ impl Policy for NapiPolicy {
     fn name(&self) -> &str {
         &self.name
     }
-    /// Per-packet everywhere, which no caller applies: [`sets_coalescing`](Policy::sets_coalescing)
-    /// is `false`, and the simulator refuses this policy.
+    /// The deferral on the NIC and every frontend (the NAPI layers; a profile's host keeps what
+    /// it has), the coalescing knobs per-packet: the simulator applies this. A deploy leaves
+    /// the interfaces' own knobs alone ([`sets_coalescing`](Policy::sets_coalescing) is `false`)
+    /// and sets [`napi`](Policy::napi) on every interface of its side.
     fn act(&mut self, obs: &Observation) -> CoalescingSettings {
-        CoalescingSettings::uniform(obs.guests.len(), LayerSettings::PER_PACKET)
+        let mut s = CoalescingSettings::uniform(obs.guests.len(), LayerSettings::PER_PACKET);
+        s.nic.napi = self.params;
+        for vm in &mut s.vms {
+            vm.frontend.napi = self.params;
+        }
+        s
     }
     fn napi(&self) -> Option<NapiParams> {
         Some(self.params)
@@ -261,7 +269,7 @@ pub fn baseline_names(customs: &BTreeMap<String, StaticSpec>) -> Vec<String> {
     v.extend(customs.keys().map(|k| format!("static:{k}")));
     v.push("static:<usecs>/<frames>".into());
     v.push("static:nic=<u>/<f>,backend=<u>/<f>,frontend=<u>/<f>".into());
-    v.push("napi:<defer>/<timeout_us> (live hosts only)".into());
+    v.push("napi:<defer>/<timeout_us>".into());
     v
 }
 

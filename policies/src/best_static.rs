@@ -7,10 +7,18 @@
 //! setting: every (layer, direction) stream in turn tries every grid value with the others held,
 //! until a pass improves nothing (at most [`MAX_PASSES`]). The caller supplies the evaluation (an
 //! episode in the simulator) and caches the result.
+//!
+//! On a host that names its profile ([`HostProfile`]) the search covers that profile's
+//! mechanisms: settings are masked to what the host has before they are evaluated (so a layer
+//! without knobs costs no evaluations), and each layer with NAPI deferral is one more coordinate,
+//! over [`DEFER_GRID`]. A host without a profile is searched over the ethtool knobs alone, as
+//! before profiles existed.
 
 use std::collections::HashMap;
 
-use moderato_env::{CoalescingSettings, Direction, Knobs, LayerId, LayerSettings, Moderation};
+use moderato_env::{
+    CoalescingSettings, Direction, HostProfile, Knobs, LayerId, LayerSettings, Moderation, NapiParams,
+};
 use serde::{Deserialize, Serialize};
 
 /// The knob values every stream tries (µs / frames).
@@ -23,6 +31,17 @@ pub const GRID: [Knobs; 8] = [
     Knobs::new(64, 32),
     Knobs::new(128, 64),
     Knobs::new(256, 128),
+];
+
+/// The NAPI deferrals a deferral coordinate tries (`napi_defer_hard_irqs`, `gro_flush_timeout`):
+/// off, then the kernel documentation's kind of recipe at timeouts from 10 µs to 200 µs.
+pub const DEFER_GRID: [NapiParams; 6] = [
+    NapiParams::OFF,
+    NapiParams::new(1, 10_000),
+    NapiParams::new(2, 20_000),
+    NapiParams::new(2, 50_000),
+    NapiParams::new(4, 100_000),
+    NapiParams::new(8, 200_000),
 ];
 
 /// Drops tolerated by "meets the SLO".
@@ -77,14 +96,29 @@ pub fn streams(vms: usize) -> Vec<(LayerId, Direction)> {
     LayerId::all(vms).flat_map(|l| Direction::BOTH.map(|d| (l, d))).collect()
 }
 
-/// Finds the best fixed setting for `vms` VMs; `evaluate` runs one setting and scores it.
-/// `candidates` (e.g. the static presets) are evaluated with the uniform grid before the descent
-/// starts, so the answer is never worse than any of them.
+/// One coordinate of the descent: a (layer, direction) stream's knobs, or a layer's deferral.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Coord {
+    Knobs(LayerId, Direction),
+    Deferral(LayerId),
+}
+
+/// Finds the best fixed setting for `vms` VMs on a host of `profile` (`None`: ethtool knobs on
+/// every layer, no deferral); `evaluate` runs one setting and scores it. `candidates` (e.g. the
+/// static presets) are evaluated with the uniform grid before the descent starts, so the answer is
+/// never worse than any of them.
 pub fn search<E>(
     vms: usize,
+    profile: Option<HostProfile>,
     candidates: &[CoalescingSettings],
     mut evaluate: impl FnMut(&CoalescingSettings) -> Result<Score, E>,
 ) -> Result<Found, E> {
+    let mask = |mut s: CoalescingSettings| {
+        if let Some(p) = profile {
+            p.mask(&mut s);
+        }
+        s
+    };
     let mut seen: HashMap<CoalescingSettings, Score> = HashMap::new();
     let mut eval = |s: &CoalescingSettings| -> Result<Score, E> {
         if let Some(sc) = seen.get(s) {
@@ -97,18 +131,37 @@ pub fn search<E>(
     let mut best: Option<(CoalescingSettings, Score)> = None;
     let uniform = GRID.iter().map(|&k| CoalescingSettings::uniform(vms, LayerSettings::fixed(k, k)));
     for s in uniform.chain(candidates.iter().filter(|c| c.vms.len() == vms).cloned()) {
+        let s = mask(s);
         let sc = eval(&s)?;
         if best.as_ref().is_none_or(|b| sc.better_than(&b.1)) {
             best = Some((s, sc));
         }
     }
+    let mut coords: Vec<Coord> = Vec::new();
+    for layer in LayerId::all(vms) {
+        let m = profile.map(|p| p.mechanisms(layer.kind()));
+        if m.is_none_or(|m| m.coalescing) {
+            coords.extend(Direction::BOTH.map(|d| Coord::Knobs(layer, d)));
+        }
+        if m.is_some_and(|m| m.deferral) {
+            coords.push(Coord::Deferral(layer));
+        }
+    }
     let (mut best_s, mut best_sc) = best.expect("the grid is not empty");
     for _ in 0..MAX_PASSES {
         let mut improved = false;
-        for (layer, dir) in streams(vms) {
-            for k in GRID {
+        for &c in &coords {
+            let n = match c {
+                Coord::Knobs(..) => GRID.len(),
+                Coord::Deferral(_) => DEFER_GRID.len(),
+            };
+            for i in 0..n {
                 let mut s = best_s.clone();
-                s.layer_mut(layer).set(dir, Moderation::Fixed(k));
+                match c {
+                    Coord::Knobs(layer, dir) => s.layer_mut(layer).set(dir, Moderation::Fixed(GRID[i])),
+                    Coord::Deferral(layer) => s.layer_mut(layer).napi = DEFER_GRID[i],
+                }
+                let s = mask(s);
                 if s == best_s {
                     continue;
                 }
@@ -150,7 +203,7 @@ mod tests {
 
     #[test]
     fn finds_the_known_optimum_of_a_toy_objective() {
-        let f = search(1, &[], toy).unwrap();
+        let f = search(1, None, &[], toy).unwrap();
         assert!(f.score.feasible());
         assert_eq!(f.settings.nic.rx, Moderation::fixed(16, 16));
         // Every other stream goes to the largest grid value.
@@ -165,7 +218,7 @@ mod tests {
         let mut star =
             CoalescingSettings::uniform(1, LayerSettings::fixed(Knobs::new(16, 16), Knobs::new(16, 16)));
         star.nic.tx = Moderation::fixed(999, 7);
-        let f = search(1, std::slice::from_ref(&star), |s| -> Result<Score, ()> {
+        let f = search(1, None, std::slice::from_ref(&star), |s| -> Result<Score, ()> {
             let hit = s == &star;
             Ok(Score {
                 cpu_us_per_packet: if hit { 1.0 } else { 2.0 },

@@ -29,9 +29,9 @@ pub trait Policy: Send {
     fn requirements(&self) -> Requirements {
         Requirements::default()
     }
-    /// The NAPI deferral this policy sets on every interface of the side it is deployed on;
-    /// `None` (the default): the interfaces keep their own. The simulator does not model NAPI
-    /// deferral yet, so a policy that returns `Some` is refused there.
+    /// The NAPI deferral a deploy sets on every interface of the side it is deployed on;
+    /// `None` (the default): the interfaces keep their own. (In the simulator a policy's deferral
+    /// is part of what [`act`](Self::act) returns, per layer.)
     fn napi(&self) -> Option<NapiParams> {
         None
     }

@@ -40,6 +40,11 @@ pub struct DeployConfig {
     pub state_dir: Option<PathBuf>,
     /// The run-time latency guard; absent: no guard.
     pub slo: Option<SloSection>,
+    /// The host's moderation mechanisms (`kvm-notf-coal`, `kvm-vhost`, `xen`): what a learned
+    /// model is told and checked against (a model trained for other profiles is refused).
+    /// Absent: `kvm-notf-coal`, every layer's ethtool knobs (the behaviour before profiles).
+    #[serde(default)]
+    pub profile: Option<moderato_env::HostProfile>,
 }
 
 /// `[slo]`: when the probe's p99 exceeds `p99_us` for `after_intervals` intervals in a row, the
@@ -473,6 +478,7 @@ impl DeployConfig {
             interval: Duration::from_millis(self.interval_ms),
             probe: self.probe(path)?,
             cpus: (!self.cpus.is_empty()).then(|| self.cpus.clone()),
+            profile: self.profile.unwrap_or_default(),
             ..base
         };
         cfg.validate().map_err(|e| anyhow!("{}: {e}", path.display()))?;

@@ -76,6 +76,10 @@ pub struct EvalConfig {
     /// `[sim.reward]` value.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slo_p99_us: Option<SloTargets>,
+    /// Runs every scenario as a host of this profile (`kvm-notf-coal`, `kvm-vhost`, `xen`): its
+    /// `host.profile` set and its backend made the profile's. Absent: each scenario's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<moderato_env::HostProfile>,
 }
 
 /// One SLO target or a list of them (`slo_p99_us = 200` or `slo_p99_us = [100, 200, 500]`).
@@ -213,8 +217,13 @@ impl EvalConfig {
             .scenarios
             .iter()
             .map(|s| {
-                Scenario::load(base.join(s))
-                    .map_err(|e| anyhow::anyhow!("{at}: scenario {}: {e}", s.display()))
+                let sc = Scenario::load(base.join(s))
+                    .map_err(|e| anyhow::anyhow!("{at}: scenario {}: {e}", s.display()))?;
+                let Some(p) = self.profile else { return Ok(sc) };
+                let sc = sc.with_profile(p);
+                sc.validate()
+                    .map_err(|e| anyhow::anyhow!("{at}: scenario {} as profile {p}: {e}", s.display()))?;
+                Ok(sc)
             })
             .collect::<Result<Vec<_>>>()?;
         let policies = self
@@ -370,6 +379,10 @@ impl Cache {
             "passes": best_static::MAX_PASSES,
             "max_drop": best_static::MAX_DROP_FRACTION,
         });
+        // A host that names its profile is also searched over deferral.
+        if scenario.host.profile.is_some() {
+            key["defer_grid"] = serde_json::to_value(best_static::DEFER_GRID).expect("plain data");
+        }
         // Only when set, so that the searches cached before warm-ups existed stay valid.
         if warmup_steps > 0 {
             key["warmup_steps"] = warmup_steps.into();
@@ -400,7 +413,7 @@ pub fn best_static(
     let mut presets: Vec<_> =
         moderato_policies::baselines::PRESETS.iter().map(|p| p.2.settings(vms)).collect();
     presets.push(moderato_env::CoalescingSettings::per_packet(vms));
-    let found = best_static::search(vms, &presets, |s| -> Result<Score> {
+    let found = best_static::search(vms, scenario.host.profile, &presets, |s| -> Result<Score> {
         let mut p = moderato_policies::baselines::FixedPolicy::new("best-static", s.clone());
         let (summary, reward) =
             run_episode(scenario, sim, &AdaptiveConfig::default(), &mut p, seed, warmup_steps)?;

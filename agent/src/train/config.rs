@@ -129,6 +129,11 @@ pub struct SuiteConfig {
     /// `slo_p99_us`.)
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slo_p99_us: Option<[f64; 2]>,
+    /// Each episode on a listed scenario runs it as a host of one of these profiles, drawn
+    /// uniformly (its backend made the profile's); empty (the default): each scenario's own.
+    /// (Generated hosts draw theirs from the generator's `profiles`.)
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub profiles: Vec<moderato_env::HostProfile>,
 }
 
 impl SuiteConfig {
@@ -337,6 +342,33 @@ impl Experiment {
             }
         }
         r
+    }
+
+    /// The host profiles a training episode can run on: the generator's (when it draws
+    /// episodes; a host whose backend none of them runs has no profile, i.e. `kvm-notf-coal`) and
+    /// the suite's `profiles` (or the listed scenarios' own). Sorted, without repeats.
+    pub fn profiles(&self) -> Vec<moderato_env::HostProfile> {
+        let suite = &self.config.suite;
+        let mut out = Vec::new();
+        if let Some(g) = suite.generator.as_ref().filter(|_| suite.generator_share() > 0.0) {
+            for b in &g.backends {
+                let of: Vec<_> = g.profiles.iter().copied().filter(|p| p.backend() == *b).collect();
+                if of.is_empty() {
+                    out.push(moderato_env::HostProfile::default());
+                }
+                out.extend(of);
+            }
+        }
+        if suite.generator_share() < 1.0 {
+            if suite.profiles.is_empty() {
+                out.extend(self.scenarios.iter().map(|s| s.profile()));
+            } else {
+                out.extend(suite.profiles.iter().copied());
+            }
+        }
+        out.sort();
+        out.dedup();
+        out
     }
 
     /// The most VMs an episode's host can have: the suite's scenarios and the generator's range.

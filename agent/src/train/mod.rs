@@ -127,6 +127,7 @@ pub fn model_meta(exp_name: &str, toml: &str, cfg: &ExperimentConfig, state: &Tr
         interval_us: cfg.sim.interval_us,
         probes: Probes { host: cfg.sim.probe.host(), guest: cfg.sim.probe.guest() },
         slo_range_us: state.slo_range_us,
+        profiles: state.profiles.clone(),
         provenance: Provenance {
             experiment: exp_name.to_string(),
             config_toml: toml.to_string(),
@@ -374,6 +375,7 @@ fn final_eval(t: &Trainer, run: &Path, model_dir: &Path) -> Result<()> {
         threads: c.threads,
         warmup_steps: 0,
         slo_p99_us: None,
+        profile: None,
     };
     let suite = cfg.into_suite(&t.exp.path)?;
     let cache = eval::Cache { dir: Some(PathBuf::from("runs/cache")) };

@@ -51,6 +51,20 @@ use super::metrics::Metrics;
 use super::randomize;
 
 const K: usize = moderato_env::KNOBS_PER_LAYER;
+
+/// Per layer kind (NIC, backend, frontend), 1 for each of a layer's [`K`] values that `profile`'s
+/// host has: the coalescing knobs where the layer takes them, the deferral where it has NAPI.
+pub fn layer_columns(profile: moderato_env::HostProfile) -> [[f32; K]; 3] {
+    moderato_env::LayerKind::ALL.map(|kind| {
+        let m = profile.mechanisms(kind);
+        let mut c = [0f32; K];
+        for (k, v) in c.iter_mut().enumerate() {
+            let has = if k < moderato_env::COALESCING_KNOBS { m.coalescing } else { m.deferral };
+            *v = if has { 1.0 } else { 0.0 };
+        }
+        c
+    })
+}
 const LN_2PI: f64 = 1.837_877_066_409_345_5; // ln(2π)
 
 /// Input width of the centralised critic: host features, and the mean and max over VMs of the
@@ -143,6 +157,10 @@ pub struct TrainState {
     /// [`super::config::Experiment::slo_range_us`]); recorded in `model.json`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slo_range_us: Option<[f64; 2]>,
+    /// The host profiles the training episodes can run on (see
+    /// [`super::config::Experiment::profiles`]); recorded in `model.json`.
+    #[serde(default)]
+    pub profiles: Vec<moderato_env::HostProfile>,
 }
 
 /// The PID Lagrangian's state between iterations.
@@ -403,6 +421,7 @@ impl Trainer {
             lagrange: LagrangeState::default(),
             best_validation: None,
             slo_range_us: exp.slo_range_us(),
+            profiles: exp.profiles(),
         };
         let ignored = Ignored::new(&c.network.ignore_features).expect("a validated experiment config");
         let cost_critic = (c.ppo.constraint == Constraint::Lagrangian).then(|| {
@@ -544,31 +563,41 @@ impl Trainer {
                 let vms = obs[i].guests.len();
                 let mut a = vec![0f32; aw];
                 let mut lp = 0.0f64;
-                let mut sample = |mu: f32, ls: f32, a: &mut f32| {
+                // Which of a layer's values the host's profile has: a value it lacks is sampled
+                // (the layout stays fixed) but neither counts in log π nor gets a gradient.
+                let cols = layer_columns(obs[i].host.profile);
+                let mut sample = |mu: f32, ls: f32, a: &mut f32, counted: bool| {
                     let std = f64::from(ls).exp();
                     let eps = standard_normal(&mut rng);
                     *a = (f64::from(mu) + std * eps) as f32;
-                    lp += -0.5 * eps * eps - f64::from(ls) - 0.5 * LN_2PI;
+                    if counted {
+                        lp += -0.5 * eps * eps - f64::from(ls) - 0.5 * LN_2PI;
+                    }
                 };
                 for k in 0..K {
-                    sample(mu_nic[i * K + k], ls_nic[k], &mut a[k]);
+                    sample(mu_nic[i * K + k], ls_nic[k], &mut a[k], cols[0][k] > 0.0);
                 }
                 for vm in 0..vms {
                     for k in 0..K {
                         let j = (i * v + vm) * K + k;
-                        sample(mu_be[j], ls_be[k], &mut a[K + vm * K + k]);
-                        sample(mu_fe[j], ls_fe[k], &mut a[K + v * K + vm * K + k]);
+                        sample(mu_be[j], ls_be[k], &mut a[K + vm * K + k], cols[1][k] > 0.0);
+                        sample(mu_fe[j], ls_fe[k], &mut a[K + v * K + vm * K + k], cols[2][k] > 0.0);
                     }
                 }
                 let s = decode_means(self.action_space(), vms, &a[..K], &a[K..K + v * K], &a[K + v * K..]);
                 settings.push(s);
                 st.actions.extend_from_slice(&a);
                 st.logprobs.push(lp as f32);
-                // Which action columns are knobs of this host (the rest is padding).
-                st.mask.extend(std::iter::repeat_n(1.0, K));
-                for _side in 0..2 {
+                // Which action columns are values this host has (the rest is padding, or what
+                // its profile lacks).
+                st.mask.extend_from_slice(&cols[0]);
+                for side in 1..3 {
                     for vm in 0..v {
-                        st.mask.extend(std::iter::repeat_n(if vm < vms { 1.0 } else { 0.0 }, K));
+                        if vm < vms {
+                            st.mask.extend_from_slice(&cols[side]);
+                        } else {
+                            st.mask.extend(std::iter::repeat_n(0.0, K));
+                        }
                     }
                 }
             }
@@ -1144,7 +1173,7 @@ pub fn check_state_features(dir: &std::path::Path, state: &TrainState) -> Result
         anyhow::ensure!(
             have == need,
             "{}: this checkpoint was made by a build with {have} {group} features, this build has {need} \
-             (moderato_env::obs lists them; per-VM objectives added the slo_* features): it cannot be resumed \
+             (moderato_env::obs lists them; per-VM objectives added the slo_* features, host profiles the napi_* and *coalescing features): it cannot be resumed \
              or exported by this build; start a new run",
             dir.display()
         );

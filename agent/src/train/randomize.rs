@@ -51,6 +51,12 @@ fn perturb(scenarios: &[Scenario], suite: &SuiteConfig, seed: u64) -> (usize, Sc
         pick
     };
     let mut s = scenarios[i].clone();
+    if !suite.profiles.is_empty() {
+        // Its own stream, so that the draws below are those of the same seed without profiles.
+        let mut g = Pcg64Mcg::seed_from_u64(splitmix64(seed ^ PROFILE_STREAM));
+        let p = suite.profiles[(g.next_u64() % suite.profiles.len() as u64) as usize];
+        s = s.with_profile(p);
+    }
     for vm in &mut s.vms {
         for f in &mut vm.flows {
             f.arrivals.scale_rate(log_uniform(&mut rng, suite.rate_scale));
@@ -85,6 +91,9 @@ fn perturb(scenarios: &[Scenario], suite: &SuiteConfig, seed: u64) -> (usize, Sc
     }
     (i, s)
 }
+
+/// Tags the per-episode profile stream of an episode seed.
+const PROFILE_STREAM: u64 = 0x7072_6f66_696c_6573;
 
 /// Tags the per-episode SLO stream of an episode seed.
 const SLO_STREAM: u64 = 0x736c_6f2e_7039_3975;

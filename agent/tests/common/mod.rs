@@ -95,7 +95,7 @@ impl Policy for Scripted {
 /// Per-packet settings for one VM but its frontend's.
 pub fn frontend(rx: Moderation, tx: Moderation) -> CoalescingSettings {
     let mut s = CoalescingSettings::per_packet(1);
-    s.vms[0].frontend = LayerSettings { rx, tx };
+    s.vms[0].frontend = LayerSettings { rx, tx, napi: Default::default() };
     s
 }
 

@@ -220,6 +220,7 @@ impl Original {
             LayerSettings {
                 rx: dir(p.adaptive_rx, p.rx_usecs, p.rx_frames),
                 tx: dir(p.adaptive_tx, p.tx_usecs, p.tx_frames),
+                napi: self.napi.unwrap_or(NapiParams::OFF),
             },
         )
     }
@@ -335,6 +336,7 @@ impl HostEnv {
             guest_probe: config.role == Role::Guest && config.probe.is_some(),
             slo_p99_us: None,
             vm_slo_p99_us: (0..vms).map(|v| config.objective(v)).collect(),
+            profile: config.profile,
         };
         let layers = config
             .interfaces()
@@ -927,6 +929,7 @@ impl HostEnv {
                     cpu: cpu_obs,
                     probe,
                     slo_p99_us: self.spec.vm_slo_p99_us.clone(),
+                    profile: self.config.profile,
                 },
                 guests: vec![GuestObs::default(); vms],
             },
@@ -938,6 +941,7 @@ impl HostEnv {
                     cpu: cpu_obs,
                     probe,
                     slo_p99_us: self.spec.vm_slo_p99_us[0],
+                    profile: self.config.profile,
                 }],
             },
         };
@@ -1138,6 +1142,7 @@ fn oriented(id: LayerId, r: &InterfaceObs) -> InterfaceObs {
             drops_per_s: r.drops_per_s,
             rx_knobs: r.tx_knobs,
             tx_knobs: r.rx_knobs,
+            napi: None,
         },
         _ => *r,
     }
@@ -1146,7 +1151,7 @@ fn oriented(id: LayerId, r: &InterfaceObs) -> InterfaceObs {
 /// A layer's settings in the interface's own direction (see [`oriented`]).
 fn swap_if_backend(id: LayerId, s: LayerSettings) -> LayerSettings {
     match id {
-        LayerId::Backend(_) => LayerSettings { rx: s.tx, tx: s.rx },
+        LayerId::Backend(_) => LayerSettings { rx: s.tx, tx: s.rx, ..s },
         _ => s,
     }
 }

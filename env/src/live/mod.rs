@@ -129,6 +129,8 @@ pub struct LiveConfig {
     /// entry for the guest role); empty: no VM has one. Operator intent: it enters the
     /// observation as configured.
     pub objectives: Vec<Option<f64>>,
+    /// The host's moderation mechanisms; it enters the observation as configured.
+    pub profile: crate::HostProfile,
 }
 
 impl LiveConfig {
@@ -145,6 +147,7 @@ impl LiveConfig {
             sysfs_root: PathBuf::from("/sys"),
             procfs_root: PathBuf::from("/proc"),
             objectives: Vec::new(),
+            profile: crate::HostProfile::default(),
         }
     }
 

@@ -30,59 +30,7 @@ use std::path::{Path, PathBuf};
 
 use super::counters;
 
-/// The largest `napi_defer_hard_irqs` the kernel accepts (`S32_MAX`).
-pub const DEFER_HARD_IRQS_MAX: u32 = i32::MAX as u32;
-/// The largest `gro_flush_timeout` (ns) that the kernel's hrtimer takes without wrapping.
-pub const GRO_FLUSH_TIMEOUT_NS_MAX: u64 = i64::MAX as u64;
-
-/// One interface's NAPI deferral. Serialised with the sysfs names (the deploy's journal stores
-/// it).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NapiParams {
-    /// `napi_defer_hard_irqs`: empty polls before the interrupt is re-armed (0: off).
-    pub napi_defer_hard_irqs: u32,
-    /// `gro_flush_timeout`, nanoseconds: the deferral timer (0: off).
-    pub gro_flush_timeout_ns: u64,
-}
-
-impl NapiParams {
-    /// No deferral (the kernel's default).
-    pub const OFF: NapiParams = NapiParams { napi_defer_hard_irqs: 0, gro_flush_timeout_ns: 0 };
-
-    pub const fn new(napi_defer_hard_irqs: u32, gro_flush_timeout_ns: u64) -> Self {
-        NapiParams { napi_defer_hard_irqs, gro_flush_timeout_ns }
-    }
-
-    /// Refuses values the kernel would refuse or misread (see the [module docs](self)).
-    pub fn check(&self) -> Result<(), String> {
-        if self.napi_defer_hard_irqs > DEFER_HARD_IRQS_MAX {
-            return Err(format!(
-                "napi_defer_hard_irqs {} is above the kernel's limit {DEFER_HARD_IRQS_MAX} (i32::MAX)",
-                self.napi_defer_hard_irqs
-            ));
-        }
-        if self.gro_flush_timeout_ns > GRO_FLUSH_TIMEOUT_NS_MAX {
-            return Err(format!(
-                "gro_flush_timeout {} ns is above {GRO_FLUSH_TIMEOUT_NS_MAX} ns (i64::MAX), which the \
-                 kernel's timer cannot hold",
-                self.gro_flush_timeout_ns
-            ));
-        }
-        Ok(())
-    }
-}
-
-impl std::fmt::Display for NapiParams {
-    /// `napi_defer_hard_irqs 2 gro_flush_timeout 20000` (the sysfs names and units).
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "napi_defer_hard_irqs {} gro_flush_timeout {}",
-            self.napi_defer_hard_irqs, self.gro_flush_timeout_ns
-        )
-    }
-}
+pub use crate::settings::{DEFER_HARD_IRQS_MAX, GRO_FLUSH_TIMEOUT_NS_MAX, NapiParams};
 
 /// A failed NAPI read or write, as a sentence that names the interface and the file.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -64,7 +64,7 @@ use super::napi::{SoftirqLimits, SoftirqRun};
 use super::scenario::{Arrivals, FlowKind, Scenario, ServiceDist};
 use crate::controller::{ControllerFactory, DriverSample, LayerController};
 use crate::info::CpuBreakdown;
-use crate::settings::{Adaptive, CoalescingSettings, Direction, Knobs, LayerId, Moderation};
+use crate::settings::{Adaptive, CoalescingSettings, Direction, Knobs, LayerId, Moderation, NapiParams};
 
 /// A packet: its origin time and what it belongs to.
 #[derive(Debug, Clone, Copy)]
@@ -181,6 +181,8 @@ pub(crate) struct StageCounters {
     pub notifications: u64,
     /// NAPI polls (NAPI stages only).
     pub polls: u64,
+    /// NAPI polls the deferral timer scheduled (included in `polls`).
+    pub timer_polls: u64,
     /// Items whose job completed.
     pub done: u64,
     pub done_bytes: u64,
@@ -220,6 +222,18 @@ struct Stage {
     recheck: bool,
     /// NAPI: fixed cost of one poll.
     poll_ns: u64,
+    /// NAPI deferral: `napi_defer_hard_irqs` and `gro_flush_timeout` (ns) in force.
+    defer_max: u32,
+    defer_timeout_ns: u64,
+    /// NAPI deferral: `defer_hard_irqs_count`, the empty polls left before the interrupt is
+    /// re-armed.
+    defer_left: u32,
+    /// NAPI deferral: the hrtimer is armed (the stage stays masked until it polls).
+    defer_armed: bool,
+    /// NAPI deferral: the next poll was scheduled by the hrtimer and pays `timer_ns`.
+    timer_due: bool,
+    /// NAPI deferral: the hrtimer's cost (arming and expiry).
+    timer_ns: u64,
     cpu: usize,
     prio: Prio,
     bucket: Bucket,
@@ -257,6 +271,12 @@ impl Stage {
             ksoftirqd: false,
             recheck: false,
             poll_ns: 0,
+            defer_max: 0,
+            defer_timeout_ns: 0,
+            defer_left: 0,
+            defer_armed: false,
+            timer_due: false,
+            timer_ns: 0,
             cpu,
             prio,
             bucket,
@@ -561,21 +581,22 @@ impl Engine {
         let mut stages = Vec::with_capacity(3 + PER_VM * vms);
         let nic = h.nic_cpu;
         let pp = Knobs::PER_PACKET;
-        let napi = |s: &mut Stage, poll_us: f64, recheck: bool| {
+        let napi = |s: &mut Stage, poll_us: f64, timer_us: f64, recheck: bool| {
             s.napi = h.napi;
             s.poll_ns = ns(poll_us);
+            s.timer_ns = ns(timer_us);
             s.recheck = recheck;
         };
         let mut s = Stage::new(Kind::NicRx, h.nic_rx_ring, Trigger::Knobs(pp), nic, Prio::Irq, Bucket::Nic);
         s.notify_ns = ns(c.nic_irq_us);
         s.per_pkt_ns = ns(c.nic_per_packet_us);
-        napi(&mut s, c.nic_poll_us, false);
+        napi(&mut s, c.nic_poll_us, c.host_timer_us, false);
         stages.push(s);
         stages.push(Stage::new(Kind::NicTx, h.nic_tx_ring, Trigger::Wire, nic, Prio::Irq, Bucket::Nic));
         let mut s = Stage::new(Kind::NicTxc, usize::MAX, Trigger::Knobs(pp), nic, Prio::Irq, Bucket::Nic);
         s.notify_ns = ns(c.nic_irq_us);
         s.per_pkt_ns = ns(c.nic_per_packet_us);
-        napi(&mut s, c.nic_poll_us, false);
+        napi(&mut s, c.nic_poll_us, c.host_timer_us, false);
         stages.push(s);
         let vcpu0 = h.cpus;
         for (v, vm) in sc.vms.iter().enumerate() {
@@ -596,7 +617,7 @@ impl Engine {
                 Stage::new(Kind::FeRx(v), vm.ring, Trigger::Knobs(pp), vc, Prio::Irq, Bucket::Frontend);
             s.notify_ns = ns(c.virq(h.posted_interrupts));
             s.per_pkt_ns = ns(c.frontend_per_packet_us);
-            napi(&mut s, c.frontend_poll_us, true);
+            napi(&mut s, c.frontend_poll_us, c.guest_timer_us, true);
             stages.push(s);
             let mut s = Stage::new(
                 Kind::SockRx(v),
@@ -640,7 +661,7 @@ impl Engine {
                 Stage::new(Kind::FeTxc(v), usize::MAX, Trigger::Knobs(pp), vc, Prio::Irq, Bucket::Frontend);
             s.notify_ns = ns(c.virq(h.posted_interrupts));
             s.per_pkt_ns = ns(c.frontend_per_packet_us);
-            napi(&mut s, c.frontend_poll_us, true);
+            napi(&mut s, c.frontend_poll_us, c.guest_timer_us, true);
             stages.push(s);
         }
         let mut cpus: Vec<Cpu> = (0..h.cpus).map(|_| Cpu::new(0)).collect();
@@ -786,8 +807,31 @@ impl Engine {
             for dir in Direction::BOTH {
                 self.apply_one(layer, dir, ls.get(dir))?;
             }
+            let napi_stages = match layer {
+                LayerId::Nic => Some([NIC_RX, NIC_TXC]),
+                LayerId::Backend(_) => None,
+                LayerId::Frontend(v) => Some([fe_rx(v), fe_txc(v)]),
+            };
+            for si in napi_stages.into_iter().flatten() {
+                // Read by the next poll that completes (the kernel reads the values in
+                // napi_complete_done); a deferral already under way runs its timer out.
+                let st = &mut self.stages[si];
+                st.defer_max = ls.napi.napi_defer_hard_irqs;
+                st.defer_timeout_ns = ls.napi.gro_flush_timeout_ns;
+            }
         }
         Ok(())
+    }
+
+    /// The NAPI deferral in force on `layer` (off on a backend, which has no NAPI).
+    pub fn napi(&self, layer: LayerId) -> NapiParams {
+        let si = match layer {
+            LayerId::Nic => NIC_RX,
+            LayerId::Backend(_) => return NapiParams::OFF,
+            LayerId::Frontend(v) => fe_rx(v),
+        };
+        let st = &self.stages[si];
+        NapiParams::new(st.defer_max, st.defer_timeout_ns)
     }
 
     fn apply_one(&mut self, layer: LayerId, dir: Direction, m: Moderation) -> Result<(), String> {
@@ -1010,7 +1054,12 @@ impl Engine {
         } else if i < self.slots.len() - 1 {
             let si = self.slot_stage[i - n_cpus] as usize;
             let st = &self.stages[si];
-            if st.timer_armed && st.timer_gen == tag && st.pending > 0 {
+            if st.timer_gen != tag {
+                return;
+            }
+            if st.defer_armed {
+                self.defer_timer(si);
+            } else if st.timer_armed && st.pending > 0 {
                 self.fire(si);
             }
         } else {
@@ -1261,7 +1310,12 @@ impl Engine {
         st.c.polls += 1;
         // The interrupt's cost covers the poll it schedules (the calibrated per-notification
         // cost of SIMULATOR.md); every further poll of the same schedule costs `poll_ns`.
-        let notify_ns = if std::mem::take(&mut st.irq_due) { st.notify_ns } else { st.poll_ns };
+        let mut notify_ns = if std::mem::take(&mut st.irq_due) { st.notify_ns } else { st.poll_ns };
+        if std::mem::take(&mut st.timer_due) {
+            // Scheduled by the deferral's hrtimer: the poll's cost and the timer's.
+            notify_ns += st.timer_ns;
+            st.c.timer_polls += 1;
+        }
         if prio == Prio::Irq {
             self.cpus[ci].sirq.on_poll(now, k);
         }
@@ -1275,10 +1329,29 @@ impl Engine {
             self.napi_reschedule(si);
             return;
         }
-        // napi_complete_done: the adaptive algorithm sees the sample, as drivers call net_dim
-        // (and ixgbe its ITR update) when a poll completes; then the interrupt is re-armed.
         let now = self.now;
         let st = &mut self.stages[si];
+        // napi_complete_done's deferral: a poll that found work reloads the count of empty
+        // polls to defer; while the count lasts and the timeout is set, the interrupt stays
+        // masked and the hrtimer polls again after the timeout (the driver neither re-arms
+        // its interrupt nor, like mlx5, runs DIM).
+        if k > 0 {
+            st.defer_left = st.defer_max;
+        }
+        if st.defer_left > 0 {
+            st.defer_left -= 1;
+            if st.defer_timeout_ns > 0 {
+                st.ksoftirqd = false;
+                st.defer_armed = true;
+                st.timer_gen = st.timer_gen.wrapping_add(1);
+                let (at, epoch) = (now + st.defer_timeout_ns, st.timer_gen);
+                self.set_timer(si, at, epoch);
+                return;
+            }
+        }
+        // napi_complete_done re-arms: the adaptive algorithm sees the sample, as drivers call
+        // net_dim (and ixgbe its ITR update) when a poll completes; then the interrupt is
+        // re-armed.
         st.controller_sample(now);
         st.masked = false;
         let in_ksoftirqd = std::mem::take(&mut st.ksoftirqd);
@@ -1295,6 +1368,15 @@ impl Engine {
             // A NIC with packets in its ring interrupts as soon as its knobs allow.
             self.fire_or_arm(si);
         }
+    }
+
+    /// The deferral's hrtimer expired (`napi_watchdog`): it schedules a poll, which runs in the
+    /// softirq the timer raises.
+    fn defer_timer(&mut self, si: usize) {
+        let st = &mut self.stages[si];
+        st.defer_armed = false;
+        st.timer_due = true;
+        self.napi_reschedule(si);
     }
 
     /// A scheduled NAPI instance polls again: in the same softirq while its budget lasts, else

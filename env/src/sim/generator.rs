@@ -153,6 +153,10 @@ pub struct GeneratorSpec {
     pub p_objective: f64,
     /// A VM objective's p99 latency target, µs (log-uniform, rounded to whole µs).
     pub slo_p99_us: [f64; 2],
+    /// Host profiles (`"kvm-notf-coal"`, `"kvm-vhost"`, `"xen"`): each host draws one of those
+    /// whose backend it drew (from a stream of its own; every other draw is unchanged). Empty (the
+    /// default): no profile, every layer has every mechanism (the model before profiles).
+    pub profiles: Vec<crate::HostProfile>,
 }
 
 impl Default for GeneratorSpec {
@@ -183,6 +187,7 @@ impl Default for GeneratorSpec {
             load: [0.05, 1.1],
             p_objective: 0.7,
             slo_p99_us: [50.0, 2000.0],
+            profiles: Vec::new(),
         }
     }
 }
@@ -232,6 +237,15 @@ impl GeneratorSpec {
             return Err("backends = []: list at least one of \"vhost\", \"xen\"".into());
         }
         int_range("cpus", self.cpus, 1, 64)?;
+        for p in &self.profiles {
+            if !self.backends.contains(&p.backend()) {
+                return Err(format!(
+                    "profiles lists \"{p}\", whose hosts run the {:?} backend, which backends does not list: add it \
+                     to backends or drop the profile",
+                    p.backend()
+                ));
+            }
+        }
         for (k, p) in [
             ("p_posted_interrupts", self.p_posted_interrupts),
             ("p_napi_off", self.p_napi_off),
@@ -313,6 +327,7 @@ const PART_HOST: u64 = 1;
 const PART_COSTS: u64 = 2;
 const PART_VM: u64 = 1 << 16;
 const PART_OBJECTIVE: u64 = 1 << 17;
+const PART_PROFILE: u64 = 3;
 
 /// The draws the generator makes.
 struct Draw(Pcg64Mcg);
@@ -650,6 +665,11 @@ pub fn sample(spec: &GeneratorSpec, seed: u64) -> Scenario {
         backend,
         posted_interrupts: posted,
         napi,
+        profile: {
+            let of_backend: Vec<crate::HostProfile> =
+                spec.profiles.iter().copied().filter(|p| p.backend() == backend).collect();
+            (!of_backend.is_empty()).then(|| Draw(part_rng(seed, PART_PROFILE)).pick(&of_backend))
+        },
         ..HostConfig::default()
     };
 
@@ -671,6 +691,8 @@ pub fn sample(spec: &GeneratorSpec, seed: u64) -> Scenario {
         vcpu_wakeup_us: dc.vcpu_wakeup_us * k(),
         nic_poll_us: dc.nic_poll_us * k(),
         frontend_poll_us: dc.frontend_poll_us * k(),
+        host_timer_us: dc.host_timer_us * k(),
+        guest_timer_us: dc.guest_timer_us * k(),
         service,
     };
 

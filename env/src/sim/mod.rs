@@ -121,6 +121,7 @@ impl SimConfig {
             guest_probe: self.probe.guest(),
             slo_p99_us: Some(self.reward.slo_p99_us),
             vm_slo_p99_us: Vec::new(),
+            profile: crate::HostProfile::default(),
         }
     }
 
@@ -209,7 +210,7 @@ impl SimEnv {
         }
         // Each VM's p99 target (`None`: no latency objective), read from the spec from here on.
         let vm_slo_p99_us = scenario.vms.iter().map(|v| v.target_us(cfg.reward.slo_p99_us)).collect();
-        let spec = EnvSpec { vm_slo_p99_us, ..cfg.spec(scenario.vms.len()) };
+        let spec = EnvSpec { vm_slo_p99_us, profile: scenario.profile(), ..cfg.spec(scenario.vms.len()) };
         Ok(SimEnv {
             scenario,
             cfg,
@@ -279,6 +280,8 @@ impl SimEnv {
             )));
         }
         self.cfg.action_space.clamp(&mut s);
+        // What the profile's host lacks stays at the kernel's default; `applied` says so.
+        self.scenario.profile().mask(&mut s);
         self.engine()?.apply(&s).map_err(EnvError::Unsupported)?;
         Ok(s)
     }
@@ -312,6 +315,7 @@ impl SimEnv {
                 drops: a.drops - b.drops,
                 notifications: a.notifications - b.notifications,
                 polls: a.polls - b.polls,
+                timer_polls: a.timer_polls - b.timer_polls,
                 done: a.done - b.done,
                 done_bytes: a.done_bytes - b.done_bytes,
             }
@@ -319,6 +323,7 @@ impl SimEnv {
         let rate = |x: u64| x as f64 / dt;
         let eng = self.eng.as_mut().expect("reset");
         let knobs = |l: LayerId, dir: Direction| Some(eng.knobs(l, dir));
+        let profile = self.scenario.profile();
 
         let (nrx, ntx, ntxc) = (d(NIC_RX), d(NIC_TX), d(NIC_TXC));
         let nic = InterfaceObs {
@@ -331,6 +336,7 @@ impl SimEnv {
             drops_per_s: rate(nrx.drops),
             rx_knobs: knobs(LayerId::Nic, Direction::Rx),
             tx_knobs: knobs(LayerId::Nic, Direction::Tx),
+            napi: Some(eng.napi(LayerId::Nic)),
         };
         let mut backends = Vec::with_capacity(vms);
         let mut guests = Vec::with_capacity(vms);
@@ -360,6 +366,7 @@ impl SimEnv {
                 drops_per_s: rate(brx.drops + frx.drops),
                 rx_knobs: knobs(LayerId::Backend(v), Direction::Rx),
                 tx_knobs: knobs(LayerId::Backend(v), Direction::Tx),
+                napi: None,
             });
             let (irq, thr) = busy(host_cpus + v);
             guests.push(GuestObs {
@@ -373,10 +380,12 @@ impl SimEnv {
                     drops_per_s: rate(srx.drops + stx.drops),
                     rx_knobs: knobs(LayerId::Frontend(v), Direction::Rx),
                     tx_knobs: knobs(LayerId::Frontend(v), Direction::Tx),
+                    napi: Some(eng.napi(LayerId::Frontend(v))),
                 },
                 cpu: CpuObs { irq: irq as f64 / interval_ns as f64, other: thr as f64 / interval_ns as f64 },
                 probe: None,
                 slo_p99_us: self.spec.vm_slo_p99_us[v],
+                profile,
             });
         }
         let (mut hi, mut ht) = (0, 0);
@@ -392,6 +401,7 @@ impl SimEnv {
             cpu: CpuObs { irq: hi as f64 / denom, other: ht as f64 / denom },
             probe: None,
             slo_p99_us: self.spec.vm_slo_p99_us.clone(),
+            profile,
         };
 
         // Latency: ground truth from the interval histograms, then probes.

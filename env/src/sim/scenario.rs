@@ -49,6 +49,11 @@ pub struct HostConfig {
     pub worker_batch: u32,
     /// Backend kind: sets the default backend per-packet cost.
     pub backend: BackendKind,
+    /// The moderation mechanisms of each layer ([`crate::HostProfile`]: `kvm-notf-coal`,
+    /// `kvm-vhost`, `xen`). Absent: every layer has ethtool's knobs and the NIC and frontend NAPI
+    /// deferral, on either backend (the model before profiles; the `kvm-notf-coal` mechanisms).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profile: Option<crate::HostProfile>,
     /// Whether virtual interrupts are posted (APICv / posted interrupts: no VM exit).
     pub posted_interrupts: bool,
     /// NAPI on the NIC's rx and tx-completion interrupts and the guest's rx and tx-completion
@@ -78,6 +83,7 @@ impl Default for HostConfig {
             switch_buffer: 1024,
             worker_batch: 64,
             backend: BackendKind::Vhost,
+            profile: None,
             posted_interrupts: false,
             napi: true,
             napi_weight: 64,
@@ -147,6 +153,16 @@ pub struct Costs {
     /// The same in the guest's frontend (virtio-net / netfront: re-enabling callbacks is a
     /// `used_event` write and a ring re-check).
     pub frontend_poll_us: f64,
+    /// The host's deferral timer (NAPI deferral's hrtimer: arming it and its interrupt), paid by
+    /// each poll the timer schedules on top of `nic_poll_us`. (This and `guest_timer_us` are
+    /// written out only when they differ from the default, so that the scenarios of before keep
+    /// their serialised form: the best-static cache is keyed by it.)
+    #[serde(skip_serializing_if = "is_default_host_timer")]
+    pub host_timer_us: f64,
+    /// The same in the guest: the TSC-deadline write that arms the timer and its expiry are VM
+    /// exits on a host without an exitless timer, so it costs about two exits.
+    #[serde(skip_serializing_if = "is_default_guest_timer")]
+    pub guest_timer_us: f64,
     /// Distribution of per-packet costs.
     pub service: ServiceDist,
 }
@@ -168,9 +184,19 @@ impl Default for Costs {
             vcpu_wakeup_us: 8.0,
             nic_poll_us: 0.25,
             frontend_poll_us: 0.25,
+            host_timer_us: 0.5,
+            guest_timer_us: 2.0,
             service: ServiceDist::Deterministic,
         }
     }
+}
+
+fn is_default_host_timer(v: &f64) -> bool {
+    v.to_bits() == Costs::default().host_timer_us.to_bits()
+}
+
+fn is_default_guest_timer(v: &f64) -> bool {
+    v.to_bits() == Costs::default().guest_timer_us.to_bits()
 }
 
 impl Costs {
@@ -196,6 +222,7 @@ impl Costs {
             backend_wakeup_us: 0.0,
             frontend_per_packet_us: 0.0,
             frontend_poll_us: 0.0,
+            guest_timer_us: 0.0,
             vcpu_wakeup_us: 0.0,
             ..self.clone()
         }
@@ -541,6 +568,20 @@ fn err(path: &Path, message: impl Into<String>) -> EnvError {
 }
 
 impl Scenario {
+    /// The host's profile: `host.profile`, or `kvm-notf-coal` (every mechanism) when absent.
+    pub fn profile(&self) -> crate::HostProfile {
+        self.host.profile.unwrap_or(crate::HostProfile::KvmNotfCoal)
+    }
+
+    /// This host as a host of `profile`: `host.profile` set and the backend made the profile's
+    /// (a Xen scenario run as `kvm-vhost` becomes a vhost host with the same costs, except the
+    /// backend's per-packet default).
+    pub fn with_profile(mut self, profile: crate::HostProfile) -> Scenario {
+        self.host.profile = Some(profile);
+        self.host.backend = profile.backend();
+        self
+    }
+
     /// Reads and validates a scenario file; trace paths are resolved against its directory.
     pub fn load(path: impl AsRef<Path>) -> Result<Scenario, EnvError> {
         let path = path.as_ref();
@@ -656,6 +697,21 @@ impl Scenario {
                 h.nic_cpu, h.cpus, h.cpus
             ));
         }
+        if let Some(p) = h.profile
+            && p.backend() != h.backend
+        {
+            let b = |k: BackendKind| match k {
+                BackendKind::Xen => "xen",
+                BackendKind::Vhost => "vhost",
+            };
+            return Err(format!(
+                "host.profile = \"{p}\" runs the {} backend but host.backend = \"{}\" (vhost when absent): \
+                 set host.backend = \"{}\" or pick a profile of that backend",
+                b(p.backend()),
+                b(h.backend),
+                b(p.backend())
+            ));
+        }
         if !(h.line_rate_gbps.is_finite() && h.line_rate_gbps > 0.0) {
             return Err(format!("host.line_rate_gbps = {}: must be a positive number", h.line_rate_gbps));
         }
@@ -684,6 +740,8 @@ impl Scenario {
             ("vcpu_wakeup_us", c.vcpu_wakeup_us),
             ("nic_poll_us", c.nic_poll_us),
             ("frontend_poll_us", c.frontend_poll_us),
+            ("host_timer_us", c.host_timer_us),
+            ("guest_timer_us", c.guest_timer_us),
         ] {
             if !(v.is_finite() && (0.0..=1e6).contains(&v)) {
                 return Err(format!("costs.{k} = {v}: must be a number of microseconds in [0, 1e6]"));

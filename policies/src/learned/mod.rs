@@ -46,8 +46,9 @@ pub use net::{
 use crate::{Policy, Requirements};
 
 /// Version of the frozen-model format this build reads and writes (2: per-VM objectives, the
-/// `slo_*` features and `slo_range_us`).
-pub const FORMAT_VERSION: u32 = 2;
+/// `slo_*` features and `slo_range_us`; 3: host profiles, six values per layer with the NAPI
+/// deferral, the deferral and profile features, `profiles`).
+pub const FORMAT_VERSION: u32 = 3;
 pub const META_FILE: &str = "model.json";
 pub const WEIGHTS_FILE: &str = "actor.bpk";
 /// Largest weights file read, bytes (16 layers of 4096 × 4096 f32 weights are 1 GiB).
@@ -128,6 +129,9 @@ pub struct ModelMeta {
     /// a VM a target outside it is refused. Absent: a model from before per-VM objectives.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slo_range_us: Option<[f64; 2]>,
+    /// The host profiles the model was trained on (every profile its experiment's scenarios and
+    /// generator could draw); an evaluation or a deploy on another profile is refused.
+    pub profiles: Vec<moderato_env::HostProfile>,
     pub provenance: Provenance,
 }
 
@@ -209,6 +213,7 @@ struct Semantics<'a> {
     probes: &'a Probes,
     #[serde(skip_serializing_if = "Option::is_none")]
     slo_range_us: Option<[f64; 2]>,
+    profiles: &'a [moderato_env::HostProfile],
     weights_sha256: &'a str,
 }
 
@@ -225,6 +230,7 @@ pub fn semantics_sha256(meta: &ModelMeta) -> String {
         interval_us: meta.interval_us,
         probes: &meta.probes,
         slo_range_us: meta.slo_range_us,
+        profiles: &meta.profiles,
         weights_sha256: &meta.provenance.weights_sha256,
     };
     sha256_hex(&serde_json::to_vec(&s).unwrap_or_default())
@@ -437,7 +443,23 @@ impl LearnedPolicy {
                 });
             }
         }
+        self.check_profile(spec.profile)?;
         self.check_objectives(&spec.vm_slo_p99_us)
+    }
+
+    /// Refuses a host whose profile the model was not trained on, naming both.
+    pub fn check_profile(&self, profile: moderato_env::HostProfile) -> Result<(), ModelError> {
+        if self.meta.profiles.contains(&profile) {
+            return Ok(());
+        }
+        let trained: Vec<&str> = self.meta.profiles.iter().map(|p| p.name()).collect();
+        Err(ModelError::Mismatch {
+            path: self.dir.join(META_FILE),
+            message: format!(
+                "the host's profile is {profile}, and the model was trained for {}; use a model trained                  on {profile} hosts (its experiment's [suite] profiles or [suite.generator] profiles), or                  set the host's profile (a scenario's host.profile, a deploy config's profile) if it is wrong",
+                if trained.is_empty() { "no profile".to_string() } else { trained.join(", ") }
+            ),
+        })
     }
 
     /// Refuses VM targets (µs, `None`: no objective) outside the range the model was trained
