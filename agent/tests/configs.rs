@@ -137,6 +137,14 @@ fn a_model_records_the_range_of_targets_its_training_held_vms_to() {
     assert_eq!(load("ppo-generalist.toml").slo_range_us(), Some([50.0, 2000.0]));
     // The standard recipe holds every latency-sensitive VM to the one 200 µs target.
     assert_eq!(load("ppo-standard.toml").slo_range_us(), Some([200.0, 200.0]));
+    // Profiles: the generalist trains on all three; the standard recipe on its scenarios' own
+    // (none named: kvm-notf-coal, every mechanism).
+    use moderato_env::HostProfile;
+    assert_eq!(
+        load("ppo-generalist.toml").profiles(),
+        vec![HostProfile::KvmNotfCoal, HostProfile::KvmVhost, HostProfile::Xen]
+    );
+    assert_eq!(load("ppo-standard.toml").profiles(), vec![HostProfile::KvmNotfCoal]);
     // A bad range names the key.
     let text = std::fs::read_to_string(experiments().join("ppo-generalist.toml")).unwrap();
     let bad = text.replacen("slo_p99_us = [50.0, 2000.0]", "slo_p99_us = [500.0, 20.0]", 1);

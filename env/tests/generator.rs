@@ -450,3 +450,36 @@ fn the_corners_of_every_range_draw_valid_hosts() {
         }
     }
 }
+
+#[test]
+fn profiles_are_drawn_per_backend_on_their_own_stream() {
+    use moderato_env::HostProfile;
+    let all = vec![HostProfile::KvmNotfCoal, HostProfile::KvmVhost, HostProfile::Xen];
+    let spec = GeneratorSpec { profiles: all.clone(), ..GeneratorSpec::default() };
+    spec.validate().unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    for seed in 0..400 {
+        let with = sample(&spec, seed);
+        let p = with.host.profile.expect("every backend has a listed profile");
+        assert_eq!(p.backend(), with.host.backend, "seed {seed}: {p} on {:?}", with.host.backend);
+        with.validate().unwrap();
+        seen.insert(p);
+        // Every other draw is the one the same seed makes without profiles.
+        let mut without = sample(&GeneratorSpec::default(), seed);
+        without.host.profile = with.host.profile;
+        assert_eq!(without, with, "seed {seed}");
+        assert_eq!(with, sample(&spec, seed));
+    }
+    assert_eq!(seen.into_iter().collect::<Vec<_>>(), all);
+    // A profile whose backend is never drawn is refused, naming both.
+    let bad = GeneratorSpec { backends: vec![BackendKind::Vhost], profiles: vec![HostProfile::Xen], ..spec };
+    let e = bad.validate().unwrap_err();
+    assert!(e.contains("\"xen\"") && e.contains("backends"), "{e}");
+    // Only vhost profiles listed: Xen hosts keep no profile.
+    let vhost_only = GeneratorSpec { profiles: vec![HostProfile::KvmVhost], ..GeneratorSpec::default() };
+    for seed in 0..100 {
+        let s = sample(&vhost_only, seed);
+        let want = (s.host.backend == BackendKind::Vhost).then_some(HostProfile::KvmVhost);
+        assert_eq!(s.host.profile, want, "seed {seed}");
+    }
+}

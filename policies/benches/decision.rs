@@ -33,6 +33,7 @@ fn bench(c: &mut Criterion) {
         interval_us: 10_000,
         probes: Probes::default(),
         slo_range_us: None,
+        profiles: vec![Default::default()],
         provenance: Provenance::default(),
     };
     let mut learned = LearnedPolicy::new("bench", Actor::new(&cfg, 1, &device), meta, device);

@@ -35,6 +35,16 @@ pub trait Policy: Send {
     fn napi(&self) -> Option<NapiParams> {
         None
     }
+    /// Whether a deploy sets the per-layer NAPI deferral of [`act`](Self::act)'s settings (a
+    /// learned policy trained with deferral); the default: only where [`napi`](Self::napi) says.
+    fn sets_deferral(&self) -> bool {
+        self.napi().is_some()
+    }
+    /// Refuses a host of `profile` this policy was not made for (a learned model trained on
+    /// other profiles); the default takes any.
+    fn check_profile(&self, _profile: moderato_env::HostProfile) -> Result<(), String> {
+        Ok(())
+    }
     /// Whether [`act`](Self::act)'s coalescing settings are to be applied. A NAPI-deferral
     /// baseline returns `false`: the interfaces' coalescing knobs stay as they are.
     fn sets_coalescing(&self) -> bool {
@@ -60,6 +70,12 @@ impl<P: Policy + ?Sized> Policy for Box<P> {
     }
     fn sets_coalescing(&self) -> bool {
         (**self).sets_coalescing()
+    }
+    fn sets_deferral(&self) -> bool {
+        (**self).sets_deferral()
+    }
+    fn check_profile(&self, profile: moderato_env::HostProfile) -> Result<(), String> {
+        (**self).check_profile(profile)
     }
 }
 

@@ -22,8 +22,28 @@ fn meta() -> ModelMeta {
         interval_us: 10_000,
         probes: Probes { host: true, guest: true },
         slo_range_us: None,
+        profiles: vec![moderato_env::HostProfile::KvmNotfCoal],
         provenance: Provenance { experiment: "test".into(), ..Default::default() },
     }
+}
+
+#[test]
+fn a_host_of_a_profile_the_model_was_not_trained_on_is_refused_naming_both() {
+    use moderato_env::HostProfile;
+    let tmp = tempfile::tempdir().unwrap();
+    let p = saved(tmp.path());
+    p.check_profile(HostProfile::KvmNotfCoal).unwrap();
+    let e = p.check_profile(HostProfile::KvmVhost).unwrap_err().to_string();
+    assert!(e.contains("kvm-vhost") && e.contains("kvm-notf-coal") && e.contains("profile"), "{e}");
+    // Through the simulator's spec too: a kvm-vhost scenario.
+    let mut spec = SimConfig::default().spec(1);
+    spec.action_space = p.meta().action_space.clone();
+    spec.profile = HostProfile::Xen;
+    let e = p.check_spec(&spec).unwrap_err().to_string();
+    assert!(e.contains("xen"), "{e}");
+    // The Policy trait says the same to a deploy.
+    assert!(Policy::check_profile(&p, HostProfile::Xen).is_err());
+    assert!(p.sets_deferral());
 }
 
 fn observations() -> Vec<moderato_env::Observation> {

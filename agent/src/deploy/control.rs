@@ -338,7 +338,7 @@ impl DeployLoop {
         };
 
         let (mut originals, mut warnings) = env.originals();
-        let sets_napi = primary.napi().is_some() || fallback.napi().is_some();
+        let sets_napi = primary.sets_deferral() || fallback.sets_deferral();
         if sets_napi {
             warnings.extend(env.add_napi_originals(&mut originals));
         }
@@ -350,7 +350,7 @@ impl DeployLoop {
             bail!(
                 "policy `{}` sets NAPI deferral, but no interface of this {role} side has it that can be read \
                  (/sys/class/net/<if>/napi_defer_hard_irqs and gro_flush_timeout, Linux 5.10+); see the warnings above",
-                if primary.napi().is_some() { primary.name() } else { fallback.name() }
+                if primary.sets_deferral() { primary.name() } else { fallback.name() }
             );
         }
         for o in &napi {
@@ -577,7 +577,8 @@ impl DeployLoop {
         } else {
             decided.clone()
         };
-        let napi_wanted = if self.in_fallback { self.fallback.napi() } else { self.primary.napi() };
+        let deciding = if self.in_fallback { &self.fallback } else { &self.primary };
+        let (napi_wanted, per_layer) = (deciding.napi(), deciding.sets_deferral());
         let sets_coalescing = guarded
             || if self.in_fallback {
                 self.fallback.sets_coalescing()
@@ -591,8 +592,18 @@ impl DeployLoop {
                 self.previous.insert(id, *safe.layer(id));
             }
         }
-        // The SLO guard takes deferral back to the interfaces' own, as it takes coalescing to the least.
-        let napi = self.apply_napi(if guarded { None } else { napi_wanted });
+        // The SLO guard takes deferral back to the interfaces' own, as it takes coalescing to the
+        // least. A policy that decides per layer (a learned model) sets the NIC's and the
+        // frontend's deferral from its settings, clamped into the action space.
+        let space = self.env.spec().action_space.clone();
+        let napi = self.apply_napi(|layer| match () {
+            _ if guarded => None,
+            _ if napi_wanted.is_some() => napi_wanted,
+            _ if per_layer && !matches!(layer, LayerId::Backend(_)) => {
+                Some(space.napi.clamp(decided.layer(layer).napi))
+            }
+            _ => None,
+        });
         self.summary.decisions += 1;
         if self.in_fallback {
             self.summary.fallback_decisions += 1;
@@ -634,14 +645,14 @@ impl DeployLoop {
     /// Sets the NAPI deferral of every interface that has one journalled: `wanted` where the
     /// deciding policy sets one, else the interface's original. Returns, per layer, what the
     /// kernel reports afterwards (what the log records); `null` without NAPI interfaces.
-    fn apply_napi(&mut self, wanted: Option<NapiParams>) -> Value {
+    fn apply_napi(&mut self, wanted: impl Fn(LayerId) -> Option<NapiParams>) -> Value {
         if self.napi.is_empty() {
             return Value::Null;
         }
         let mut out = serde_json::Map::new();
         for o in &self.napi {
             let Some(original) = o.napi else { continue };
-            let target = wanted.unwrap_or(original);
+            let target = wanted(o.layer).unwrap_or(original);
             let entry = match self.env.apply_napi(o, &target) {
                 Ok(applied) => {
                     if applied != target && !self.opts.dry_run {

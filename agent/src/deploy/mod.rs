@@ -231,6 +231,16 @@ fn deploy(args: DeployArgs, load_policy: &PolicyLoader) -> Result<()> {
             args.config.display()
         )
     })?;
+    for (p, what) in [(&primary, "--policy"), (&fallback, "fallback")] {
+        p.check_profile(live.profile).map_err(|e| {
+            anyhow::anyhow!(
+                "{what} `{}`: {e} (the deploy config's `profile` is {}{})",
+                p.name(),
+                live.profile,
+                if cfg.profile.is_none() { ", the default" } else { "" }
+            )
+        })?;
+    }
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting tokio")?;
     rt.block_on(async move {
         // Signals first: from here on, none of them can kill the process without a restore.

@@ -115,7 +115,35 @@ mod tests {
             generator,
             generator_share: share,
             slo_p99_us: None,
+            profiles: Vec::new(),
         }
+    }
+
+    #[test]
+    fn listed_scenarios_run_on_drawn_profiles_and_the_other_draws_stay() {
+        use moderato_env::HostProfile;
+        let sc = listed();
+        let plain = suite(None, None);
+        let all = vec![HostProfile::KvmNotfCoal, HostProfile::KvmVhost, HostProfile::Xen];
+        let with = SuiteConfig { profiles: all.clone(), ..suite(None, None) };
+        let mut seen = std::collections::BTreeSet::new();
+        for seed in 0..200 {
+            let (i, a) = sample(&sc, &plain, seed);
+            let (j, b) = sample(&sc, &with, seed);
+            assert_eq!(i, j, "seed {seed}: the same scenario");
+            let p = b.host.profile.expect("a drawn profile");
+            assert_eq!(b.host.backend, p.backend());
+            seen.insert(p);
+            // Same rates and targets; the costs differ only where the backend changed.
+            for (va, vb) in a.vms.iter().zip(&b.vms) {
+                assert_eq!(va.flows, vb.flows, "seed {seed}");
+                assert_eq!(va.slo_p99_us, vb.slo_p99_us, "seed {seed}");
+            }
+            if a.host.backend == b.host.backend {
+                assert_eq!(a.costs, b.costs, "seed {seed}");
+            }
+        }
+        assert_eq!(seen.into_iter().collect::<Vec<_>>(), all);
     }
 
     fn listed() -> Vec<Scenario> {

@@ -303,6 +303,9 @@ pub struct HostEnv {
     last_sample_at: Option<Instant>,
     prev_cpu: Option<CpuSnapshot>,
     applied: Option<CoalescingSettings>,
+    /// The NAPI deferral each layer's interface reported after the last `apply_napi`: what the
+    /// observation shows as in force (`None` where it was never read).
+    napi_in_force: std::collections::BTreeMap<LayerId, NapiParams>,
     /// Warnings from `apply`, reported with the next sample.
     pending: Vec<String>,
 }
@@ -368,6 +371,7 @@ impl HostEnv {
             last_sample_at: None,
             prev_cpu: None,
             applied: None,
+            napi_in_force: Default::default(),
             pending: Vec::new(),
         })
     }
@@ -488,11 +492,15 @@ impl HostEnv {
         same_interface(&self.config.sysfs_root, &o.ifname, o.ifindex)
             .map_err(|e| format!("{} ({}): NAPI deferral not set: {e}", o.ifname, o.layer))?;
         let current = self.napi.get(&o.ifname).map_err(|e| e.to_string())?;
-        if !self.apply_enabled || current == *target {
-            return Ok(current);
-        }
-        self.napi.set(&o.ifname, target).map_err(|e| e.to_string())?;
-        self.napi.get(&o.ifname).map_err(|e| format!("reading back: {e}"))
+        let now = if !self.apply_enabled || current == *target {
+            current
+        } else {
+            self.napi.set(&o.ifname, target).map_err(|e| e.to_string())?;
+            self.napi.get(&o.ifname).map_err(|e| format!("reading back: {e}"))?
+        };
+        // The read-back, not the wish, is what the next observation reports.
+        self.napi_in_force.insert(o.layer, now);
+        Ok(now)
     }
 
     /// The NAPI instances (ids) of `ifname` from netdev netlink, for operators. `Err` where the
@@ -917,7 +925,12 @@ impl HostEnv {
         });
 
         let iface = |id: LayerId| -> InterfaceObs {
-            reports.iter().find(|r| r.layer == id).map(|r| oriented(id, &r.rates)).unwrap_or_default()
+            let mut o =
+                reports.iter().find(|r| r.layer == id).map(|r| oriented(id, &r.rates)).unwrap_or_default();
+            if !matches!(id, LayerId::Backend(_)) {
+                o.napi = self.napi_in_force.get(&id).copied();
+            }
+            o
         };
         let vms = self.spec.vms;
         let obs = match self.config.role {

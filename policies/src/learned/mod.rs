@@ -631,6 +631,15 @@ impl Policy for LearnedPolicy {
         &self.name
     }
 
+    /// Format 3 decides each NAPI layer's deferral.
+    fn sets_deferral(&self) -> bool {
+        true
+    }
+
+    fn check_profile(&self, profile: moderato_env::HostProfile) -> Result<(), String> {
+        LearnedPolicy::check_profile(self, profile).map_err(|e| e.to_string())
+    }
+
     fn act(&mut self, obs: &Observation) -> CoalescingSettings {
         let vms = obs.guests.len();
         let targets: Vec<Option<f64>> = (0..vms).map(|v| target_in(obs, v)).collect();
