@@ -325,3 +325,57 @@ fn the_policy_trait_defaults_set_coalescing_and_no_deferral() {
     let p: Box<dyn Policy> = Box::new(Plain);
     assert_eq!((p.napi(), p.sets_coalescing()), (None, true));
 }
+
+/// A policy that decides its guest's deferral per layer, as a learned model does, and keeps the
+/// deferral each observation reported.
+struct PerLayer {
+    want: NapiParams,
+    seen: Arc<Mutex<Vec<Option<NapiParams>>>>,
+}
+
+impl Policy for PerLayer {
+    fn name(&self) -> &str {
+        "per-layer"
+    }
+    fn act(&mut self, obs: &Observation) -> CoalescingSettings {
+        self.seen.lock().unwrap().push(obs.guests[0].frontend.napi);
+        let mut s = CoalescingSettings::per_packet(1);
+        s.vms[0].frontend.napi = self.want;
+        s
+    }
+    fn sets_deferral(&self) -> bool {
+        true
+    }
+}
+
+#[test]
+fn a_per_layer_deferral_is_set_and_the_kernels_read_back_is_what_the_policy_sees_next() {
+    let _serial = serial();
+    let state = tempfile::tempdir().unwrap();
+    // The kernel here keeps the timeout to whole 10 µs: 25 µs is read back as something else.
+    let (mut rig, napi) = rig(Some(10_000));
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let want = NapiParams::new(3, 25_000);
+    let lp = DeployLoop::new(
+        rig.env.take().unwrap(),
+        Box::new(PerLayer { want, seen: seen.clone() }),
+        per_packet(),
+        limits(),
+        opts_in(state.path(), Some(3)),
+        Metrics::new(false),
+    )
+    .unwrap();
+    let (s, _events) = run_logged(lp);
+    assert_eq!(s.decisions, 3);
+    let sets = napi.sets();
+    assert_eq!(sets.first(), Some(&("eth0".to_string(), want)), "the decided deferral is what was written");
+    // The fake kernel rounds the timeout down to 20 µs: that read-back is what the policy sees
+    // from the next interval on (nothing was read into the first observation).
+    let applied = NapiParams::new(3, 20_000);
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 3);
+    assert_eq!(seen[0], None);
+    assert!(seen[1..].iter().all(|n| *n == Some(applied)), "{seen:?} vs {applied}");
+    // And the original is written back at the end (this fake rounds it too).
+    assert_eq!(sets.last(), Some(&("eth0".to_string(), NAPI_ORIGINAL)));
+}
