@@ -95,9 +95,11 @@ pub fn simulate(args: &SimulateArgs) -> Result<SimulateResult> {
         .with_context(|| format!("--policy {}", args.policy))?;
     let cfg = SimConfig { interval_us, episode_steps: steps, ..SimConfig::default() };
     source.check_bounds(&cfg.action_space)?;
-    let mut policy = source.instantiate(&cfg.spec(scenario.vms.len()))?;
     let slo = cfg.reward.slo_p99_us;
     let mut env = SimEnv::new(scenario.clone(), cfg, Some(controller_factory()))?;
+    // The scenario's own spec: its VMs' targets and its host profile, which a model is checked
+    // against.
+    let mut policy = source.instantiate(env.spec())?;
     let (mut obs, _) = env.reset(args.seed)?;
     let bar = crate::progress::bar(u64::from(steps), "intervals", args.quiet || steps > 500);
     if !args.quiet {

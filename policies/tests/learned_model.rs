@@ -348,8 +348,12 @@ fn varied_observations() -> Vec<moderato_env::Observation> {
         .collect();
     files.sort();
     let mut out = Vec::new();
-    for f in files {
-        let s = Scenario::load(&f).unwrap();
+    // Each host as written, and as a stock KVM host (where only the NIC and deferral act).
+    let hosts = files.iter().flat_map(|f| {
+        let s = Scenario::load(f).unwrap();
+        [s.clone(), s.with_profile(moderato_env::HostProfile::KvmVhost)]
+    });
+    for s in hosts {
         let vms = s.vms.len();
         let cfg = SimConfig { episode_steps: 40, ..SimConfig::default() };
         let mut env = SimEnv::new(s, cfg, None).unwrap();
@@ -364,7 +368,8 @@ fn varied_observations() -> Vec<moderato_env::Observation> {
     out
 }
 
-/// Every knob on VM `vm`'s path (the NIC, its backend, its frontend) at target `t` µs.
+/// Every knob on VM `vm`'s path (the NIC, its backend, its frontend), deferral included, at
+/// target `t` µs.
 fn path_knobs(
     p: &mut LearnedPolicy,
     obs: &moderato_env::Observation,
@@ -386,6 +391,10 @@ fn path_knobs(
             out.push((format!("{id:?} {dir:?} usecs"), k.usecs));
             out.push((format!("{id:?} {dir:?} frames"), k.frames));
         }
+        // Deferral is coalescing too: more deferred polls, a longer timer.
+        let n = s.layer(id).napi;
+        out.push((format!("{id:?} napi_defer_hard_irqs"), n.napi_defer_hard_irqs));
+        out.push((format!("{id:?} gro_flush_timeout_us"), (n.gro_flush_timeout_ns / 1000) as u32));
     }
     out
 }

@@ -476,19 +476,28 @@ impl Sim {
             .collect()
     }
 
-    /// Decodes a flat action into the knobs it sets: `{"nic.rx_usecs": 0, ...}`.
+    /// Decodes a flat action into the values it sets: `{"nic.rx_usecs": 0, ...,
+    /// "nic.napi_defer": 0, "nic.napi_timeout_us": 0, ...}` (a backend's deferral is always 0:
+    /// it has no NAPI).
     fn decode_action(&self, action: PyReadonlyArrayDyn<'_, f32>) -> PyResult<BTreeMap<String, u32>> {
         let a = action.as_slice().map_err(|e| PyValueError::new_err(format!("action: {e}")))?;
         let vms = self.setup.vms();
         let names = || action_names(vms);
         let a = action_slice(a, ActionSpace::dim(vms), names)?;
         let sp = &self.setup.sim.action_space;
+        let k = moderato_env::KNOBS_PER_LAYER;
         Ok(names()
             .into_iter()
             .enumerate()
             .map(|(i, n)| {
-                let kind = LayerId::all(vms).nth(i / 4).map_or(moderato_env::LayerKind::Nic, |l| l.kind());
-                let v = if i % 2 == 0 { sp.decode_usecs(kind, a[i]) } else { sp.decode_frames(kind, a[i]) };
+                let kind = LayerId::all(vms).nth(i / k).map_or(moderato_env::LayerKind::Nic, |l| l.kind());
+                let j = i % k;
+                let v = match j {
+                    0 | 2 => sp.decode_usecs(kind, a[i]),
+                    1 | 3 => sp.decode_frames(kind, a[i]),
+                    4 => sp.decode_napi(kind, a[i], 1.0).napi_defer_hard_irqs,
+                    _ => (sp.decode_napi(kind, 1.0, a[i]).gro_flush_timeout_ns / 1000) as u32,
+                };
                 (n, v)
             })
             .collect())
@@ -573,7 +582,7 @@ fn evaluate_one(setup: &Setup, source: &PolicySource, seed: u64) -> anyhow::Resu
             let found = best_static(sc, &setup.sim, seed, 0, &cache)?;
             Box::new(FixedPolicy::new("best-static", found.settings))
         }
-        other => other.instantiate(&setup.sim.spec(sc.vms.len()))?,
+        other => other.instantiate(&setup.sim.scenario_spec(sc))?,
     };
     let (summary, reward) = run_episode(sc, &setup.sim, &setup.adaptive, policy.as_mut(), seed, 0)?;
     Ok(Row::from_summary(&sc.name, &source.label(), seed, &summary, reward))

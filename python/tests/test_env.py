@@ -39,15 +39,20 @@ def test_spaces_come_from_the_feature_and_knob_tables():
     assert env.observation_space.low[i] == 0.0 and env.observation_space.high[i] == pytest.approx(11.6)
     j = names.index("vm0.frontend.rx_usecs")
     assert (env.observation_space.low[j], env.observation_space.high[j]) == (-1.0, 1.0)
-    assert env.action_space.shape == (4 * (1 + 2 * vms),)
-    assert env.action_names[:4] == ("nic.rx_usecs", "nic.rx_frames", "nic.tx_usecs", "nic.tx_frames")
-    assert env.action_names[4] == "vm0.backend.rx_usecs"
+    # Six values per layer: ethtool's four knobs, then the NAPI deferral.
+    assert env.action_space.shape == (6 * (1 + 2 * vms),)
+    assert env.action_names[:6] == (
+        "nic.rx_usecs", "nic.rx_frames", "nic.tx_usecs", "nic.tx_frames", "nic.napi_defer", "nic.napi_timeout_us"
+    )
+    assert env.action_names[6] == "vm0.backend.rx_usecs"
     bounds = env.knob_bounds()
     low = env.decode_action(-np.ones(env.action_space.shape))
     high = env.decode_action(np.ones(env.action_space.shape))
     assert low["nic.rx_usecs"] == 0 and low["vm1.frontend.tx_frames"] == 1
     assert high["nic.rx_frames"] == bounds["nic"][1]
     assert high["vm0.backend.rx_usecs"] == bounds["backend"][0]
+    assert low["nic.napi_defer"] == 0 and high["nic.napi_defer"] == 8 and high["vm0.frontend.napi_timeout_us"] == 500
+    assert high["vm0.backend.napi_defer"] == 0, "a backend has no NAPI"
 
 
 def rollout(env, seed, actions):

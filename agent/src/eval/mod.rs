@@ -499,7 +499,7 @@ fn run_job(suite: &Suite, job: &Job, cache: &Cache) -> Result<Row> {
             let f = best_static(sc, sim, job.seed, suite.config.warmup_steps, cache)?;
             Box::new(moderato_policies::baselines::FixedPolicy::new("best-static", f.settings))
         }
-        other => other.instantiate(&sim.spec(sc.vms.len()))?,
+        other => other.instantiate(&sim.scenario_spec(sc))?,
     };
     let (summary, reward) =
         run_episode(sc, sim, &suite.config.adaptive, policy.as_mut(), job.seed, suite.config.warmup_steps)?;

@@ -72,6 +72,10 @@ pub struct ValidationConfig {
     /// Episode seeds of each scenario.
     #[serde(default = "d_validation_seeds")]
     pub seeds: Vec<u64>,
+    /// Runs every validation scenario as a host of this profile (its backend made the
+    /// profile's), for a model trained on that profile; absent: each scenario's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<moderato_env::HostProfile>,
 }
 
 fn d_validation_every() -> u64 {
@@ -428,6 +432,16 @@ impl ExperimentConfig {
                 let sc = Scenario::load(base.join(s)).map_err(|e| {
                     anyhow::anyhow!("{}: validation.scenarios: {}: {e}", path.display(), s.display())
                 })?;
+                let sc = match v.profile {
+                    Some(p) => {
+                        let sc = sc.with_profile(p);
+                        sc.validate().map_err(|e| {
+                            anyhow::anyhow!("{}: validation.scenarios: {} as {p}: {e}", path.display(), s.display())
+                        })?;
+                        sc
+                    }
+                    None => sc,
+                };
                 if scenarios.iter().any(|t| t == &sc) {
                     bail!(
                         "{}: validation.scenarios: {} is also in suite.scenarios; a validation scenario must be one training never samples",

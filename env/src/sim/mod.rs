@@ -110,6 +110,13 @@ impl Default for SimConfig {
 }
 
 impl SimConfig {
+    /// The [`EnvSpec`] of a simulator of `scenario` under this config: each VM's p99 target
+    /// (`None`: no latency objective; read from the spec from then on) and the host's profile.
+    pub fn scenario_spec(&self, scenario: &Scenario) -> EnvSpec {
+        let vm_slo_p99_us = scenario.vms.iter().map(|v| v.target_us(self.reward.slo_p99_us)).collect();
+        EnvSpec { vm_slo_p99_us, profile: scenario.profile(), ..self.spec(scenario.vms.len()) }
+    }
+
     /// The [`EnvSpec`] of a simulator with `vms` VMs under this config.
     pub fn spec(&self, vms: usize) -> EnvSpec {
         EnvSpec {
@@ -208,9 +215,7 @@ impl SimEnv {
                 scenario.vms.len()
             )));
         }
-        // Each VM's p99 target (`None`: no latency objective), read from the spec from here on.
-        let vm_slo_p99_us = scenario.vms.iter().map(|v| v.target_us(cfg.reward.slo_p99_us)).collect();
-        let spec = EnvSpec { vm_slo_p99_us, profile: scenario.profile(), ..cfg.spec(scenario.vms.len()) };
+        let spec = cfg.scenario_spec(&scenario);
         Ok(SimEnv {
             scenario,
             cfg,
