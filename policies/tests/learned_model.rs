@@ -303,8 +303,11 @@ fn the_shipped_default_model_is_sealed_and_loads() {
     assert_eq!(m.provenance.semantics_sha256.as_deref(), Some(semantics_sha256(m).as_str()));
     assert_eq!(
         m.provenance.weights_sha256,
-        "db9808ca9696a386dfcf6eae828650f739838440bec1d96775ab4d0636f66857"
+        "47260ba43963a7b8365908115792a6eb919a565b5ae1018730d934ec993db1f6"
     );
+    // Trained on every host profile.
+    use moderato_env::HostProfile;
+    assert_eq!(m.profiles, vec![HostProfile::KvmNotfCoal, HostProfile::KvmVhost, HostProfile::Xen]);
 }
 
 #[test]
