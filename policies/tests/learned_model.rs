@@ -303,7 +303,7 @@ fn the_shipped_default_model_is_sealed_and_loads() {
     assert_eq!(m.provenance.semantics_sha256.as_deref(), Some(semantics_sha256(m).as_str()));
     assert_eq!(
         m.provenance.weights_sha256,
-        "47260ba43963a7b8365908115792a6eb919a565b5ae1018730d934ec993db1f6"
+        "b775586dba688c88e903607dae4d3fce89907c29db9fe77af5d106b9aa090b4c"
     );
     // Trained on every host profile.
     use moderato_env::HostProfile;
