@@ -379,3 +379,69 @@ fn a_per_layer_deferral_is_set_and_the_kernels_read_back_is_what_the_policy_sees
     // And the original is written back at the end (this fake rounds it too).
     assert_eq!(sets.last(), Some(&("eth0".to_string(), NAPI_ORIGINAL)));
 }
+
+/// A policy that, like a learned model, follows its host's profile and asks for heavy knobs and a
+/// deferral on the guest.
+struct Follower;
+
+impl Policy for Follower {
+    fn name(&self) -> &str {
+        "follower"
+    }
+    fn act(&mut self, _: &Observation) -> CoalescingSettings {
+        let mut s = CoalescingSettings::per_packet(1);
+        s.vms[0].frontend = moderato_env::LayerSettings {
+            napi: NapiParams::new(2, 50_000),
+            ..moderato_env::LayerSettings::fixed(moderato_env::Knobs::new(64, 32), moderato_env::Knobs::new(64, 32))
+        };
+        s
+    }
+    fn sets_deferral(&self) -> bool {
+        true
+    }
+    fn follows_profile(&self) -> bool {
+        true
+    }
+}
+
+#[test]
+fn on_a_kvm_vhost_guest_a_profile_following_policy_sets_the_deferral_and_leaves_the_knobs() {
+    let _serial = serial();
+    let state = tempfile::tempdir().unwrap();
+    // kvm-vhost: virtio-net without NOTF_COAL has no coalescing to set, only NAPI deferral.
+    let mut rig = common::Rig::with(None, moderato_env::HostProfile::KvmVhost);
+    let napi = Shared(Arc::new(Mutex::new(MemoryNapi::default().with("eth0", NAPI_ORIGINAL))));
+    rig.env = Some(rig.env.take().unwrap().with_napi(Box::new(napi.clone())));
+    let lp = DeployLoop::new(
+        rig.env.take().unwrap(),
+        Box::new(Follower),
+        per_packet(),
+        limits(),
+        opts_in(state.path(), Some(3)),
+        Metrics::new(false),
+    )
+    .unwrap();
+    let (s, _) = run_logged(lp);
+    assert_eq!(s.decisions, 3);
+    assert!(rig.sets().iter().all(|p| *p == ORIGINAL), "the knobs stay the original: {:?}", rig.sets());
+    assert_eq!(rig.state(), ORIGINAL);
+    assert_eq!(napi.sets().first(), Some(&("eth0".to_string(), NapiParams::new(2, 50_000))));
+    // On the default profile (every mechanism) the same policy sets the knobs too.
+    let state = tempfile::tempdir().unwrap();
+    let (mut rig, _napi) = rig_default();
+    let lp = DeployLoop::new(
+        rig.env.take().unwrap(),
+        Box::new(Follower),
+        per_packet(),
+        limits(),
+        opts_in(state.path(), Some(3)),
+        Metrics::new(false),
+    )
+    .unwrap();
+    run_logged(lp);
+    assert!(rig.sets().iter().any(|p| *p != ORIGINAL), "kvm-notf-coal: the knobs are set");
+}
+
+fn rig_default() -> (common::Rig, Shared) {
+    rig(None)
+}

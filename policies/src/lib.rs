@@ -45,6 +45,12 @@ pub trait Policy: Send {
     fn check_profile(&self, _profile: moderato_env::HostProfile) -> Result<(), String> {
         Ok(())
     }
+    /// Whether the policy decides only what its host's profile has (a learned model: its outputs
+    /// for a mechanism the profile lacks were never trained), so that a deploy leaves a layer
+    /// without ethtool coalescing in the profile as it is. The default: every layer is set.
+    fn follows_profile(&self) -> bool {
+        false
+    }
     /// Whether [`act`](Self::act)'s coalescing settings are to be applied. A NAPI-deferral
     /// baseline returns `false`: the interfaces' coalescing knobs stay as they are.
     fn sets_coalescing(&self) -> bool {
@@ -76,6 +82,9 @@ impl<P: Policy + ?Sized> Policy for Box<P> {
     }
     fn check_profile(&self, profile: moderato_env::HostProfile) -> Result<(), String> {
         (**self).check_profile(profile)
+    }
+    fn follows_profile(&self) -> bool {
+        (**self).follows_profile()
     }
 }
 

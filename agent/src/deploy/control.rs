@@ -346,7 +346,18 @@ impl DeployLoop {
             tracing::warn!(target: "moderato::deploy", "{w}");
         }
         let napi: Vec<Original> = originals.iter().filter(|o| o.napi.is_some()).cloned().collect();
-        if sets_napi && napi.is_empty() {
+        // A policy that only sets deferral (a `napi:` recipe) has nothing to do without it; one
+        // that also sets coalescing (a learned model) runs with its deferral left unapplied.
+        let only_deferral = [&primary, &fallback].iter().any(|p| p.napi().is_some());
+        if sets_napi && napi.is_empty() && !only_deferral {
+            tracing::warn!(
+                target: "moderato::deploy",
+                "policy `{}` also decides NAPI deferral, but no interface of this {role} side has it that can be read \
+                 (/sys/class/net/<if>/napi_defer_hard_irqs and gro_flush_timeout, Linux 5.10+): only its coalescing \
+                 decisions are applied",
+                primary.name()
+            );
+        } else if sets_napi && napi.is_empty() {
             bail!(
                 "policy `{}` sets NAPI deferral, but no interface of this {role} side has it that can be read \
                  (/sys/class/net/<if>/napi_defer_hard_irqs and gro_flush_timeout, Linux 5.10+); see the warnings above",
@@ -555,6 +566,7 @@ impl DeployLoop {
         let policy = if self.in_fallback { &mut self.fallback } else { &mut self.primary };
         let decided = policy.act(&sample.obs);
         let policy_name = policy.name().to_string();
+        let follows_profile = policy.follows_profile();
         let vms = self.env.spec().vms;
         if decided.vms.len() != vms {
             bail!(
@@ -566,6 +578,28 @@ impl DeployLoop {
             Role::Host => LayerId::all(vms).filter(|id| !matches!(id, LayerId::Frontend(_))).collect(),
             Role::Guest => vec![LayerId::Frontend(0)],
         };
+        // A policy that follows the profile leaves a layer the profile gives no ethtool
+        // coalescing as it is: its setting stays what is in force (what was last applied, or the
+        // interface's original).
+        let profile = self.env.spec().profile;
+        let kept: Vec<(LayerId, LayerSettings)> = if follows_profile {
+            let restore = self.restore.as_deref().unwrap_or(&[]);
+            ids.iter()
+                .filter(|id| !profile.mechanisms(id.kind()).coalescing)
+                .filter_map(|&id| {
+                    let now = self.previous.get(&id).copied().or_else(|| {
+                        restore.iter().find(|o| o.layer == id).map(|o| o.settings())
+                    })?;
+                    Some((id, now))
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let mut decided = decided;
+        for &(id, now) in &kept {
+            *decided.layer_mut(id) = LayerSettings { napi: decided.layer(id).napi, ..now };
+        }
         let guarded = self.slo_guard(&sample);
         let wanted = if guarded {
             self.summary.slo_override_decisions += 1;

@@ -114,6 +114,12 @@ impl Rig {
 
     /// The rig with a latency probe (e.g. to an echo responder on loopback).
     pub fn with_probe(probe: Option<ProbeConfig>) -> Rig {
+        Rig::with(probe, moderato_env::HostProfile::default())
+    }
+
+    /// The rig configured as a host of `profile`, with `probe`.
+    #[allow(dead_code)]
+    pub fn with(probe: Option<ProbeConfig>, profile: moderato_env::HostProfile) -> Rig {
         let dir = tempfile::tempdir().unwrap();
         let sys = dir.path().join("sys");
         let proc_ = dir.path().join("proc");
@@ -124,6 +130,7 @@ impl Rig {
             procfs_root: proc_,
             interval: Duration::from_millis(15),
             probe,
+            profile,
             ..LiveConfig::guest(Some("eth0"))
         };
         let nic = FakeNic::new();

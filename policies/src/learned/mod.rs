@@ -640,6 +640,10 @@ impl Policy for LearnedPolicy {
         LearnedPolicy::check_profile(self, profile).map_err(|e| e.to_string())
     }
 
+    fn follows_profile(&self) -> bool {
+        true
+    }
+
     fn act(&mut self, obs: &Observation) -> CoalescingSettings {
         let vms = obs.guests.len();
         let targets: Vec<Option<f64>> = (0..vms).map(|v| target_in(obs, v)).collect();
