@@ -392,7 +392,10 @@ impl Policy for Follower {
         let mut s = CoalescingSettings::per_packet(1);
         s.vms[0].frontend = moderato_env::LayerSettings {
             napi: NapiParams::new(2, 50_000),
-            ..moderato_env::LayerSettings::fixed(moderato_env::Knobs::new(64, 32), moderato_env::Knobs::new(64, 32))
+            ..moderato_env::LayerSettings::fixed(
+                moderato_env::Knobs::new(64, 32),
+                moderato_env::Knobs::new(64, 32),
+            )
         };
         s
     }

@@ -10,6 +10,7 @@ use moderato_agent::train::ppo::suite_envs;
 use moderato_agent::train::{ExperimentConfig, Trainer, train_device};
 use moderato_env::Env;
 use moderato_env::sim::Scenario;
+use moderato_env::sim::generator::GeneratorSpec;
 
 fn experiments() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../experiments")
@@ -28,7 +29,17 @@ fn the_generalist_config_loads_and_its_resolved_toml_round_trips() {
     let exp = ExperimentConfig::load(&experiments().join("ppo-generalist.toml"))
         .unwrap_or_else(|e| panic!("{e:#}"));
     let g = exp.config.suite.generator.as_ref().expect("ppo-generalist has a generator");
-    assert_eq!(g, &Default::default(), "ppo-generalist writes out the defaults");
+    // The defaults, written out, and the three host profiles.
+    let profiles = vec![
+        moderato_env::HostProfile::KvmNotfCoal,
+        moderato_env::HostProfile::KvmVhost,
+        moderato_env::HostProfile::Xen,
+    ];
+    assert_eq!(
+        g,
+        &GeneratorSpec { profiles, ..Default::default() },
+        "ppo-generalist writes out the defaults"
+    );
     assert_eq!(exp.config.suite.generator_share(), 0.6);
     assert_eq!(exp.max_vms(), 4);
     // The run's config.toml (checked again on resume and read by export) parses back to it.

@@ -286,7 +286,7 @@ fn a_checkpoint_from_revision_4546215_is_refused_with_the_reason() {
     let text = std::fs::read_to_string(fixture.join("config.toml")).unwrap();
     let e = Trainer::load_checkpoint(experiment(&text), &fixture, train_device()).unwrap_err().to_string();
     assert!(
-        e.contains("15 host features, this build has 17")
+        e.contains("15 host features, this build has 21")
             && e.contains("slo_*")
             && e.contains("start a new run"),
         "{e}"

@@ -587,9 +587,11 @@ impl DeployLoop {
             ids.iter()
                 .filter(|id| !profile.mechanisms(id.kind()).coalescing)
                 .filter_map(|&id| {
-                    let now = self.previous.get(&id).copied().or_else(|| {
-                        restore.iter().find(|o| o.layer == id).map(|o| o.settings())
-                    })?;
+                    let now = self
+                        .previous
+                        .get(&id)
+                        .copied()
+                        .or_else(|| restore.iter().find(|o| o.layer == id).map(|o| o.settings()))?;
                     Some((id, now))
                 })
                 .collect()

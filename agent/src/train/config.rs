@@ -436,7 +436,11 @@ impl ExperimentConfig {
                     Some(p) => {
                         let sc = sc.with_profile(p);
                         sc.validate().map_err(|e| {
-                            anyhow::anyhow!("{}: validation.scenarios: {} as {p}: {e}", path.display(), s.display())
+                            anyhow::anyhow!(
+                                "{}: validation.scenarios: {} as {p}: {e}",
+                                path.display(),
+                                s.display()
+                            )
                         })?;
                         sc
                     }

@@ -375,7 +375,11 @@ fn final_eval(t: &Trainer, run: &Path, model_dir: &Path) -> Result<()> {
         threads: c.threads,
         warmup_steps: 0,
         slo_p99_us: None,
-        profile: None,
+        // A model trained on one profile is evaluated on it (the scenarios' own may be another).
+        profile: match c.suite.profiles.as_slice() {
+            [one] => Some(*one),
+            _ => None,
+        },
     };
     let suite = cfg.into_suite(&t.exp.path)?;
     let cache = eval::Cache { dir: Some(PathBuf::from("runs/cache")) };

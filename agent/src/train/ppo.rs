@@ -591,10 +591,10 @@ impl Trainer {
                 // Which action columns are values this host has (the rest is padding, or what
                 // its profile lacks).
                 st.mask.extend_from_slice(&cols[0]);
-                for side in 1..3 {
+                for side_cols in &cols[1..] {
                     for vm in 0..v {
                         if vm < vms {
-                            st.mask.extend_from_slice(&cols[side]);
+                            st.mask.extend_from_slice(side_cols);
                         } else {
                             st.mask.extend(std::iter::repeat_n(0.0, K));
                         }
