@@ -561,3 +561,27 @@ fn napi_2_20_on_the_host_side_sets_every_interface_and_leaves_the_taps_knob() {
     assert_eq!(sysfs.get(&lab.tap).unwrap(), tap_original, "{}", p.text());
     assert_eq!(tap_frames(&mut ethtool, &lab.tap), Some(TRUE_ORIGINAL));
 }
+
+/// The tap's rx-frames through a deploy config that names the `kvm-vhost` profile (stock QEMU +
+/// vhost-net): a baseline still drives the tap's one knob and it is restored after SIGTERM; the
+/// deploy logs nothing against the profile. (A learned model, which follows the profile, would
+/// leave the tap alone; `deploy_napi.rs` checks that on the fake guest.)
+#[test]
+#[ignore = "needs root and iproute2: cargo test --release -p moderato-agent -- --ignored"]
+fn the_taps_rx_frames_through_the_kvm_vhost_profile_is_set_and_restored() {
+    let dir = tempfile::tempdir().unwrap();
+    let (lab, config, mut ethtool) = fault_lab(dir.path());
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("profile = \"kvm-vhost\"\n{text}")).unwrap();
+    let mut p = Proc::deploy("static:32/32", &config, &[], None);
+    wait_frames(&mut ethtool, &lab.tap, 24, &mut p);
+    p.signal("TERM");
+    assert!(p.wait(Duration::from_secs(20)).success(), "{}", p.text());
+    assert_eq!(tap_frames(&mut ethtool, &lab.tap), Some(TRUE_ORIGINAL), "{}", p.text());
+    // A typo in the profile is refused at start, naming the key's value and the choices.
+    std::fs::write(&config, format!("profile = \"kvm\"\n{text}")).unwrap();
+    let mut p = Proc::deploy("static:32/32", &config, &[], None);
+    assert!(!p.wait(Duration::from_secs(20)).success());
+    assert!(p.text().contains("kvm-vhost"), "{}", p.text());
+    assert_eq!(tap_frames(&mut ethtool, &lab.tap), Some(TRUE_ORIGINAL));
+}
