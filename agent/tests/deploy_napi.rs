@@ -67,6 +67,13 @@ fn opts_in(state: &Path, steps: Option<u64>) -> LoopOptions {
     LoopOptions { state_dir: Some(state.to_path_buf()), ..opts(steps) }
 }
 
+/// The loop on `env` with `primary`, the per-packet fallback, [`limits`] and `steps` decisions,
+/// journalling into `state`.
+fn on(env: moderato_env::live::HostEnv, primary: Box<dyn Policy>, state: &Path, steps: u64) -> DeployLoop {
+    DeployLoop::new(env, primary, per_packet(), limits(), opts_in(state, Some(steps)), Metrics::new(false))
+        .unwrap()
+}
+
 fn napi_policy(name: &str) -> Box<dyn Policy> {
     baseline(name, &Default::default()).unwrap()
 }
@@ -356,15 +363,7 @@ fn a_per_layer_deferral_is_set_and_the_kernels_read_back_is_what_the_policy_sees
     let (mut rig, napi) = rig(Some(10_000));
     let seen = Arc::new(Mutex::new(Vec::new()));
     let want = NapiParams::new(3, 25_000);
-    let lp = DeployLoop::new(
-        rig.env.take().unwrap(),
-        Box::new(PerLayer { want, seen: seen.clone() }),
-        per_packet(),
-        limits(),
-        opts_in(state.path(), Some(3)),
-        Metrics::new(false),
-    )
-    .unwrap();
+    let lp = on(rig.env.take().unwrap(), Box::new(PerLayer { want, seen: seen.clone() }), state.path(), 3);
     let (s, _events) = run_logged(lp);
     assert_eq!(s.decisions, 3);
     let sets = napi.sets();
@@ -412,39 +411,19 @@ fn on_a_kvm_vhost_guest_a_profile_following_policy_sets_the_deferral_and_leaves_
     let _serial = serial();
     let state = tempfile::tempdir().unwrap();
     // kvm-vhost: virtio-net without NOTF_COAL has no coalescing to set, only NAPI deferral.
-    let mut rig = common::Rig::with(None, moderato_env::HostProfile::KvmVhost);
+    let mut vhost = common::Rig::with(None, moderato_env::HostProfile::KvmVhost);
     let napi = Shared(Arc::new(Mutex::new(MemoryNapi::default().with("eth0", NAPI_ORIGINAL))));
-    rig.env = Some(rig.env.take().unwrap().with_napi(Box::new(napi.clone())));
-    let lp = DeployLoop::new(
-        rig.env.take().unwrap(),
-        Box::new(Follower),
-        per_packet(),
-        limits(),
-        opts_in(state.path(), Some(3)),
-        Metrics::new(false),
-    )
-    .unwrap();
+    vhost.env = Some(vhost.env.take().unwrap().with_napi(Box::new(napi.clone())));
+    let lp = on(vhost.env.take().unwrap(), Box::new(Follower), state.path(), 3);
     let (s, _) = run_logged(lp);
     assert_eq!(s.decisions, 3);
-    assert!(rig.sets().iter().all(|p| *p == ORIGINAL), "the knobs stay the original: {:?}", rig.sets());
-    assert_eq!(rig.state(), ORIGINAL);
+    assert!(vhost.sets().iter().all(|p| *p == ORIGINAL), "the knobs stay the original: {:?}", vhost.sets());
+    assert_eq!(vhost.state(), ORIGINAL);
     assert_eq!(napi.sets().first(), Some(&("eth0".to_string(), NapiParams::new(2, 50_000))));
     // On the default profile (every mechanism) the same policy sets the knobs too.
     let state = tempfile::tempdir().unwrap();
-    let (mut rig, _napi) = rig_default();
-    let lp = DeployLoop::new(
-        rig.env.take().unwrap(),
-        Box::new(Follower),
-        per_packet(),
-        limits(),
-        opts_in(state.path(), Some(3)),
-        Metrics::new(false),
-    )
-    .unwrap();
+    let (mut rig, _napi) = rig(None);
+    let lp = on(rig.env.take().unwrap(), Box::new(Follower), state.path(), 3);
     run_logged(lp);
     assert!(rig.sets().iter().any(|p| *p != ORIGINAL), "kvm-notf-coal: the knobs are set");
-}
-
-fn rig_default() -> (common::Rig, Shared) {
-    rig(None)
 }

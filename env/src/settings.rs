@@ -88,11 +88,6 @@ impl NapiParams {
         NapiParams { napi_defer_hard_irqs, gro_flush_timeout_ns }
     }
 
-    /// Whether this defers nothing: the kernel defers only when both values are non-zero.
-    pub fn is_off(&self) -> bool {
-        self.napi_defer_hard_irqs == 0 || self.gro_flush_timeout_ns == 0
-    }
-
     /// Whether both values are zero (what `skip_serializing_if` tests: a setting of 2/0 is kept).
     pub fn is_zero(&self) -> bool {
         *self == NapiParams::OFF

@@ -24,7 +24,7 @@ use moderato_agent::resolve::{PolicySource, resolve};
 use moderato_env::sim::{Scenario, SimConfig, SimEnv};
 use moderato_env::{
     ActionSpace, BACKEND_FEATURES, Env, EnvError, Feature, GUEST_FEATURES, HOST_FEATURES, Info, KNOB_NAMES,
-    LayerId, Observation,
+    LayerId, Moderation, Observation,
 };
 use moderato_policies::adaptive::{AdaptiveConfig, AdaptiveFactory};
 use moderato_policies::baselines::{FixedPolicy, StaticSpec};
@@ -484,23 +484,23 @@ impl Sim {
         let vms = self.setup.vms();
         let names = || action_names(vms);
         let a = action_slice(a, ActionSpace::dim(vms), names)?;
-        let sp = &self.setup.sim.action_space;
-        let k = moderato_env::KNOBS_PER_LAYER;
-        Ok(names()
-            .into_iter()
-            .enumerate()
-            .map(|(i, n)| {
-                let kind = LayerId::all(vms).nth(i / k).map_or(moderato_env::LayerKind::Nic, |l| l.kind());
-                let j = i % k;
-                let v = match j {
-                    0 | 2 => sp.decode_usecs(kind, a[i]),
-                    1 | 3 => sp.decode_frames(kind, a[i]),
-                    4 => sp.decode_napi(kind, a[i], 1.0).napi_defer_hard_irqs,
-                    _ => (sp.decode_napi(kind, 1.0, a[i]).gro_flush_timeout_ns / 1000) as u32,
-                };
-                (n, v)
-            })
-            .collect())
+        let s = self.setup.sim.action_space.decode(vms, a);
+        let values = LayerId::all(vms).flat_map(|id| {
+            let l = s.layer(id);
+            let (Moderation::Fixed(rx), Moderation::Fixed(tx)) = (l.rx, l.tx) else {
+                unreachable!("an action decodes to fixed knobs")
+            };
+            let n = l.napi;
+            [
+                rx.usecs,
+                rx.frames,
+                tx.usecs,
+                tx.frames,
+                n.napi_defer_hard_irqs,
+                (n.gro_flush_timeout_ns / 1000) as u32,
+            ]
+        });
+        Ok(names().into_iter().zip(values).collect())
     }
 
     /// Starts an episode: `(obs, info)`.

@@ -356,7 +356,7 @@ impl Experiment {
         let mut out = Vec::new();
         if let Some(g) = suite.generator.as_ref().filter(|_| suite.generator_share() > 0.0) {
             for b in &g.backends {
-                let of: Vec<_> = g.profiles.iter().copied().filter(|p| p.backend() == *b).collect();
+                let of = g.profiles_of(*b);
                 if of.is_empty() {
                     out.push(moderato_env::HostProfile::default());
                 }

@@ -181,8 +181,6 @@ pub(crate) struct StageCounters {
     pub notifications: u64,
     /// NAPI polls (NAPI stages only).
     pub polls: u64,
-    /// NAPI polls the deferral timer scheduled (included in `polls`).
-    pub timer_polls: u64,
     /// Items whose job completed.
     pub done: u64,
     pub done_bytes: u64,
@@ -1314,7 +1312,6 @@ impl Engine {
         if std::mem::take(&mut st.timer_due) {
             // Scheduled by the deferral's hrtimer: the poll's cost and the timer's.
             notify_ns += st.timer_ns;
-            st.c.timer_polls += 1;
         }
         if prio == Prio::Irq {
             self.cpus[ci].sirq.on_poll(now, k);

@@ -230,6 +230,12 @@ fn pow2_range(key: &str, r: [usize; 2]) -> Result<(), String> {
 }
 
 impl GeneratorSpec {
+    /// The listed profiles a host of `backend` draws from; empty: such a host has no profile
+    /// (every mechanism, as `kvm-notf-coal`).
+    pub fn profiles_of(&self, backend: BackendKind) -> Vec<crate::HostProfile> {
+        self.profiles.iter().copied().filter(|p| p.backend() == backend).collect()
+    }
+
     /// Checks every key; the message names the key (as written under `[suite.generator]`), its
     /// value and what is allowed.
     pub fn validate(&self) -> Result<(), String> {
@@ -666,8 +672,7 @@ pub fn sample(spec: &GeneratorSpec, seed: u64) -> Scenario {
         posted_interrupts: posted,
         napi,
         profile: {
-            let of_backend: Vec<crate::HostProfile> =
-                spec.profiles.iter().copied().filter(|p| p.backend() == backend).collect();
+            let of_backend = spec.profiles_of(backend);
             (!of_backend.is_empty()).then(|| Draw(part_rng(seed, PART_PROFILE)).pick(&of_backend))
         },
         ..HostConfig::default()

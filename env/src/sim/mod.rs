@@ -320,7 +320,6 @@ impl SimEnv {
                 drops: a.drops - b.drops,
                 notifications: a.notifications - b.notifications,
                 polls: a.polls - b.polls,
-                timer_polls: a.timer_polls - b.timer_polls,
                 done: a.done - b.done,
                 done_bytes: a.done_bytes - b.done_bytes,
             }
