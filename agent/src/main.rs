@@ -25,8 +25,9 @@ const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("MODERATO_SO
     version = VERSION,
     about = "Learned interrupt moderation for virtualized hosts",
     after_help = "A policy is named the same way everywhere: per-packet, static:<preset> (ixgbe, mlx5, \
-                  moderate, heavy), static:<usecs>/<frames>, dim, itr, best-static (eval only), napi:<defer>/<timeout_us> \
-                  (deploy only), or a frozen-model directory. `moderato <command> --help` explains each command."
+                  moderate, heavy), static:<usecs>/<frames>, dim, itr, best-static (eval only), napi:<defer>/<timeout_us>, \
+                  slo-feedback, busy-poll:<us> and irq-suspend:<busy_us>/<timeout_us> (simulated only), or a frozen-model \
+                  directory. `moderato <command> --help` explains each command."
 )]
 struct Cli {
     #[command(subcommand)]

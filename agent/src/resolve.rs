@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use moderato_env::{ActionSpace, ControllerFactory, EnvSpec};
 use moderato_policies::Policy;
 use moderato_policies::adaptive::AdaptiveFactory;
@@ -166,6 +166,11 @@ pub fn deploy_policy(
             p.check_objectives(objectives)?;
             Ok(Box::new(p))
         }
+        _ if name.starts_with("busy-poll:") || name.starts_with("irq-suspend:") => bail!(
+            "policy `{name}` is simulated only: busy polling is each application's own epoll setting \
+             (EPIOCSPARAMS busy_poll_usecs, prefer_busy_poll) and IRQ suspension needs it; moderato cannot set \
+             either from outside. Deploy napi:<defer>/<timeout_us> for the deferral, or a model"
+        ),
         other => {
             // A live run's target comes from its config, never from the simulator's default.
             let spec =
@@ -227,6 +232,10 @@ mod tests {
         assert_eq!(pol.napi(), Some(moderato_env::live::NapiParams::new(2, 20_000)));
         assert!(!pol.sets_coalescing());
         pol.reset();
+        for name in ["busy-poll:50", "irq-suspend:50/20000"] {
+            let e = format!("{:#}", deploy_policy(name, 1, None, &[]).err().unwrap());
+            assert!(e.contains(name) && e.contains("simulated only"), "{e}");
+        }
         let e = format!("{:#}", deploy_policy("napi:2/x", 1, None, &[]).err().unwrap());
         assert!(e.contains("timeout `x`"), "{e}");
     }

@@ -38,6 +38,7 @@ pub use obs::{
 pub use profile::{HostProfile, LayerMechanisms};
 pub use reward::{ExcessShape, RewardConfig, RewardTerms};
 pub use settings::{
-    ActionSpace, Adaptive, COALESCING_KNOBS, CoalescingSettings, Direction, KNOB_NAMES, KNOBS_PER_LAYER,
-    KnobBounds, Knobs, LayerId, LayerKind, LayerSettings, Moderation, NapiBounds, NapiParams, VmSettings,
+    ActionSpace, Adaptive, AppPolling, COALESCING_KNOBS, CoalescingSettings, Direction, KNOB_NAMES,
+    KNOBS_PER_LAYER, KnobBounds, Knobs, LayerId, LayerKind, LayerSettings, Moderation, NapiBounds,
+    NapiParams, VmSettings,
 };

@@ -155,8 +155,7 @@ mod tests {
             napi,
             ..LayerSettings::fixed(crate::Knobs::new(64, 32), crate::Knobs::new(64, 32))
         };
-        let all =
-            CoalescingSettings { nic: heavy, vms: vec![VmSettings { backend: heavy, frontend: heavy }] };
+        let all = CoalescingSettings { nic: heavy, vms: vec![VmSettings::new(heavy, heavy)] };
         let mut s = all.clone();
         HostProfile::KvmNotfCoal.mask(&mut s);
         assert_eq!(s.nic, heavy);

@@ -183,12 +183,70 @@ impl LayerSettings {
     }
 }
 
-/// One VM's two virtual layers.
+/// One VM's two virtual layers, and how its application polls.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VmSettings {
     pub backend: LayerSettings,
     pub frontend: LayerSettings,
+    /// The guest application's busy polling and the IRQ suspension of the guest's rx NAPI
+    /// (simulated only; absent in a file: off).
+    #[serde(default, skip_serializing_if = "AppPolling::is_off")]
+    pub polling: AppPolling,
+}
+
+impl VmSettings {
+    /// Both layers, the application not polling.
+    pub const fn new(backend: LayerSettings, frontend: LayerSettings) -> Self {
+        VmSettings { backend, frontend, polling: AppPolling::OFF }
+    }
+}
+
+/// The guest application's NAPI polling, with the kernel's semantics (`net/core/dev.c`
+/// `napi_busy_loop`, `busy_poll_stop`; `fs/eventpoll.c`; Documentation/networking/napi.rst):
+/// - `busy_poll_us`: epoll's `busy_poll_usecs` with `prefer_busy_poll`. When the application
+///   finds nothing to read it spins on its rx NAPI (the guest's virtio-net or netfront rx queue)
+///   for up to this long before it sleeps: the interrupt stays masked while it spins, and what
+///   arrives is polled in the application's own context, without an interrupt or a wake-up. A
+///   spin that finds nothing ends in `busy_poll_stop`: the NAPI's deferral (if set) or its
+///   interrupt takes over.
+/// - `irq_suspend_timeout_us`: the NAPI's `irq-suspend-timeout` (netdev netlink, Linux ≥ 6.13).
+///   While the application's polls find work the interrupt stays suspended, also while it
+///   processes what it found; it is resumed when a busy poll finds nothing (then the deferral
+///   takes over) or when the timeout passes without the application polling again. The kernel
+///   suspends only for an application that busy-polls through epoll: it needs `busy_poll_us`.
+///
+/// The simulator runs these on the guest's rx path; a live deploy does not set them (the first
+/// is the application's own epoll setting).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppPolling {
+    #[serde(default)]
+    pub busy_poll_us: u32,
+    #[serde(default)]
+    pub irq_suspend_timeout_us: u32,
+}
+
+impl AppPolling {
+    /// The application sleeps when it has nothing to read (the default).
+    pub const OFF: AppPolling = AppPolling { busy_poll_us: 0, irq_suspend_timeout_us: 0 };
+
+    pub fn is_off(&self) -> bool {
+        *self == AppPolling::OFF
+    }
+
+    /// Refuses IRQ suspension without busy polling (the kernel suspends only for an application
+    /// that busy-polls).
+    pub fn check(&self) -> Result<(), String> {
+        if self.irq_suspend_timeout_us > 0 && self.busy_poll_us == 0 {
+            return Err(format!(
+                "irq_suspend_timeout_us = {} needs busy_poll_us > 0: the kernel suspends interrupts only for an \
+                 application that busy-polls through epoll (prefer_busy_poll)",
+                self.irq_suspend_timeout_us
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// The whole action: the physical NIC, and per VM the backend and the frontend.
@@ -202,7 +260,7 @@ pub struct CoalescingSettings {
 impl CoalescingSettings {
     /// Every layer of `vms` VMs set to `layer`.
     pub fn uniform(vms: usize, layer: LayerSettings) -> Self {
-        CoalescingSettings { nic: layer, vms: vec![VmSettings { backend: layer, frontend: layer }; vms] }
+        CoalescingSettings { nic: layer, vms: vec![VmSettings::new(layer, layer); vms] }
     }
 
     pub fn per_packet(vms: usize) -> Self {

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use moderato_env::sim::{Scenario, SimConfig, SimEnv};
-use moderato_env::{ActionSpace, Env, check_env};
+use moderato_env::{ActionSpace, AppPolling, Env, check_env};
 use proptest::prelude::*;
 
 fn scenario_files() -> Vec<PathBuf> {
@@ -47,16 +47,28 @@ proptest! {
     /// Packets offered = completed + dropped + in flight, after every step, whatever the knobs.
     #[test]
     fn packets_are_conserved(which in 0usize..64, seed in any::<u64>(),
-                             actions in prop::collection::vec(prop::collection::vec(-1.0f32..=1.0, 64), 1..6)) {
+                             actions in prop::collection::vec(prop::collection::vec(-1.0f32..=1.0, 64), 1..6),
+                             polling in prop::collection::vec((0usize..3, 0usize..3), 6)) {
         let files = scenario_files();
         let s = Scenario::load(&files[which % files.len()]).unwrap();
         let vms = s.vms.len();
+        let napi = s.host.napi;
         let mut env = SimEnv::new(s, short(), None).unwrap();
         env.reset(seed).unwrap();
         let sp = ActionSpace::default();
         let mut in_flight = env.conservation().unwrap().in_flight;
-        for a in &actions {
-            let st = env.step(&sp.decode(vms, &a[..ActionSpace::dim(vms)])).unwrap();
+        for (i, a) in actions.iter().enumerate() {
+            let mut act = sp.decode(vms, &a[..ActionSpace::dim(vms)]);
+            // The guest applications' busy polling and IRQ suspension too (a short suspension
+            // timeout lets it expire), where the host has NAPI.
+            let (b, t) = polling[i];
+            if napi && b > 0 {
+                let p = AppPolling { busy_poll_us: [0, 5, 50][b], irq_suspend_timeout_us: [0, 30, 20_000][t] };
+                for vm in &mut act.vms {
+                    vm.polling = p;
+                }
+            }
+            let st = env.step(&act).unwrap();
             let c = env.conservation().unwrap();
             prop_assert_eq!(c.offered, c.completed + c.dropped + c.in_flight);
             let t = st.info.truth.unwrap();

@@ -21,6 +21,13 @@
 //!   are, the simulator runs them per-packet (the kernel's default where a profile has no
 //!   knobs) with the deferral on the NIC and every frontend.
 //!
+//! - `busy-poll:<us>`: every guest application busy-polls its rx NAPI for up to `us` µs before it
+//!   sleeps (epoll `busy_poll_usecs` with `prefer_busy_poll`), coalescing per-packet.
+//! - `irq-suspend:<busy_us>/<timeout_us>[/<defer>/<gro_us>]`: the same with IRQ suspension
+//!   (`irq-suspend-timeout`, Linux ≥ 6.13) and the guest's deferral (default 2/20) as what takes
+//!   over when an application sleeps: the kernel documentation's IRQ-suspension set-up, e.g.
+//!   `irq-suspend:50/20000`. These two are simulated only (see [`moderato_env::AppPolling`]).
+//!
 //! `best-static` (the hindsight oracle over fixed settings) is a search, not a fixed policy; see
 //! [`crate::best_static`].
 
@@ -29,8 +36,8 @@ use std::collections::BTreeMap;
 use moderato_env::live::NapiParams;
 use moderato_env::live::napi::{DEFER_HARD_IRQS_MAX, GRO_FLUSH_TIMEOUT_NS_MAX};
 use moderato_env::{
-    ActionSpace, Adaptive, CoalescingSettings, Direction, Knobs, LayerKind, LayerSettings, Observation,
-    VmSettings,
+    ActionSpace, Adaptive, AppPolling, CoalescingSettings, Direction, Knobs, LayerKind, LayerSettings,
+    Observation, VmSettings,
 };
 use serde::{Deserialize, Serialize};
 
@@ -73,10 +80,7 @@ impl StaticSpec {
     pub fn settings(&self, vms: usize) -> CoalescingSettings {
         CoalescingSettings {
             nic: self.nic.settings(),
-            vms: vec![
-                VmSettings { backend: self.backend.settings(), frontend: self.frontend.settings() };
-                vms
-            ],
+            vms: vec![VmSettings::new(self.backend.settings(), self.frontend.settings()); vms],
         }
     }
 }
@@ -221,6 +225,77 @@ impl Policy for NapiPolicy {
     }
 }
 
+/// The guest applications' busy polling, with IRQ suspension where set, and the guest's
+/// deferral as what takes over when an application sleeps (`busy-poll:`, `irq-suspend:`);
+/// the coalescing knobs per-packet. Simulated only: the busy poll is each application's own epoll
+/// setting, so a deploy refuses these.
+#[derive(Debug, Clone)]
+pub struct PollingPolicy {
+    name: String,
+    polling: AppPolling,
+    napi: NapiParams,
+}
+
+impl PollingPolicy {
+    pub fn new(name: impl Into<String>, polling: AppPolling, napi: NapiParams) -> Self {
+        PollingPolicy { name: name.into(), polling, napi }
+    }
+}
+
+impl Policy for PollingPolicy {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn act(&mut self, obs: &Observation) -> CoalescingSettings {
+        let mut s = CoalescingSettings::uniform(obs.guests.len(), LayerSettings::PER_PACKET);
+        for vm in &mut s.vms {
+            vm.frontend.napi = self.napi;
+            vm.polling = self.polling;
+        }
+        s
+    }
+}
+
+/// The deferral `irq-suspend:` gives the guest unless its name sets one: 2 empty polls × 20 µs.
+pub const IRQ_SUSPEND_DEFERRAL: NapiParams = NapiParams::new(2, 20_000);
+
+/// Parses `busy-poll:<us>` and `irq-suspend:<busy_us>/<timeout_us>[/<defer>/<gro_us>]`.
+pub fn parse_polling(name: &str) -> Result<Option<(AppPolling, NapiParams)>, String> {
+    let num = |v: &str, what: &str, form: &str| -> Result<u32, String> {
+        v.trim()
+            .parse()
+            .map_err(|e| format!("{what} `{v}` is not a whole number of microseconds ({e}); write {form}"))
+    };
+    if let Some(b) = name.strip_prefix("busy-poll:") {
+        let form = "busy-poll:<busy_poll_us> (e.g. busy-poll:50)";
+        let busy_poll_us = num(b, "busy_poll_us", form)?;
+        if busy_poll_us == 0 {
+            return Err(format!("busy_poll_us 0 is no busy polling; write {form}"));
+        }
+        return Ok(Some((AppPolling { busy_poll_us, irq_suspend_timeout_us: 0 }, NapiParams::OFF)));
+    }
+    let Some(rest) = name.strip_prefix("irq-suspend:") else { return Ok(None) };
+    let form = "irq-suspend:<busy_poll_us>/<irq_suspend_timeout_us>[/<defer>/<gro_flush_timeout_us>] \
+                (e.g. irq-suspend:50/20000)";
+    let parts: Vec<&str> = rest.split('/').collect();
+    let (b, t, napi) = match parts[..] {
+        [b, t] => (b, t, IRQ_SUSPEND_DEFERRAL),
+        [b, t, d, g] => (b, t, parse_napi(&format!("{d}/{g}"))?),
+        _ => return Err(format!("`{rest}` is not <busy_poll_us>/<irq_suspend_timeout_us>; write {form}")),
+    };
+    let p = AppPolling {
+        busy_poll_us: num(b, "busy_poll_us", form)?,
+        irq_suspend_timeout_us: num(t, "irq_suspend_timeout_us", form)?,
+    };
+    if p.irq_suspend_timeout_us == 0 {
+        return Err(format!(
+            "irq_suspend_timeout_us 0 is no suspension (busy-poll:<us> is that); write {form}"
+        ));
+    }
+    p.check()?;
+    Ok(Some((p, napi)))
+}
+
 /// Parses the `<defer>/<timeout_us>` of `napi:<defer>/<timeout_us>` into the kernel's values
 /// (the timeout in ns), within what the kernel accepts; the error says which value is wrong.
 pub fn parse_napi(what: &str) -> Result<NapiParams, String> {
@@ -270,6 +345,8 @@ pub fn baseline_names(customs: &BTreeMap<String, StaticSpec>) -> Vec<String> {
     v.push("static:<usecs>/<frames>".into());
     v.push("static:nic=<u>/<f>,backend=<u>/<f>,frontend=<u>/<f>".into());
     v.push("napi:<defer>/<timeout_us>".into());
+    v.push("busy-poll:<us>".into());
+    v.push("irq-suspend:<busy_us>/<timeout_us>".into());
     v
 }
 
@@ -432,6 +509,11 @@ pub fn baseline_for(
         "per-packet" => Ok(Box::new(StaticPolicy::per_packet())),
         "dim" => Ok(Box::new(AdaptivePolicy::new(Adaptive::Dim))),
         "itr" => Ok(Box::new(AdaptivePolicy::new(Adaptive::Itr))),
+        _ if name.starts_with("busy-poll:") || name.starts_with("irq-suspend:") => {
+            let bad = |why| UnknownPolicy::Malformed { name: name.to_string(), why };
+            let (p, napi) = parse_polling(name).map_err(bad)?.ok_or_else(unknown)?;
+            Ok(Box::new(PollingPolicy::new(name, p, napi)))
+        }
         _ if name.starts_with("napi:") => {
             let p = parse_napi(&name["napi:".len()..])
                 .map_err(|why| UnknownPolicy::Malformed { name: name.to_string(), why })?;
@@ -470,6 +552,36 @@ mod tests {
         assert!(e.contains("valid names are"), "{e}");
         // best-static is searched by `moderato eval`, not a fixed baseline: not offered here.
         assert!(!e.contains("best-static"), "{e}");
+    }
+
+    #[test]
+    fn busy_poll_and_irq_suspend_recipes_set_every_guest_and_bad_ones_say_why() {
+        let none = BTreeMap::new();
+        let s = baseline("busy-poll:50", &none).unwrap().act(&obs(2));
+        assert!(
+            s.vms.iter().all(|v| v.polling == AppPolling { busy_poll_us: 50, irq_suspend_timeout_us: 0 })
+        );
+        assert!(s.vms.iter().all(|v| v.frontend.napi == NapiParams::OFF));
+        let s = baseline("irq-suspend:50/20000", &none).unwrap().act(&obs(2));
+        assert!(
+            s.vms.iter().all(
+                |v| v.polling.irq_suspend_timeout_us == 20_000 && v.frontend.napi == IRQ_SUSPEND_DEFERRAL
+            )
+        );
+        assert_eq!(s.nic, LayerSettings::PER_PACKET);
+        let s = baseline("irq-suspend:10/500/4/100", &none).unwrap().act(&obs(1));
+        assert_eq!(s.vms[0].frontend.napi, NapiParams::new(4, 100_000));
+        for (bad, says) in [
+            ("busy-poll:0", "no busy polling"),
+            ("busy-poll:fast", "busy_poll_us `fast`"),
+            ("irq-suspend:0/20000", "needs busy_poll_us > 0"),
+            ("irq-suspend:50/0", "no suspension"),
+            ("irq-suspend:50", "not <busy_poll_us>/<irq_suspend_timeout_us>"),
+            ("irq-suspend:50/20000/2", "not <busy_poll_us>/<irq_suspend_timeout_us>"),
+        ] {
+            let e = baseline(bad, &none).err().unwrap().to_string();
+            assert!(e.contains(bad) && e.contains(says), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -175,7 +175,7 @@ impl Policy for SloFeedbackPolicy {
                 .iter()
                 .map(|&l| {
                     let k = knobs(l);
-                    VmSettings { backend: LayerSettings::fixed(k, k), frontend: LayerSettings::fixed(k, k) }
+                    VmSettings::new(LayerSettings::fixed(k, k), LayerSettings::fixed(k, k))
                 })
                 .collect(),
         }

@@ -46,6 +46,32 @@
 //! With `host.napi = false` every notification is its own job that takes what was pending when it
 //! fired (the pre-NAPI kernel).
 //!
+//! # Busy polling and IRQ suspension (a VM's `polling`; see [`crate::AppPolling`])
+//! The application of a VM that busy-polls (`busy_poll_us > 0`) does not sleep after it has
+//! read its socket: it returns to epoll, which polls the guest's rx NAPI (`FeRx`) in the
+//! application's own context (thread priority on the vCPU: the poll's cost and the frontend's
+//! per-packet work, no interrupt, no wake-up) and then reads what that delivered (the stack and
+//! the application, no wake-up either). With nothing there it *spins* for up to `busy_poll_us`
+//! with the NAPI's interrupt masked (prefer_busy_poll); the spin is CPU time of the stack, and it
+//! ends early when items arrive (they are polled at once) or when other thread work becomes
+//! runnable on the vCPU (`need_resched`: the application yields and spins on with what is left of
+//! its budget after that work). A spin that runs out ends in `busy_poll_stop`: the NAPI's
+//! deferral takes over if one is set (its count reloaded, its timer armed), else the interrupt is
+//! re-armed, and the application sleeps until its socket wakes it.
+//!
+//! Without IRQ suspension the busy poll stops after every poll that found work, so the
+//! interrupt is back while the application processes. With `irq_suspend_timeout_us` the
+//! interrupt stays suspended from the application's first poll that finds work until a busy
+//! poll finds nothing (then as above), and each poll re-arms the suspension's timer: if the
+//! application has not polled again when it expires, the interrupt is resumed.
+//!
+//! ```text
+//!   asleep ──socket notification──► read ──► epoll: poll FeRx ──found──► read ─┐
+//!     ▲                                        │ nothing                       │
+//!     │                                        ▼                               │
+//!     └──── busy_poll_stop ◄──ran out── spin (≤ busy_poll_us) ──items──► poll ─┘
+//! ```
+//!
 //! # Performance
 //! A packet is 16 bytes in a preallocated `VecDeque`; a batch moves as a run of them. Arrivals are
 //! not heap events: the loop compares the next source time, the next wire arrival and the next
@@ -232,6 +258,13 @@ struct Stage {
     timer_due: bool,
     /// NAPI deferral: the hrtimer's cost (arming and expiry).
     timer_ns: u64,
+    /// Busy polling (`FeRx`): the application owns the NAPI (it polls it; the interrupt is
+    /// masked).
+    app_owned: bool,
+    /// IRQ suspension (`FeRx`): the suspension's timer is armed in the stage's timer slot.
+    suspend_armed: bool,
+    /// Busy polling (`FeRx`, `SockRx`): items arriving here end the application's spin.
+    wakes_spinner: bool,
     cpu: usize,
     prio: Prio,
     bucket: Bucket,
@@ -275,6 +308,9 @@ impl Stage {
             defer_armed: false,
             timer_due: false,
             timer_ns: 0,
+            app_owned: false,
+            suspend_armed: false,
+            wakes_spinner: false,
             cpu,
             prio,
             bucket,
@@ -384,6 +420,9 @@ struct Cpu {
     completing: bool,
     /// The softirq run in interrupt context (NAPI).
     sirq: SoftirqRun,
+    /// A vCPU whose application's busy-poll spin is queued or running: other thread work that
+    /// becomes runnable ends it (`need_resched`).
+    spin: bool,
 }
 
 impl Cpu {
@@ -401,6 +440,7 @@ impl Cpu {
             busy_thread_ns: 0,
             completing: false,
             sirq: SoftirqRun::default(),
+            spin: false,
         }
     }
 
@@ -560,6 +600,50 @@ pub(crate) struct Engine {
     /// NAPI weight: most items per poll.
     napi_weight: u32,
     softirq: SoftirqLimits,
+    /// Per VM: its application's busy-poll loop.
+    apps: Vec<AppLoop>,
+}
+
+/// Where a VM's application is in its busy-poll loop (see the module docs).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum AppState {
+    /// Sleeping in epoll: a notification of `SockRx` wakes it.
+    #[default]
+    Asleep,
+    /// Polling its NAPI or processing what it read.
+    Busy,
+    /// Spinning on its NAPI for what arrives next.
+    Spinning,
+}
+
+/// Why a spin ended before its budget.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum SpinEnd {
+    /// It ran out (or has not ended yet).
+    #[default]
+    Timeout,
+    /// Items arrived.
+    Work,
+    /// Other thread work became runnable on the vCPU.
+    Resched,
+}
+
+/// A VM application's busy-poll loop: its settings and where it is.
+#[derive(Debug, Clone, Copy, Default)]
+struct AppLoop {
+    /// `busy_poll_us` and `irq_suspend_timeout_us` in force, ns.
+    spin_ns: u64,
+    suspend_ns: u64,
+    state: AppState,
+    /// What is left of the spin budget of the current busy poll (it survives a yield).
+    spin_left_ns: u64,
+    spin_end: SpinEnd,
+}
+
+impl AppLoop {
+    fn on(&self) -> bool {
+        self.spin_ns > 0
+    }
 }
 
 fn ns(us: f64) -> u64 {
@@ -755,6 +839,7 @@ impl Engine {
             host_probe_in: probe.every,
             napi_weight: h.napi_weight,
             softirq: SoftirqLimits::new(h),
+            apps: vec![AppLoop::default(); vms],
         };
         e.pick_next_source();
         // Every closed-loop client starts after one think time.
@@ -816,6 +901,21 @@ impl Engine {
                 let st = &mut self.stages[si];
                 st.defer_max = ls.napi.napi_defer_hard_irqs;
                 st.defer_timeout_ns = ls.napi.gro_flush_timeout_ns;
+            }
+        }
+        for (v, vm) in s.vms.iter().enumerate() {
+            vm.polling.check().map_err(|e| format!("VM {v}: {e}"))?;
+            if !vm.polling.is_off() && !self.stages[fe_rx(v)].napi {
+                return Err(format!(
+                    "VM {v}: busy polling needs the guest's NAPI, and this host runs without it (host.napi = false)"
+                ));
+            }
+            // Read when the application next returns to epoll; a spin under way runs on.
+            let a = &mut self.apps[v];
+            a.spin_ns = u64::from(vm.polling.busy_poll_us) * 1000;
+            a.suspend_ns = u64::from(vm.polling.irq_suspend_timeout_us) * 1000;
+            if a.state == AppState::Asleep {
+                a.spin_left_ns = a.spin_ns;
             }
         }
         Ok(())
@@ -1057,6 +1157,10 @@ impl Engine {
             }
             if st.defer_armed {
                 self.defer_timer(si);
+            } else if st.suspend_armed {
+                // The application did not poll again within irq_suspend_timeout: the
+                // interrupt is resumed.
+                self.app_release(self.stage_vm(si));
             } else if st.timer_armed && st.pending > 0 {
                 self.fire(si);
             }
@@ -1134,8 +1238,13 @@ impl Engine {
         st.pending += k;
         st.pending_bytes += bytes;
         match st.trigger {
-            // Masked (NAPI): no notification; the scheduled poll takes the items.
-            Trigger::Knobs(_) if st.masked => {}
+            // Masked (NAPI, or an application that is awake): no notification; the scheduled
+            // poll or the application takes the items.
+            Trigger::Knobs(_) if st.masked => {
+                if st.wakes_spinner {
+                    self.end_spin(self.stage_vm(si), SpinEnd::Work);
+                }
+            }
             Trigger::Knobs(kn) => {
                 if kn.usecs == 0 || (kn.frames > 0 && st.pending >= kn.frames) {
                     self.fire(si);
@@ -1174,7 +1283,6 @@ impl Engine {
 
     /// A notification fires (knob stages) or a worker is woken (worker stages).
     fn fire(&mut self, si: usize) {
-        let now = self.now;
         let st = &mut self.stages[si];
         st.c.notifications += 1;
         st.jobs_out += 1;
@@ -1191,33 +1299,40 @@ impl Engine {
                 Job::unclaimed(si)
             }
             Trigger::Knobs(_) => {
-                let k = st.pending;
-                let bytes = st.pending_bytes;
-                st.pending = 0;
-                st.pending_bytes = 0;
-                let armed = std::mem::take(&mut st.timer_armed);
-                st.timer_gen = st.timer_gen.wrapping_add(1);
-                st.ctr_pkts += u64::from(k);
-                st.ctr_bytes += bytes;
-                let first = st.in_jobs;
-                if !matches!(st.kind, Kind::NicTxc | Kind::FeTxc(_)) {
-                    st.in_jobs += k as usize;
-                }
-                if armed {
-                    self.clear_timer(si);
-                }
-                let notify_ns = self.stages[si].notify_ns;
-                let job = self.cost(si, k, bytes, first, notify_ns);
-                // The adaptive algorithm sees the sample after every notification, as a driver
-                // calls net_dim after each poll.
-                self.stages[si].controller_sample(now);
-                job
+                let notify_ns = st.notify_ns;
+                self.take_pending(si, notify_ns)
             }
             Trigger::Worker { .. } => Job::unclaimed(si),
             Trigger::Wire => unreachable!("the wire has no notifications"),
         };
         let (cpu, prio) = (self.stages[si].cpu, self.stages[si].prio);
         self.cpu_push(cpu, job, prio);
+    }
+
+    /// A job of everything pending at a (non-NAPI) knob stage, with `notify_ns` of overhead.
+    fn take_pending(&mut self, si: usize, notify_ns: u64) -> Job {
+        let now = self.now;
+        let st = &mut self.stages[si];
+        let k = st.pending;
+        let bytes = st.pending_bytes;
+        st.pending = 0;
+        st.pending_bytes = 0;
+        let armed = std::mem::take(&mut st.timer_armed);
+        st.timer_gen = st.timer_gen.wrapping_add(1);
+        st.ctr_pkts += u64::from(k);
+        st.ctr_bytes += bytes;
+        let first = st.in_jobs;
+        if !matches!(st.kind, Kind::NicTxc | Kind::FeTxc(_)) {
+            st.in_jobs += k as usize;
+        }
+        if armed {
+            self.clear_timer(si);
+        }
+        let job = self.cost(si, k, bytes, first, notify_ns);
+        // The adaptive algorithm sees the sample after every notification, as a driver
+        // calls net_dim after each poll.
+        self.stages[si].controller_sample(now);
+        job
     }
 
     /// The CPU cost of a job of `k` items (`bytes` in all) starting at queue index `first`,
@@ -1321,18 +1436,28 @@ impl Engine {
 
     /// A NAPI poll of `k` items finished (its items have moved on).
     fn napi_poll_done(&mut self, si: usize, k: u32) {
+        if self.stages[si].app_owned {
+            // The application's busy poll: it processes what it found.
+            self.app_poll_done(self.stage_vm(si));
+            return;
+        }
         if k == self.napi_weight {
             // The poll used its whole weight: it stays scheduled and polls again.
             self.napi_reschedule(si);
             return;
         }
+        self.napi_complete(si, k > 0);
+    }
+
+    /// napi_complete_done after a poll (`found_work`: it took items), or busy_poll_stop.
+    fn napi_complete(&mut self, si: usize, found_work: bool) {
         let now = self.now;
         let st = &mut self.stages[si];
         // napi_complete_done's deferral: a poll that found work reloads the count of empty
         // polls to defer; while the count lasts and the timeout is set, the interrupt stays
         // masked and the hrtimer polls again after the timeout (the driver neither re-arms
         // its interrupt nor, like mlx5, runs DIM).
-        if k > 0 {
+        if found_work {
             st.defer_left = st.defer_max;
         }
         if st.defer_left > 0 {
@@ -1367,6 +1492,212 @@ impl Engine {
         }
     }
 
+    // ---------------------------------------------------------------- busy polling
+
+    /// The VM of a per-VM stage.
+    #[inline]
+    fn stage_vm(&self, si: usize) -> usize {
+        (si - 3) / PER_VM
+    }
+
+    /// A job of VM `v`'s application ended: a spin (`spin`), or the processing of what it read.
+    fn app_job_done(&mut self, v: usize, spin: bool) {
+        let a = &mut self.apps[v];
+        if spin {
+            self.cpus[self.vcpu0 + v].spin = false;
+            self.stages[fe_rx(v)].wakes_spinner = false;
+            self.stages[sock_rx(v)].wakes_spinner = false;
+            match std::mem::take(&mut a.spin_end) {
+                // Nothing came within the budget: the application sleeps.
+                SpinEnd::Timeout => a.spin_left_ns = 0,
+                SpinEnd::Work => a.spin_left_ns = a.spin_ns,
+                // It yielded; it spins on with what is left of its budget.
+                SpinEnd::Resched => {}
+            }
+        } else {
+            a.spin_left_ns = a.spin_ns;
+        }
+        self.app_return(v);
+    }
+
+    /// VM `v`'s application returns to epoll: it reads what its socket holds, else busy-polls
+    /// its NAPI, else spins for what comes, else sleeps.
+    fn app_return(&mut self, v: usize) {
+        if !self.apps[v].on() {
+            self.app_sleep(v);
+            return;
+        }
+        let (ss, vc) = (sock_rx(v), self.vcpu0 + v);
+        // Awake: the socket raises no wake-ups.
+        let st = &mut self.stages[ss];
+        st.masked = true;
+        if std::mem::take(&mut st.timer_armed) {
+            st.timer_gen = st.timer_gen.wrapping_add(1);
+            self.clear_timer(ss);
+        }
+        self.apps[v].state = AppState::Busy;
+        if self.stages[ss].jobs_out > 0 {
+            // Its own earlier read is still queued; it returns after that one.
+            return;
+        }
+        if self.stages[ss].pending > 0 {
+            let job = self.take_pending(ss, 0);
+            self.stages[ss].jobs_out += 1;
+            self.cpu_push(vc, job, Prio::Thread);
+            return;
+        }
+        if self.app_poll(v) {
+            return;
+        }
+        if self.apps[v].spin_left_ns > 0 {
+            self.push_spin(v);
+            return;
+        }
+        self.app_sleep(v);
+    }
+
+    /// The application takes its NAPI (`napi_busy_loop`), unless a poll is scheduled in
+    /// softirq; the interrupt stays masked while it owns it.
+    fn app_grab(&mut self, v: usize) -> bool {
+        let si = fe_rx(v);
+        let st = &mut self.stages[si];
+        if st.app_owned {
+            return true;
+        }
+        if st.jobs_out > 0 {
+            return false;
+        }
+        st.app_owned = true;
+        st.masked = true;
+        let armed = std::mem::take(&mut st.timer_armed) | std::mem::take(&mut st.defer_armed);
+        st.timer_due = false;
+        st.timer_gen = st.timer_gen.wrapping_add(1);
+        if armed {
+            self.clear_timer(si);
+        }
+        true
+    }
+
+    /// The application polls its NAPI in its own context if it can take it and it has items;
+    /// with IRQ suspension the suspension's timer starts again.
+    fn app_poll(&mut self, v: usize) -> bool {
+        if !self.app_grab(v) {
+            return false;
+        }
+        let si = fe_rx(v);
+        if self.stages[si].pending == 0 {
+            return false;
+        }
+        let (now, suspend_ns) = (self.now, self.apps[v].suspend_ns);
+        let st = &mut self.stages[si];
+        st.jobs_out += 1;
+        if suspend_ns > 0 {
+            st.suspend_armed = true;
+            st.timer_gen = st.timer_gen.wrapping_add(1);
+            let epoch = st.timer_gen;
+            self.set_timer(si, now + suspend_ns, epoch);
+        }
+        self.cpu_push(self.vcpu0 + v, Job::unclaimed(si), Prio::Thread);
+        true
+    }
+
+    /// The application's poll of its NAPI ended: without IRQ suspension the busy poll stops
+    /// (`busy_poll_stop`: deferral or the interrupt takes over); the application then reads.
+    fn app_poll_done(&mut self, v: usize) {
+        if self.apps[v].suspend_ns == 0 {
+            self.app_release(v);
+        }
+        self.apps[v].spin_left_ns = self.apps[v].spin_ns;
+        self.app_return(v);
+    }
+
+    /// The application lets go of its NAPI: `busy_poll_stop`, or the end of an IRQ suspension
+    /// (`napi_resume_irqs`). Either arms the deferral's timer where one is set, else re-arms
+    /// the interrupt.
+    fn app_release(&mut self, v: usize) {
+        let si = fe_rx(v);
+        let st = &mut self.stages[si];
+        if !st.app_owned {
+            return;
+        }
+        st.app_owned = false;
+        if std::mem::take(&mut st.suspend_armed) {
+            st.timer_gen = st.timer_gen.wrapping_add(1);
+            self.clear_timer(si);
+        }
+        self.napi_complete(si, true);
+    }
+
+    /// The application sleeps in epoll: its socket wakes it again, and its NAPI is let go.
+    fn app_sleep(&mut self, v: usize) {
+        let a = &mut self.apps[v];
+        a.state = AppState::Asleep;
+        a.spin_left_ns = a.spin_ns;
+        let ss = sock_rx(v);
+        self.stages[ss].masked = false;
+        if self.stages[ss].pending > 0 {
+            self.fire_or_arm(ss);
+        }
+        self.app_release(v);
+    }
+
+    /// The application spins for what arrives, for what is left of its budget (prefer_busy_poll:
+    /// with its NAPI masked where it can take it).
+    fn push_spin(&mut self, v: usize) {
+        let (ss, vc) = (sock_rx(v), self.vcpu0 + v);
+        self.app_grab(v);
+        let a = &mut self.apps[v];
+        a.state = AppState::Spinning;
+        a.spin_end = SpinEnd::Timeout;
+        let left = a.spin_left_ns;
+        self.stages[ss].jobs_out += 1;
+        self.stages[ss].wakes_spinner = true;
+        self.stages[fe_rx(v)].wakes_spinner = true;
+        let job =
+            Job { stage: ss as u32, k: 0, remaining_ns: left, notify_ns: left, packet_ns: 0, app_ns: 0 };
+        self.cpu_push(vc, job, Prio::Thread);
+        self.cpus[vc].spin = true;
+    }
+
+    /// VM `v`'s spin ends now (`why`): its job finishes at once, its CPU time being what it spun.
+    fn end_spin(&mut self, v: usize, why: SpinEnd) {
+        let vc = self.vcpu0 + v;
+        if !self.cpus[vc].spin {
+            return;
+        }
+        self.cpus[vc].spin = false;
+        self.stages[fe_rx(v)].wakes_spinner = false;
+        self.stages[sock_rx(v)].wakes_spinner = false;
+        let (now, ss) = (self.now, sock_rx(v) as u32);
+        let cpu = &mut self.cpus[vc];
+        let spun = match cpu.running.as_mut() {
+            Some(r) if r.job.stage == ss && r.job.k == 0 => {
+                r.job.notify_ns -= r.end - now;
+                r.end = now;
+                cpu.epoch = cpu.epoch.wrapping_add(1);
+                let (epoch, spun) = (cpu.epoch, r.job.notify_ns);
+                self.set_cpu_done(vc, now, epoch);
+                spun
+            }
+            _ => match cpu.thread.iter_mut().find(|j| j.stage == ss && j.k == 0) {
+                Some(j) => {
+                    j.notify_ns -= j.remaining_ns;
+                    j.remaining_ns = 0;
+                    j.notify_ns
+                }
+                None => {
+                    debug_assert!(false, "VM {v}'s spin is neither running nor queued");
+                    0
+                }
+            },
+        };
+        let a = &mut self.apps[v];
+        a.spin_end = why;
+        if why == SpinEnd::Resched {
+            a.spin_left_ns = a.spin_left_ns.saturating_sub(spun);
+        }
+    }
+
     /// The deferral's hrtimer expired (`napi_watchdog`): it schedules a poll, which runs in the
     /// softirq the timer raises.
     fn defer_timer(&mut self, si: usize) {
@@ -1390,6 +1721,10 @@ impl Engine {
     }
 
     fn cpu_push(&mut self, ci: usize, job: Job, prio: Prio) {
+        if prio == Prio::Thread && self.cpus[ci].spin {
+            // Runnable thread work ends the application's spin (need_resched), before it queues.
+            self.end_spin(ci - self.vcpu0, SpinEnd::Resched);
+        }
         let now = self.now;
         let cpu = &mut self.cpus[ci];
         match prio {
@@ -1537,6 +1872,11 @@ impl Engine {
             self.napi_poll_done(si, job.k);
         } else if matches!(self.stages[si].trigger, Trigger::Worker { .. }) {
             self.kick_worker(si);
+        } else if let Kind::SockRx(v) = kind {
+            let a = self.apps[v];
+            if a.on() || a.state != AppState::Asleep {
+                self.app_job_done(v, job.k == 0);
+            }
         }
     }
 

@@ -617,10 +617,10 @@ pub fn decode_means(
         vms: Vec::with_capacity(vms),
     };
     for v in 0..vms {
-        s.vms.push(VmSettings {
-            backend: space.decode_layer(LayerKind::Backend, &backend[v * k..(v + 1) * k]),
-            frontend: space.decode_layer(LayerKind::Frontend, &frontend[v * k..(v + 1) * k]),
-        });
+        s.vms.push(VmSettings::new(
+            space.decode_layer(LayerKind::Backend, &backend[v * k..(v + 1) * k]),
+            space.decode_layer(LayerKind::Frontend, &frontend[v * k..(v + 1) * k]),
+        ));
     }
     debug_assert!(LayerId::all(vms).count() == 1 + 2 * vms);
     s
