@@ -303,7 +303,7 @@ fn the_shipped_default_model_is_sealed_and_loads() {
     assert_eq!(m.provenance.semantics_sha256.as_deref(), Some(semantics_sha256(m).as_str()));
     assert_eq!(
         m.provenance.weights_sha256,
-        "b775586dba688c88e903607dae4d3fce89907c29db9fe77af5d106b9aa090b4c"
+        "e75e2b88f3f1f7427c4dcbad7aa97edafd805641e598cce18e4801affe6e8047"
     );
     // Trained on every host profile.
     use moderato_env::HostProfile;
