@@ -602,6 +602,8 @@ pub(crate) struct Engine {
     softirq: SoftirqLimits,
     /// Per VM: its application's busy-poll loop.
     apps: Vec<AppLoop>,
+    /// Some VM's application has busy-polled in this run (the hot paths skip the loop otherwise).
+    polling_ever: bool,
 }
 
 /// Where a VM's application is in its busy-poll loop (see the module docs).
@@ -840,6 +842,7 @@ impl Engine {
             napi_weight: h.napi_weight,
             softirq: SoftirqLimits::new(h),
             apps: vec![AppLoop::default(); vms],
+            polling_ever: false,
         };
         e.pick_next_source();
         // Every closed-loop client starts after one think time.
@@ -914,6 +917,7 @@ impl Engine {
             let a = &mut self.apps[v];
             a.spin_ns = u64::from(vm.polling.busy_poll_us) * 1000;
             a.suspend_ns = u64::from(vm.polling.irq_suspend_timeout_us) * 1000;
+            self.polling_ever |= a.spin_ns > 0;
             if a.state == AppState::Asleep {
                 a.spin_left_ns = a.spin_ns;
             }
@@ -1721,7 +1725,7 @@ impl Engine {
     }
 
     fn cpu_push(&mut self, ci: usize, job: Job, prio: Prio) {
-        if prio == Prio::Thread && self.cpus[ci].spin {
+        if self.polling_ever && prio == Prio::Thread && self.cpus[ci].spin {
             // Runnable thread work ends the application's spin (need_resched), before it queues.
             self.end_spin(ci - self.vcpu0, SpinEnd::Resched);
         }
@@ -1872,8 +1876,10 @@ impl Engine {
             self.napi_poll_done(si, job.k);
         } else if matches!(self.stages[si].trigger, Trigger::Worker { .. }) {
             self.kick_worker(si);
-        } else if let Kind::SockRx(v) = kind {
-            let a = self.apps[v];
+        } else if self.polling_ever
+            && let Kind::SockRx(v) = kind
+        {
+            let a = &self.apps[v];
             if a.on() || a.state != AppState::Asleep {
                 self.app_job_done(v, job.k == 0);
             }
