@@ -578,6 +578,17 @@ fn the_taps_rx_frames_through_the_kvm_vhost_profile_is_set_and_restored() {
     p.signal("TERM");
     assert!(p.wait(Duration::from_secs(20)).success(), "{}", p.text());
     assert_eq!(tap_frames(&mut ethtool, &lab.tap), Some(TRUE_ORIGINAL), "{}", p.text());
+    // What each interface offers is detected and held against the profile: the veth standing in
+    // for the NIC has no ethtool coalescing, which kvm-vhost gives the NIC; the tap's rx-frames
+    // (the backend) is no difference.
+    let log = p.text();
+    assert!(log.contains("detected mechanisms"), "{log}");
+    let diffs: Vec<&str> =
+        log.lines().filter(|l| l.contains("check `profile` in the deploy config")).collect();
+    assert!(
+        diffs.len() == 1 && diffs[0].contains(&lab.a) && diffs[0].contains("EOPNOTSUPP"),
+        "{diffs:?}\n{log}"
+    );
     // A typo in the profile is refused at start, naming the key's value and the choices.
     std::fs::write(&config, format!("profile = \"kvm\"\n{text}")).unwrap();
     let mut p = Proc::deploy("static:32/32", &config, &[], None);

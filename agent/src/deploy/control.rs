@@ -395,6 +395,23 @@ impl DeployLoop {
                 ifindex = o.ifindex, original = %o.describe(),
                 "original settings{}", if opts.dry_run { "" } else { "; journalled, restored at exit" });
         }
+        // What the interfaces offer against the configured profile: said, not acted on (a
+        // learned model already leaves alone what its profile lacks, and a layer whose driver
+        // refuses its knobs stays observe-only).
+        let profile = env.config().profile;
+        for d in env.detect_mechanisms() {
+            let coalescing = match d.coalescing {
+                Some(true) => "yes",
+                Some(false) => "no (EOPNOTSUPP)",
+                None => "unknown",
+            };
+            tracing::info!(target: "moderato::deploy", layer = %d.layer, interface = %d.ifname, coalescing,
+                deferral = d.deferral, "detected mechanisms");
+        }
+        for diff in moderato_env::live::profile_differences(profile, &env.detect_mechanisms()) {
+            tracing::warn!(target: "moderato::deploy", profile = profile.name(),
+                "{diff}: check `profile` in the deploy config");
+        }
         for l in env.layers() {
             let state = match &l.control {
                 Control::ObserveOnly(why) => format!("observe-only: {why}"),

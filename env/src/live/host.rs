@@ -48,6 +48,46 @@ pub struct LayerStatus {
     pub ifindex: Option<u64>,
 }
 
+/// What one interface offers ([`HostEnv::detect_mechanisms`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Detected {
+    pub layer: LayerId,
+    pub ifname: String,
+    pub coalescing: Option<bool>,
+    pub deferral: bool,
+}
+
+/// Where what the interfaces offer differs from what `profile` says their layers have, one
+/// sentence each. Not a difference: a backend that accepts coalescing (the tap's `rx-frames` on
+/// stock KVM, which the profiles leave out of the simulation), an interface whose coalescing is
+/// unknown, and deferral files on a layer the profile gives none.
+pub fn profile_differences(profile: crate::HostProfile, detected: &[Detected]) -> Vec<String> {
+    let mut v = Vec::new();
+    for d in detected {
+        let kind = d.layer.kind();
+        let m = profile.mechanisms(kind);
+        let (layer, ifname, p) = (d.layer, &d.ifname, profile.name());
+        match d.coalescing {
+            Some(false) if m.coalescing => v.push(format!(
+                "{layer} ({ifname}): profile `{p}` gives this layer ethtool coalescing, but its driver does not \
+                 support it (EOPNOTSUPP)"
+            )),
+            Some(true) if !m.coalescing && kind == crate::LayerKind::Frontend => v.push(format!(
+                "{layer} ({ifname}): its driver accepts ethtool coalescing, which profile `{p}` says this layer \
+                 lacks (a virtio device with VIRTIO_NET_F_NOTF_COAL is `kvm-notf-coal`)"
+            )),
+            _ => {}
+        }
+        if m.deferral && !d.deferral {
+            v.push(format!(
+                "{layer} ({ifname}): profile `{p}` gives this layer NAPI deferral, but \
+                 /sys/class/net/{ifname}/napi_defer_hard_irqs or gro_flush_timeout is absent (Linux 5.10+)"
+            ));
+        }
+    }
+    v
+}
+
 /// An interface's settings before anything was changed, to restore at exit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Original {
@@ -274,6 +314,8 @@ struct Layer {
     said: BTreeSet<String>,
     /// The interface's index at the last sample.
     ifindex: Option<u64>,
+    /// Its driver answered EOPNOTSUPP to reading or setting coalescing.
+    no_coalescing: bool,
 }
 
 impl Layer {
@@ -354,6 +396,7 @@ impl HostEnv {
                 prev_irq: BTreeMap::new(),
                 irqs: IrqSet::default(),
                 said: BTreeSet::new(),
+                no_coalescing: false,
                 ifindex: None,
             })
             .collect();
@@ -517,6 +560,33 @@ impl HostEnv {
         )
     }
 
+    /// What each interface offers, as far as this host can tell: ethtool coalescing (`Some(true)`
+    /// when its knobs were read, `Some(false)` when its driver answered EOPNOTSUPP, `None` when
+    /// unknown: absent, or no permission) and NAPI deferral (the per-device sysfs files exist).
+    /// Call after [`start`](Env::start) has probed the knobs.
+    pub fn detect_mechanisms(&self) -> Vec<Detected> {
+        self.layers
+            .iter()
+            .map(|l| {
+                let dir = counters::interface_dir(&self.config.sysfs_root, &l.cfg.name);
+                Detected {
+                    layer: l.id,
+                    ifname: l.cfg.name.clone(),
+                    coalescing: if l.no_coalescing {
+                        Some(false)
+                    } else if l.control == Control::Controlled {
+                        Some(true)
+                    } else {
+                        None
+                    },
+                    deferral: ["napi_defer_hard_irqs", "gro_flush_timeout"]
+                        .iter()
+                        .all(|f| dir.join(f).exists()),
+                }
+            })
+            .collect()
+    }
+
     /// Reads one layer's knobs, updating its control state.
     fn read_knobs(&mut self, i: usize, warnings: &mut Vec<String>) -> Option<CoalesceParams> {
         let name = self.layers[i].cfg.name.clone();
@@ -543,6 +613,7 @@ impl HostEnv {
         let (name, id) = (l.cfg.name.clone(), l.id);
         match e {
             CoalesceError::Unsupported { .. } => {
+                l.no_coalescing = true;
                 let msg =
                     format!("{name}: this driver does not support coalescing; layer {id} stays observe-only");
                 l.control = Control::ObserveOnly(msg.clone());
@@ -1198,5 +1269,42 @@ impl Env for HostEnv {
         early.append(&mut s.info.warnings);
         s.info.warnings = early;
         Ok(Step { obs: s.obs, reward: 0.0, terminated: false, truncated: false, info: s.info })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::HostProfile;
+
+    fn d(layer: LayerId, coalescing: Option<bool>, deferral: bool) -> Detected {
+        Detected { layer, ifname: format!("if-{layer}"), coalescing, deferral }
+    }
+
+    #[test]
+    fn what_the_interfaces_offer_is_held_against_the_profile() {
+        // A stock KVM guest: virtio-net refuses coalescing and has the NAPI files.
+        let guest = [d(LayerId::Frontend(0), Some(false), true)];
+        assert!(profile_differences(HostProfile::KvmVhost, &guest).is_empty());
+        let e = profile_differences(HostProfile::KvmNotfCoal, &guest);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].contains("kvm-notf-coal") && e[0].contains("EOPNOTSUPP") && e[0].contains("if-"),
+            "{e:?}"
+        );
+        // A NOTF_COAL device configured as stock KVM: said, with the profile it looks like.
+        let e = profile_differences(HostProfile::KvmVhost, &[d(LayerId::Frontend(0), Some(true), true)]);
+        assert!(e.len() == 1 && e[0].contains("`kvm-notf-coal`"), "{e:?}");
+        // The tap's rx-frames is no difference; unknown coalescing is none either; missing NAPI
+        // files are, where the profile has deferral.
+        let host = [
+            d(LayerId::Nic, None, false),
+            d(LayerId::Backend(0), Some(true), false),
+            d(LayerId::Backend(1), Some(false), false),
+        ];
+        let e = profile_differences(HostProfile::KvmVhost, &host);
+        assert!(e.len() == 1 && e[0].contains("napi_defer_hard_irqs") && e[0].contains("nic"), "{e:?}");
+        let e = profile_differences(HostProfile::KvmNotfCoal, &host);
+        assert_eq!(e.len(), 2, "{e:?}");
     }
 }

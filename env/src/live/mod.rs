@@ -54,8 +54,8 @@ use std::time::Duration;
 
 pub use coalesce::{CoalesceError, CoalesceParams, Coalescer, NetlinkCoalescer};
 pub use host::{
-    Control, HostEnv, InterfaceReport, LayerStatus, LiveSample, Original, RestoreFailure, restore_original,
-    restore_original_with,
+    Control, Detected, HostEnv, InterfaceReport, LayerStatus, LiveSample, Original, RestoreFailure,
+    profile_differences, restore_original, restore_original_with,
 };
 pub use napi::{MemoryNapi, NapiControl, NapiError, NapiParams, SysfsNapi};
 pub use probe::{ProbeConfig, UdpProbe, serve_udp_echo};
