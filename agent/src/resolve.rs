@@ -166,16 +166,15 @@ pub fn deploy_policy(
             p.check_objectives(objectives)?;
             Ok(Box::new(p))
         }
-        _ if name.starts_with("busy-poll:") || name.starts_with("irq-suspend:") => bail!(
-            "policy `{name}` is simulated only: busy polling is each application's own epoll setting \
-             (EPIOCSPARAMS busy_poll_usecs, prefer_busy_poll) and IRQ suspension needs it; moderato cannot set \
-             either from outside. Deploy napi:<defer>/<timeout_us> for the deferral, or a model"
-        ),
         other => {
             // A live run's target comes from its config, never from the simulator's default.
             let spec =
                 moderato_env::EnvSpec { slo_p99_us, ..moderato_env::sim::SimConfig::default().spec(vms) };
-            other.instantiate(&spec)
+            let policy = other.instantiate(&spec)?;
+            if let Some(why) = policy.live_refusal() {
+                bail!(why);
+            }
+            Ok(policy)
         }
     }
 }

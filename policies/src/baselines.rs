@@ -254,6 +254,14 @@ impl Policy for PollingPolicy {
         }
         s
     }
+    fn live_refusal(&self) -> Option<String> {
+        Some(format!(
+            "policy `{}` is simulated only: busy polling is each application's own epoll setting \
+             (EPIOCSPARAMS busy_poll_usecs, prefer_busy_poll) and IRQ suspension needs it; moderato cannot set \
+             either from outside. Deploy napi:<defer>/<timeout_us> for the deferral, or a model",
+            self.name
+        ))
+    }
 }
 
 /// The deferral `irq-suspend:` gives the guest unless its name sets one: 2 empty polls × 20 µs.

@@ -56,6 +56,11 @@ pub trait Policy: Send {
     fn sets_coalescing(&self) -> bool {
         true
     }
+    /// Why a live host cannot run this policy, if it cannot (a simulated-only mechanism); a
+    /// deploy refuses it with this sentence. The default: it can.
+    fn live_refusal(&self) -> Option<String> {
+        None
+    }
 }
 
 impl<P: Policy + ?Sized> Policy for Box<P> {
@@ -85,6 +90,9 @@ impl<P: Policy + ?Sized> Policy for Box<P> {
     }
     fn follows_profile(&self) -> bool {
         (**self).follows_profile()
+    }
+    fn live_refusal(&self) -> Option<String> {
+        (**self).live_refusal()
     }
 }
 

@@ -399,7 +399,8 @@ impl DeployLoop {
         // learned model already leaves alone what its profile lacks, and a layer whose driver
         // refuses its knobs stays observe-only).
         let profile = env.config().profile;
-        for d in env.detect_mechanisms() {
+        let detected = env.detect_mechanisms();
+        for d in &detected {
             let coalescing = match d.coalescing {
                 Some(true) => "yes",
                 Some(false) => "no (EOPNOTSUPP)",
@@ -408,7 +409,7 @@ impl DeployLoop {
             tracing::info!(target: "moderato::deploy", layer = %d.layer, interface = %d.ifname, coalescing,
                 deferral = d.deferral, "detected mechanisms");
         }
-        for diff in moderato_env::live::profile_differences(profile, &env.detect_mechanisms()) {
+        for diff in moderato_env::live::profile_differences(profile, &detected) {
             tracing::warn!(target: "moderato::deploy", profile = profile.name(),
                 "{diff}: check `profile` in the deploy config");
         }

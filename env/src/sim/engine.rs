@@ -1506,11 +1506,9 @@ impl Engine {
 
     /// A job of VM `v`'s application ended: a spin (`spin`), or the processing of what it read.
     fn app_job_done(&mut self, v: usize, spin: bool) {
-        let a = &mut self.apps[v];
         if spin {
-            self.cpus[self.vcpu0 + v].spin = false;
-            self.stages[fe_rx(v)].wakes_spinner = false;
-            self.stages[sock_rx(v)].wakes_spinner = false;
+            self.spin_over(v);
+            let a = &mut self.apps[v];
             match std::mem::take(&mut a.spin_end) {
                 // Nothing came within the budget: the application sleeps.
                 SpinEnd::Timeout => a.spin_left_ns = 0,
@@ -1519,9 +1517,16 @@ impl Engine {
                 SpinEnd::Resched => {}
             }
         } else {
-            a.spin_left_ns = a.spin_ns;
+            self.apps[v].spin_left_ns = self.apps[v].spin_ns;
         }
         self.app_return(v);
+    }
+
+    /// VM `v`'s spin is over: nothing it waits on ends it any more.
+    fn spin_over(&mut self, v: usize) {
+        self.cpus[self.vcpu0 + v].spin = false;
+        self.stages[fe_rx(v)].wakes_spinner = false;
+        self.stages[sock_rx(v)].wakes_spinner = false;
     }
 
     /// VM `v`'s application returns to epoll: it reads what its socket holds, else busy-polls
@@ -1669,9 +1674,7 @@ impl Engine {
         if !self.cpus[vc].spin {
             return;
         }
-        self.cpus[vc].spin = false;
-        self.stages[fe_rx(v)].wakes_spinner = false;
-        self.stages[sock_rx(v)].wakes_spinner = false;
+        self.spin_over(v);
         let (now, ss) = (self.now, sock_rx(v) as u32);
         let cpu = &mut self.cpus[vc];
         let spun = match cpu.running.as_mut() {
