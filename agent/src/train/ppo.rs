@@ -506,8 +506,6 @@ impl Trainer {
         let mut obs: Vec<Observation> = vec![Observation::default(); n_envs];
         let mut ep_return = vec![0.0f64; n_envs];
         let mut disc_return = vec![0.0f64; n_envs];
-        // Each env's last step, wall ns: the next step's work is handed out slowest first.
-        let mut step_ns = vec![0u64; n_envs];
         let mut eps = EpisodeStats::default();
         let threads = if c.threads == 0 {
             std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -523,9 +521,8 @@ impl Trainer {
                 // New episodes: a randomised scenario per env.
                 let e = (t / ep_steps) as u64;
                 let make_env = &self.make_env;
-                let order: Vec<usize> = (0..n_envs).collect();
                 let started: Vec<Result<(Box<dyn Env + Send>, Observation)>> =
-                    parallel_map(&order, threads, |i| {
+                    parallel_map(n_envs, threads, |i| {
                         let eseed = derive(iseed, &[2, i as u64, e]);
                         let mut env = make_env(eseed)?;
                         let (o, _) = env.reset(derive(eseed, &[3]))?;
@@ -537,7 +534,6 @@ impl Trainer {
                     obs[i] = o;
                     ep_return[i] = 0.0;
                     disc_return[i] = 0.0;
-                    step_ns[i] = 0;
                 }
                 perf.simulation += clock.lap();
             }
@@ -610,28 +606,23 @@ impl Trainer {
             st.values.extend_from_slice(&values);
             perf.bookkeeping += clock.lap();
 
-            // Step every environment in parallel, the slowest at the last step first (how the
-            // work is shared between threads changes no result).
-            let mut order: Vec<usize> = (0..n_envs).collect();
-            order.sort_by_key(|&i| std::cmp::Reverse(step_ns[i]));
+            // Step every environment in parallel.
             let mut taken: Vec<Box<dyn Env + Send>> =
                 envs.iter_mut().map(|e| e.take().expect("episode started")).collect();
-            let results: Vec<Result<(Box<dyn Env + Send>, moderato_env::Step, u64)>> = {
+            let results: Vec<Result<(Box<dyn Env + Send>, moderato_env::Step)>> = {
                 let settings = &settings;
                 let cells: Vec<std::sync::Mutex<Option<Box<dyn Env + Send>>>> =
                     taken.drain(..).map(|e| std::sync::Mutex::new(Some(e))).collect();
-                parallel_map(&order, threads, |i| {
+                parallel_map(n_envs, threads, |i| {
                     let mut env = cells[i].lock().expect("one worker per env").take().expect("env present");
-                    let started = std::time::Instant::now();
                     let step = env.step(&settings[i])?;
-                    Ok((env, step, started.elapsed().as_nanos() as u64))
+                    Ok((env, step))
                 })
             };
             perf.simulation += clock.lap();
             let truncating = (t + 1) % ep_steps == 0;
             for (i, r) in results.into_iter().enumerate() {
-                let (env, step, ns) = r?;
-                step_ns[i] = ns;
+                let (env, step) = r?;
                 let row = t * n_envs + i;
                 // Lagrangian: the constraint replaces the reward's latency term.
                 let r = if lagrangian {
@@ -1046,43 +1037,37 @@ struct MinibatchOut {
     clipfrac: f64,
 }
 
-/// Computes `f(i)` for every `i` of `order` (a permutation of `0..n`) on up to `threads` scoped
-/// threads; results in index order. Each thread claims the next index of `order` when it is free,
-/// so a slow simulator holds up one thread, not a fixed share of the others' work; putting the
-/// slowest first (longest processing time first) keeps the last claim short, so no thread waits
-/// long on another at the end.
-fn parallel_map<T: Send>(order: &[usize], threads: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
-    let n = order.len();
-    let mut out: Vec<Option<T>> = (0..n).map(|_| None).collect();
+/// Computes `f(i)` for `i in 0..n` on up to `threads` scoped threads; results in index order.
+/// Each thread claims the next index when it is free, so a slow simulator holds up one thread,
+/// not a fixed share of the others' work.
+fn parallel_map<T: Send>(n: usize, threads: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
     if threads <= 1 || n <= 1 {
-        for &i in order {
-            out[i] = Some(f(i));
-        }
-    } else {
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        std::thread::scope(|s| {
-            let (f, next) = (&f, &next);
-            let handles: Vec<_> = (0..threads.min(n))
-                .map(|_| {
-                    s.spawn(move || {
-                        let mut done = Vec::new();
-                        loop {
-                            let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            if k >= n {
-                                break done;
-                            }
-                            done.push((order[k], f(order[k])));
-                        }
-                    })
-                })
-                .collect();
-            for h in handles {
-                for (i, v) in h.join().expect("a rollout worker panicked") {
-                    out[i] = Some(v);
-                }
-            }
-        });
+        return (0..n).map(f).collect();
     }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let mut out: Vec<Option<T>> = (0..n).map(|_| None).collect();
+    std::thread::scope(|s| {
+        let (f, next) = (&f, &next);
+        let handles: Vec<_> = (0..threads.min(n))
+            .map(|_| {
+                s.spawn(move || {
+                    let mut done = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if i >= n {
+                            break done;
+                        }
+                        done.push((i, f(i)));
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            for (i, v) in h.join().expect("a rollout worker panicked") {
+                out[i] = Some(v);
+            }
+        }
+    });
     out.into_iter().map(|v| v.expect("every index computed")).collect()
 }
 
