@@ -411,8 +411,8 @@ impl HeadInputs {
 mod tests {
     use super::*;
 
-    /// The sigmoid form of tanh equals libm's to within 3e-7 (a few f32 ulps) over the range an MLP sees, and
-    /// saturates to ±1.
+    /// The sigmoid form of tanh equals libm's to within 3e-7 (a few f32 ulps) over the range an
+    /// MLP sees, and saturates to ±1.
     #[test]
     fn tanh_by_sigmoid_is_tanh() {
         let xs: Vec<f32> =
