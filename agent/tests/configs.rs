@@ -11,9 +11,16 @@ fn experiments() -> std::path::PathBuf {
 
 #[test]
 fn shipped_experiment_and_eval_configs_load() {
-    for f in ["example.toml", "quickstart.toml", "ppo-standard.toml"] {
-        ExperimentConfig::load(&experiments().join(f)).unwrap_or_else(|e| panic!("{f}: {e:#}"));
+    // Every experiment config shipped in experiments/ (the recipes and the ablations).
+    let mut n = 0;
+    for e in std::fs::read_dir(experiments()).unwrap() {
+        let f = e.unwrap().path();
+        if f.extension().is_some_and(|x| x == "toml") {
+            ExperimentConfig::load(&f).unwrap_or_else(|e| panic!("{}: {e:#}", f.display()));
+            n += 1;
+        }
     }
+    assert!(n >= 8, "{n} experiment configs");
     let suite = EvalConfig::load(&experiments().join("eval/standard.toml")).unwrap();
     assert!(suite.scenarios.len() >= 6 && suite.config.seeds.len() >= 3);
 }
@@ -33,6 +40,7 @@ fn bad_experiment_configs_name_the_key() {
             text.replace("ignore_features = []", "ignore_features = [\"nic.irq_rate\"]"),
             "network.ignore_features: `nic.irq_rate` is not a feature; valid names: nic.rx_kpps_ln",
         ),
+        (text.replace("history = \"none\"", "history = \"last\""), "`none`, `previous`, `delta`"),
     ];
     for (bad, key) in cases {
         let e = format!("{:#}", ExperimentConfig::parse(&bad, &base).unwrap_err());

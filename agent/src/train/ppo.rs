@@ -39,8 +39,8 @@ use moderato_env::{
     ActionSpace, BACKEND_FEATURES, ControllerFactory, Env, GUEST_FEATURES, HOST_FEATURES, Observation,
 };
 use moderato_policies::learned::{
-    Actor, BACKEND_IN, BatchTensors, FeatureBatch, GUEST_IN, HeadInputs, HeadTensors, Ignored, Mlp, NIC_IN,
-    NetConfig, Normalizer, RunningStats, decode_means, host_vm_max, host_vm_mean,
+    Actor, BatchTensors, FeatureBatch, HeadInputs, HeadTensors, Ignored, Mlp, NetConfig, Normalizer,
+    RunningStats, decode_means, head_widths, host_vm_max, host_vm_mean,
 };
 use rand::{Rng, SeedableRng};
 use rand_pcg::Pcg64Mcg;
@@ -514,6 +514,9 @@ impl Trainer {
             c.threads
         };
         let mut raw = FeatureBatch::new(v);
+        // The previous interval's raw features of every env (`network.history`).
+        let history = c.network.history;
+        let mut prev_raw = FeatureBatch::new(v);
         let mut cost_sum = 0.0f64;
         perf.bookkeeping += clock.lap();
 
@@ -546,6 +549,17 @@ impl Trainer {
             raw.update(&mut self.state.normalizer);
             let x = raw.normalized(&self.state.normalizer, &self.ignored);
             let heads = HeadInputs::new(&x);
+            let heads = if history.is_none() {
+                heads
+            } else {
+                // At an episode's first interval the previous one is itself (as in deploy).
+                if t % ep_steps == 0 {
+                    prev_raw.clone_from(&raw);
+                }
+                let prev = HeadInputs::new(&prev_raw.normalized(&self.state.normalizer, &self.ignored));
+                prev_raw.clone_from(&raw);
+                heads.with_history(&prev, history)
+            };
             let critic_in = critic_input(&x);
             perf.bookkeeping += clock.lap();
             let means = infer.actor.means_of(&heads.tensors(&infer_device));
@@ -820,10 +834,11 @@ impl Trainer {
                 ls_cols.extend((0..K as i64).map(|k| side * K as i64 + k));
             }
         }
+        let [nic_in, be_in, g_in] = head_widths(&self.exp.config.network);
         Batch {
-            nic: t2(&st.heads.nic, NIC_IN),
-            backend: t2(&st.heads.backend, v * BACKEND_IN),
-            guest: t2(&st.heads.guest, v * GUEST_IN),
+            nic: t2(&st.heads.nic, nic_in),
+            backend: t2(&st.heads.backend, v * be_in),
+            guest: t2(&st.heads.guest, v * g_in),
             critic: t2(&st.critic, CRITIC_IN),
             actions: t2(&st.actions, aw),
             mask: t2(&st.mask, aw),
@@ -866,12 +881,13 @@ impl Trainer {
         let b_adv = Tensor::<1>::from_data(TensorData::new(b_adv, [n]), dev);
         let sel2 = |t: &Tensor<2>| t.clone().select(0, idx.clone());
         let sel1 = |t: &Tensor<1>| t.clone().select(0, idx.clone());
+        let [_, be_in, g_in] = head_widths(&self.exp.config.network);
         let heads = HeadTensors {
             rows: n,
             vms: v,
             nic: sel2(&b.nic),
-            backend: sel2(&b.backend).reshape([n * v, BACKEND_IN]),
-            guest: sel2(&b.guest).reshape([n * v, GUEST_IN]),
+            backend: sel2(&b.backend).reshape([n * v, be_in]),
+            guest: sel2(&b.guest).reshape([n * v, g_in]),
         };
         let (a, mask) = (sel2(&b.actions), sel2(&b.mask)); // [n, aw]
         let (b_logprobs, b_returns, b_values) = (sel1(&b.logprobs), sel1(&b.returns), sel1(&b.values));

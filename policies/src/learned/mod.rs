@@ -39,8 +39,8 @@ use moderato_env::{
 
 pub use features::{FeatureBatch, Ignored, Normalizer, RunningStats};
 pub use net::{
-    Activation, Actor, BACKEND_IN, BatchTensors, GUEST_IN, HeadInputs, HeadTensors, Means, Mlp, NIC_IN,
-    NetConfig, host_vm_max, host_vm_mean,
+    Activation, Actor, BACKEND_IN, BatchTensors, GUEST_IN, HeadInputs, HeadTensors, History, Means, Mlp,
+    NIC_IN, NetConfig, head_widths, host_vm_max, host_vm_mean,
 };
 
 use crate::{Policy, Requirements};
@@ -286,6 +286,9 @@ pub struct LearnedPolicy {
     /// `meta.network.ignore_features` as columns.
     ignored: Ignored,
     device: Device,
+    /// The previous interval's observation, for a model with `network.history` (forgotten by
+    /// `reset`, and when the number of VMs changes).
+    prev: Option<Observation>,
 }
 
 impl LearnedPolicy {
@@ -293,7 +296,15 @@ impl LearnedPolicy {
     /// Panics if `meta.network` lists an unknown feature to ignore (validated configs do not).
     pub fn new(name: impl Into<String>, actor: Actor, meta: ModelMeta, device: Device) -> Self {
         let ignored = Ignored::new(&meta.network.ignore_features).expect("a validated network config");
-        LearnedPolicy { name: name.into(), dir: PathBuf::new(), actor: actor.valid(), meta, ignored, device }
+        LearnedPolicy {
+            name: name.into(),
+            dir: PathBuf::new(),
+            actor: actor.valid(),
+            meta,
+            ignored,
+            device,
+            prev: None,
+        }
     }
 
     /// Loads and checks a frozen model directory.
@@ -382,6 +393,7 @@ impl LearnedPolicy {
             actor: actor.valid(),
             ignored,
             device: device.clone(),
+            prev: None,
         })
     }
 
@@ -492,11 +504,29 @@ impl LearnedPolicy {
         Ok(())
     }
 
-    /// Mean actions for a batch of observations (all with `vms` VMs or fewer, padded).
+    /// Mean actions for a batch of observations (all with `vms` VMs or fewer, padded). A model
+    /// with history reads each row as the first interval (its previous interval is itself).
     pub fn mean_actions(&self, batch: &FeatureBatch) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-        let x =
-            HeadInputs::new(&batch.normalized(&self.meta.normalizer, &self.ignored)).tensors(&self.device);
-        let m = self.actor.means_of(&x);
+        self.mean_actions_after(batch, None)
+    }
+
+    /// Mean actions for a batch whose previous interval is `prev` (the same rows, observed one
+    /// interval earlier; `None`: the batch itself), read only by a model with `network.history`.
+    pub fn mean_actions_after(
+        &self,
+        batch: &FeatureBatch,
+        prev: Option<&FeatureBatch>,
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let heads = |b: &FeatureBatch| HeadInputs::new(&b.normalized(&self.meta.normalizer, &self.ignored));
+        let mode = self.meta.network.history;
+        let x = heads(batch);
+        let x = if mode.is_none() {
+            x
+        } else {
+            let p = prev.map_or_else(|| x.clone(), heads);
+            x.with_history(&p, mode)
+        };
+        let m = self.actor.means_of(&x.tensors(&self.device));
         let v = |t: burn::tensor::TensorData| t.convert::<f32>().try_into_vec::<f32>().unwrap_or_default();
         (v(m.nic.into_data()), v(m.backend.into_data()), v(m.frontend.into_data()))
     }
@@ -553,6 +583,7 @@ impl LearnedPolicy {
     fn act_monotone(
         &self,
         obs: &Observation,
+        prev: Option<&Observation>,
         targets: &[Option<f64>],
         [lo, hi]: [f64; 2],
     ) -> CoalescingSettings {
@@ -563,6 +594,12 @@ impl LearnedPolicy {
             .collect();
         let mut b = FeatureBatch::new(vms);
         b.push(obs, space);
+        // Each row's previous interval (a model with history): `prev` with the same targets.
+        let mut bp = prev.map(|p| {
+            let mut bp = FeatureBatch::new(vms);
+            bp.push(p, space);
+            bp
+        });
         // Rows: 0 the observation as it is; then per VM with a target, its grid variants, each
         // once with the other VMs' targets as they are (its path) and once alone (the NIC); one
         // row serves both where no other VM has a target.
@@ -575,11 +612,14 @@ impl LearnedPolicy {
             for &g in &grid[snapped..] {
                 for &kind in kinds {
                     b.push(&with_target(obs, v, g, kind == Row::Alone), space);
+                    if let (Some(bp), Some(p)) = (bp.as_mut(), prev) {
+                        bp.push(&with_target(p, v, g, kind == Row::Alone), space);
+                    }
                     rows.push((v, kind));
                 }
             }
         }
-        let (nic, be, fe) = self.mean_actions(&b);
+        let (nic, be, fe) = self.mean_actions_after(&b, bp.as_ref());
         let k = KNOBS_PER_LAYER;
         let min_into = |acc: &mut [f32], x: &[f32]| acc.iter_mut().zip(x).for_each(|(a, x)| *a = a.min(*x));
         let mut out_nic = vec![f32::INFINITY; k];
@@ -646,14 +686,33 @@ impl Policy for LearnedPolicy {
 
     fn act(&mut self, obs: &Observation) -> CoalescingSettings {
         let vms = obs.guests.len();
+        // The previous interval (a model with history): the last observation seen, unless this
+        // is the first of an episode or the host's VMs changed, when it is this one.
+        let prev = if self.meta.network.history.is_none() {
+            None
+        } else {
+            let last = self.prev.replace(obs.clone());
+            last.filter(|p| p.guests.len() == vms)
+        };
+        let prev = prev.as_ref();
         let targets: Vec<Option<f64>> = (0..vms).map(|v| target_in(obs, v)).collect();
         if let (Some(range), true) = (self.meta.slo_range_us, targets.iter().any(Option::is_some)) {
-            return self.act_monotone(obs, &targets, range);
+            return self.act_monotone(obs, prev, &targets, range);
         }
+        let space = &self.meta.action_space;
         let mut b = FeatureBatch::new(vms);
-        b.push(obs, &self.meta.action_space);
-        let (nic, be, fe) = self.mean_actions(&b);
+        b.push(obs, space);
+        let bp = prev.map(|p| {
+            let mut bp = FeatureBatch::new(vms);
+            bp.push(p, space);
+            bp
+        });
+        let (nic, be, fe) = self.mean_actions_after(&b, bp.as_ref());
         decode_means(&self.meta.action_space, vms, &nic, &be, &fe)
+    }
+
+    fn reset(&mut self) {
+        self.prev = None;
     }
 
     fn requirements(&self) -> Requirements {

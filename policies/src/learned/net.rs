@@ -47,6 +47,35 @@ pub struct NetConfig {
     /// measure them; a deployed model does not require them. Empty: every feature.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ignore_features: Vec<String>,
+    /// What the actor reads of the previous control interval besides the current one: nothing
+    /// (the default, and every model saved before the option existed), the previous interval's
+    /// features, or their change since it. The critic reads the current interval only.
+    #[serde(default, skip_serializing_if = "History::is_none")]
+    pub history: History,
+}
+
+/// The previous interval in the actor's input (`network.history`). Each head's input row is the
+/// current interval's (normalised) head input, followed with `previous` by the previous
+/// interval's and with `delta` by the current minus the previous; at the first interval of an
+/// episode (or of a deploy) the previous interval is the current one (`delta` reads zeros).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum History {
+    #[default]
+    None,
+    Previous,
+    Delta,
+}
+
+impl History {
+    pub fn is_none(&self) -> bool {
+        *self == History::None
+    }
+
+    /// How many intervals a head input row holds.
+    pub fn intervals(self) -> usize {
+        if self.is_none() { 1 } else { 2 }
+    }
 }
 
 fn d_hidden() -> Vec<usize> {
@@ -67,6 +96,7 @@ impl Default for NetConfig {
             init_log_std: d_log_std(),
             init_action_mean: d_init_action(),
             ignore_features: Vec::new(),
+            history: History::None,
         }
     }
 }
@@ -184,6 +214,12 @@ pub const NIC_IN: usize = HOST_FEATURES.len() + BACKEND_FEATURES.len();
 pub const BACKEND_IN: usize = HOST_FEATURES.len() + 2 * BACKEND_FEATURES.len();
 pub const GUEST_IN: usize = GUEST_FEATURES.len();
 
+/// Input widths of the NIC, backend and guest heads under `cfg` (its history included).
+pub fn head_widths(cfg: &NetConfig) -> [usize; 3] {
+    let n = cfg.history.intervals();
+    [NIC_IN * n, BACKEND_IN * n, GUEST_IN * n]
+}
+
 /// Both actors.
 #[derive(Module, Debug)]
 pub struct Actor {
@@ -258,17 +294,18 @@ impl Actor {
             )));
             m
         };
+        let [nic_in, be_in, g_in] = head_widths(cfg);
         Actor {
-            nic: head(&mut rng, NIC_IN),
-            backend: head(&mut rng, BACKEND_IN),
-            guest: head(&mut rng, GUEST_IN),
+            nic: head(&mut rng, nic_in),
+            backend: head(&mut rng, be_in),
+            guest: head(&mut rng, g_in),
             log_std_nic: log_std(device),
             log_std_backend: log_std(device),
             log_std_frontend: log_std(device),
         }
     }
 
-    /// The Gaussian means for a batch.
+    /// The Gaussian means for a batch (of an actor without history).
     pub fn means(&self, x: &BatchTensors) -> Means {
         let [b, v, _] = x.backend.dims();
         let mean_b = x.vm_mean(x.backend.clone()); // [batch, BACKEND]
@@ -381,9 +418,39 @@ impl HeadInputs {
         HeadInputs { rows: x.rows, vms: v, nic, backend, guest: x.guest.clone() }
     }
 
+    /// The inputs with history: each head's row of `self` (the current interval) followed by
+    /// the same row of `prev` (the previous interval's inputs, same rows and padding), or by the
+    /// difference `self − prev` (`History::Delta`). `History::None` returns `self` unchanged.
+    pub fn with_history(self, prev: &HeadInputs, mode: History) -> HeadInputs {
+        if mode.is_none() {
+            return self;
+        }
+        assert_eq!((self.rows, self.vms), (prev.rows, prev.vms), "history of another batch");
+        let join = |cur: &[f32], old: &[f32], w: usize| {
+            let mut out = Vec::with_capacity(2 * cur.len());
+            for (c, o) in cur.chunks_exact(w).zip(old.chunks_exact(w)) {
+                out.extend_from_slice(c);
+                match mode {
+                    History::Delta => out.extend(c.iter().zip(o).map(|(c, o)| c - o)),
+                    _ => out.extend_from_slice(o),
+                }
+            }
+            out
+        };
+        HeadInputs {
+            rows: self.rows,
+            vms: self.vms,
+            nic: join(&self.nic, &prev.nic, NIC_IN),
+            backend: join(&self.backend, &prev.backend, BACKEND_IN),
+            guest: join(&self.guest, &prev.guest, GUEST_IN),
+        }
+    }
+
     pub fn tensors(&self, device: &Device) -> HeadTensors {
         let (b, v) = (self.rows, self.vms);
-        let t = |d: &Vec<f32>, r: usize, c: usize| {
+        // Each head's width follows from its data: 1× or 2× (history) the head's input width.
+        let t = |d: &Vec<f32>, r: usize, base: usize| {
+            let c = d.len().checked_div(r).unwrap_or(base);
             Tensor::<2>::from_data(TensorData::new(d.clone(), [r, c]), device)
         };
         HeadTensors {
@@ -424,6 +491,56 @@ mod tests {
             assert!((y - x.tanh()).abs() <= 3e-7, "tanh({x}) = {} by sigmoid, {} by libm", y, x.tanh());
         }
         assert_eq!((y[0], y[n - 1]), (-1.0, 1.0));
+    }
+
+    /// With history each head's row is the current row, then the previous one (or the change);
+    /// an actor with history reads the doubled widths, and an old `model.json` without the key
+    /// reads as no history.
+    #[test]
+    fn history_appends_the_previous_interval_to_every_head_row() {
+        let (h, bf, gf, v) = (HOST_FEATURES.len(), BACKEND_FEATURES.len(), GUEST_FEATURES.len(), 2);
+        let batch = |base: f32| {
+            let mut b = FeatureBatch::new(v);
+            b.rows = 2;
+            b.host = (0..2 * h).map(|i| base + i as f32).collect();
+            b.backend = (0..2 * v * bf).map(|i| base + 100.0 + i as f32).collect();
+            b.guest = (0..2 * v * gf).map(|i| base + 200.0 + i as f32).collect();
+            b.mask = vec![1.0, 1.0, 1.0, 0.0];
+            HeadInputs::new(&b)
+        };
+        let (cur, prev) = (batch(1000.0), batch(0.0));
+        assert_eq!(cur.clone().with_history(&prev, History::None), cur);
+        let p = cur.clone().with_history(&prev, History::Previous);
+        let d = cur.clone().with_history(&prev, History::Delta);
+        for (got_p, got_d, c, o, w) in [
+            (&p.nic, &d.nic, &cur.nic, &prev.nic, NIC_IN),
+            (&p.backend, &d.backend, &cur.backend, &prev.backend, BACKEND_IN),
+            (&p.guest, &d.guest, &cur.guest, &prev.guest, GUEST_IN),
+        ] {
+            assert_eq!(got_p.len(), 2 * c.len());
+            for (r, (rp, rd)) in got_p.chunks_exact(2 * w).zip(got_d.chunks_exact(2 * w)).enumerate() {
+                assert_eq!(&rp[..w], &c[r * w..(r + 1) * w]);
+                assert_eq!(&rp[w..], &o[r * w..(r + 1) * w]);
+                assert_eq!(&rd[..w], &c[r * w..(r + 1) * w]);
+                let want: Vec<f32> =
+                    c[r * w..(r + 1) * w].iter().zip(&o[r * w..(r + 1) * w]).map(|(a, b)| a - b).collect();
+                assert_eq!(&rd[w..], &want[..]);
+            }
+        }
+        let cfg = NetConfig { history: History::Delta, ..NetConfig::default() };
+        assert_eq!(head_widths(&cfg), [2 * NIC_IN, 2 * BACKEND_IN, 2 * GUEST_IN]);
+        let device = Device::flex();
+        let m = Actor::new(&cfg, 5, &device).means_of(&d.tensors(&device));
+        assert_eq!(m.backend.dims(), [2, v, KNOBS_PER_LAYER]);
+        let old: NetConfig = serde_json::from_str(
+            r#"{"hidden":[64,64],"activation":"tanh","init_log_std":-0.5,"init_action_mean":-0.5}"#,
+        )
+        .unwrap();
+        assert_eq!(old.history, History::None);
+        assert!(
+            !serde_json::to_string(&old).unwrap().contains("history"),
+            "a model without history keeps its bytes"
+        );
     }
 
     /// The host-assembled path gives the means of the tensor path, padding included.
