@@ -162,6 +162,10 @@ struct DeployCli {
     /// Stop after N intervals (default: run until SIGINT/SIGTERM).
     #[arg(long, value_name = "N", alias = "count")]
     steps: Option<u64>,
+    /// Run a learned model even where the interfaces' mechanisms (ethtool coalescing, NAPI
+    /// deferral) differ from the deploy config's `profile`; without it such a deploy is refused.
+    #[arg(long)]
+    allow_profile_mismatch: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -357,6 +361,7 @@ fn try_main() -> Result<()> {
                 metrics_addr: a.metrics_addr,
                 log_format: a.log_format,
                 steps: a.steps,
+                allow_profile_mismatch: a.allow_profile_mismatch,
             },
             &resolve::deploy_policy,
         ),

@@ -48,6 +48,17 @@ fn config(lab: &Lab, dir: &Path, echo: Option<SocketAddr>) -> PathBuf {
 /// Runs `policy` as `moderato deploy --dry-run` would for `steps` intervals while UDP crosses the
 /// veth pair, and answers the JSON log events.
 fn dry_run(lab: &Lab, config: PathBuf, policy: &str, steps: u64) -> anyhow::Result<Vec<serde_json::Value>> {
+    dry_run_allowing(lab, config, policy, steps, false)
+}
+
+/// [`dry_run`], with `--allow-profile-mismatch` as `allow` says.
+fn dry_run_allowing(
+    lab: &Lab,
+    config: PathBuf,
+    policy: &str,
+    steps: u64,
+    allow: bool,
+) -> anyhow::Result<Vec<serde_json::Value>> {
     let sender = lab.blast(9, 500, 2000, Duration::from_millis(100 * steps + 500));
     let buf = Buf::default();
     let b2 = buf.clone();
@@ -59,6 +70,7 @@ fn dry_run(lab: &Lab, config: PathBuf, policy: &str, steps: u64) -> anyhow::Resu
         metrics_addr: None,
         log_format: LogFormat::Json,
         steps: Some(steps),
+        allow_profile_mismatch: allow,
     };
     let result = {
         let _g =
@@ -152,8 +164,18 @@ keep = 0
     })
     .unwrap();
     let veth_model = run.join("model");
-    let events =
-        dry_run(&lab, config(&lab, dir.path(), Some(echo)), veth_model.to_str().unwrap(), 20).unwrap();
+    let veth_model = veth_model.to_str().unwrap();
+    // It was trained for the default profile, whose NIC has ethtool coalescing, which a veth
+    // refuses: the deploy is refused, naming the difference, unless allowed.
+    let refused = dry_run(&lab, config(&lab, dir.path(), Some(echo)), veth_model, 5).unwrap_err();
+    let msg = format!("{refused:#}");
+    assert!(msg.starts_with("refusing policy `model:model`: it was trained for hosts of profile"), "{msg}");
+    assert!(
+        msg.contains(&format!("({}): profile", lab.a)) && msg.contains("does not support it (EOPNOTSUPP)"),
+        "{msg}"
+    );
+    assert!(msg.contains("--allow-profile-mismatch"), "{msg}");
+    let events = dry_run_allowing(&lab, config(&lab, dir.path(), Some(echo)), veth_model, 20, true).unwrap();
     let d = decisions(&events);
     assert_eq!(d.len(), 20, "{events:#?}");
     assert!(d.iter().all(|d| d["dry_run"] == true && d["policy"] == "model:model"), "{d:#?}");

@@ -300,10 +300,45 @@ fn the_shipped_model_deploys_on_a_virtio_guest_with_a_loopback_probe() {
         period: Duration::from_millis(2),
         ..moderato_env::live::ProbeConfig::new(echo)
     };
-    let mut rig = Rig::with_probe(Some(probe));
     let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/default");
     // Loaded as `moderato deploy --policy models/default` loads it.
-    let primary = moderato_agent::resolve::deploy_policy(model.to_str().unwrap(), 1, None, &[]).unwrap();
+    let load = || moderato_agent::resolve::deploy_policy(model.to_str().unwrap(), 1, None, &[]).unwrap();
+    let fallback = || Scripted::fixed("fb", CoalescingSettings::per_packet(1));
+
+    // The fixture guest has no NAPI deferral files (a kernel before 5.10), which the model's
+    // profile gives its frontend: refused before anything is set, naming the difference ...
+    let mut bare = Rig::with_probe(Some(probe));
+    let e = DeployLoop::new(
+        bare.env.take().unwrap(),
+        load(),
+        fallback(),
+        limits(),
+        opts(Some(2)),
+        Metrics::new(false),
+    )
+    .unwrap_err();
+    let msg = format!("{e:#}");
+    assert!(
+        msg.starts_with(
+            "refusing policy `model:default`: it was trained for hosts of profile `kvm-notf-coal`"
+        ),
+        "{msg}"
+    );
+    assert!(msg.contains("vm0.frontend (eth0)") && msg.contains("napi_defer_hard_irqs"), "{msg}");
+    assert!(bare.sets().is_empty(), "a refused deploy set {:?}", bare.sets());
+    // ... unless allowed, when it runs without deferral.
+    let mut allowed = Rig::with_probe(Some(probe));
+    let o = LoopOptions { allow_profile_mismatch: true, ..opts(Some(2)) };
+    let (_tx, rx) = watch::channel(false);
+    let s = rt().block_on(make(&mut allowed, load(), fallback(), o).run(rx)).unwrap();
+    assert_eq!(s.decisions, 2);
+
+    // A guest of Linux 5.10 or later, with the deferral files: the profile's mechanisms.
+    let mut rig = Rig::with_probe(Some(probe));
+    for f in ["napi_defer_hard_irqs", "gro_flush_timeout"] {
+        std::fs::write(rig.link().join(f), "0\n").unwrap();
+    }
+    let primary = load();
     assert_eq!(primary.name(), "model:default");
     let lp =
         make(&mut rig, primary, Scripted::fixed("fb", CoalescingSettings::per_packet(1)), opts(Some(12)));

@@ -69,6 +69,7 @@ fn args(config: std::path::PathBuf, dry_run: bool, steps: Option<u64>) -> Deploy
         metrics_addr: Some("127.0.0.1:0".parse().unwrap()),
         log_format: LogFormat::Json,
         steps,
+        allow_profile_mismatch: false,
     }
 }
 

@@ -62,6 +62,9 @@ pub struct LoopOptions {
     pub state_dir: Option<PathBuf>,
     /// The run-time latency guard; `None`: none.
     pub slo: Option<SloTarget>,
+    /// Run a learned model on a host whose detected mechanisms differ from its profile
+    /// (`--allow-profile-mismatch`); otherwise such a deploy is refused before anything is set.
+    pub allow_profile_mismatch: bool,
 }
 
 impl Default for LoopOptions {
@@ -73,6 +76,7 @@ impl Default for LoopOptions {
             vm_names: Vec::new(),
             state_dir: None,
             slo: None,
+            allow_profile_mismatch: false,
         }
     }
 }
@@ -381,6 +385,38 @@ impl DeployLoop {
             tracing::info!(target: "moderato::deploy", layer = %o.layer, interface = %o.ifname,
                 "NAPI deferral set per device through sysfs; {instances}");
         }
+        // What the interfaces offer against the configured profile. A learned model decides for
+        // its profile's mechanisms only, so a host that differs is refused before anything is set
+        // or journalled (unless allowed); a baseline sets what the host has, and the difference
+        // is only said.
+        let profile = env.config().profile;
+        let detected = env.detect_mechanisms();
+        for d in &detected {
+            let coalescing = match d.coalescing {
+                Some(true) => "yes",
+                Some(false) => "no (EOPNOTSUPP)",
+                None => "unknown",
+            };
+            tracing::info!(target: "moderato::deploy", layer = %d.layer, interface = %d.ifname, coalescing,
+                deferral = d.deferral, "detected mechanisms");
+        }
+        let diffs = moderato_env::live::profile_differences(profile, &detected);
+        let follower = [&primary, &fallback].into_iter().find(|p| p.follows_profile());
+        if let (Some(model), false, false) = (follower, diffs.is_empty(), opts.allow_profile_mismatch) {
+            bail!(
+                "refusing policy `{}`: it was trained for hosts of profile `{}` (the deploy config's `profile`), \
+                 and this host differs: {}. Set `profile` in the deploy config to what the host has and deploy a \
+                 model trained for it, or pass --allow-profile-mismatch to run it anyway (a layer without a \
+                 mechanism stays as it is)",
+                model.name(),
+                profile.name(),
+                diffs.join("; ")
+            );
+        }
+        for diff in &diffs {
+            tracing::warn!(target: "moderato::deploy", profile = profile.name(),
+                "{diff}: check `profile` in the deploy config");
+        }
         if let Some(state) = &state {
             for o in &originals {
                 state.write(&Entry::of(o))?;
@@ -394,24 +430,6 @@ impl DeployLoop {
             tracing::info!(target: "moderato::deploy", layer = %o.layer, interface = %o.ifname,
                 ifindex = o.ifindex, original = %o.describe(),
                 "original settings{}", if opts.dry_run { "" } else { "; journalled, restored at exit" });
-        }
-        // What the interfaces offer against the configured profile: said, not acted on (a
-        // learned model already leaves alone what its profile lacks, and a layer whose driver
-        // refuses its knobs stays observe-only).
-        let profile = env.config().profile;
-        let detected = env.detect_mechanisms();
-        for d in &detected {
-            let coalescing = match d.coalescing {
-                Some(true) => "yes",
-                Some(false) => "no (EOPNOTSUPP)",
-                None => "unknown",
-            };
-            tracing::info!(target: "moderato::deploy", layer = %d.layer, interface = %d.ifname, coalescing,
-                deferral = d.deferral, "detected mechanisms");
-        }
-        for diff in moderato_env::live::profile_differences(profile, &detected) {
-            tracing::warn!(target: "moderato::deploy", profile = profile.name(),
-                "{diff}: check `profile` in the deploy config");
         }
         for l in env.layers() {
             let state = match &l.control {

@@ -93,6 +93,10 @@ pub struct DeployArgs {
     /// Stop after N decisions (default: run until SIGINT/SIGTERM).
     #[arg(long, value_name = "N")]
     pub steps: Option<u64>,
+    /// Run a learned model even where the interfaces' mechanisms (ethtool coalescing, NAPI
+    /// deferral) differ from the deploy config's `profile`; without it such a deploy is refused.
+    #[arg(long)]
+    pub allow_profile_mismatch: bool,
 }
 
 /// `moderato restore`: put back the original settings a deploy journalled, without starting a
@@ -253,6 +257,7 @@ fn deploy(args: DeployArgs, load_policy: &PolicyLoader) -> Result<()> {
             vm_names: cfg.vm_names(),
             state_dir: Some(cfg.state_dir()),
             slo: cfg.slo.as_ref().map(|s| SloTarget { p99_us: s.p99_us, after_intervals: s.after_intervals }),
+            allow_profile_mismatch: args.allow_profile_mismatch,
         };
         let metrics = Metrics::new(args.dry_run);
         if let Some(addr) = args.metrics_addr {
