@@ -320,6 +320,28 @@ fn a_checkpoint_from_another_config_is_refused() {
 }
 
 #[test]
+fn a_resume_can_extend_the_run_but_not_shorten_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut t = Trainer::new(experiment(SIM), train_device());
+    let mut m = Memory::default();
+    assert!(!train_loop(&mut t, tmp.path(), &mut m, Some(2), false).unwrap());
+    let last = checkpoints(tmp.path()).unwrap().pop().unwrap();
+    // 512 → 768 steps: 4 → 6 iterations of 4 envs × 32 steps, continued from iteration 2.
+    let longer = SIM.replace("total_timesteps = 512", "total_timesteps = 768");
+    let mut r = Trainer::load_checkpoint(experiment(&longer), &last, train_device()).unwrap();
+    assert_eq!((r.state.iteration, r.exp.config.iterations()), (2, 6));
+    assert!(train_loop(&mut r, tmp.path(), &mut Memory::default(), None, false).unwrap());
+    assert_eq!(r.state.iteration, 6);
+    let shorter = SIM.replace("total_timesteps = 512", "total_timesteps = 256");
+    let e = Trainer::load_checkpoint(experiment(&shorter), &last, train_device()).unwrap_err().to_string();
+    assert!(e.contains("was to train 512 timesteps") && e.contains("not shorten it"), "{e}");
+    // Any other change beside the total is still another config.
+    let other = longer.replace("seed = 3", "seed = 9");
+    let e = Trainer::load_checkpoint(experiment(&other), &last, train_device()).unwrap_err().to_string();
+    assert!(e.contains("another config"), "{e}");
+}
+
+#[test]
 fn export_gives_the_trainers_actions() {
     let tmp = tempfile::tempdir().unwrap();
     let mut t = Trainer::new(experiment(SIM), train_device());

@@ -211,7 +211,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
             tracing::info!("run directory: {} (resuming from {})", run.display(), last.display());
             // Padded to the suite's largest host, the generator's included.
             let (vmax, envs) = (exp.max_vms(), ppo::suite_envs(&exp, None));
-            (Trainer::load_checkpoint_with_envs(exp, &last, device, envs, vmax)?, run.clone())
+            let exp_toml = exp.toml.clone();
+            let t = Trainer::load_checkpoint_with_envs(exp, &last, device, envs, vmax)?;
+            // The run's config is the one it now trains to (a larger total_timesteps extends it).
+            std::fs::write(run.join("config.toml"), exp_toml)?;
+            (t, run.clone())
         }
         None => {
             let run = args.out.clone().unwrap_or_else(|| {

@@ -1135,11 +1135,41 @@ impl Trainer {
             std::fs::read_to_string(dir.join("config.toml")).with_context(|| ctx(dir, "no config.toml"))?;
         // The same config, compared as parsed (with today's defaults for keys added since), so
         // that a checkpoint written before a new key existed still resumes.
-        let same = saved == exp.toml
-            || toml::from_str::<super::config::ExperimentConfig>(&saved).is_ok_and(|c| c == exp.config);
+        let saved_cfg = toml::from_str::<super::config::ExperimentConfig>(&saved).ok();
+        let same = saved == exp.toml || saved_cfg.as_ref().is_some_and(|c| *c == exp.config);
+        // The one change a resume takes: a larger `total_timesteps`, which extends the run (the
+        // learning rate, where annealed, then anneals over the new total from here on).
+        let grown = saved_cfg.as_ref().filter(|c| {
+            let mut c = (*c).clone();
+            let before = std::mem::replace(&mut c.total_timesteps, exp.config.total_timesteps);
+            c == exp.config && before != exp.config.total_timesteps
+        });
+        if let Some(c) = grown {
+            anyhow::ensure!(
+                exp.config.total_timesteps > c.total_timesteps,
+                "{}: this run was to train {} timesteps and {} says {}; a resume can extend a run (a larger \
+                 total_timesteps) but not shorten it: use --max-iterations to stop early",
+                dir.display(),
+                c.total_timesteps,
+                exp.path.display(),
+                exp.config.total_timesteps
+            );
+            tracing::info!(
+                "extending the run from {} to {} timesteps ({} iterations in all){}",
+                c.total_timesteps,
+                exp.config.total_timesteps,
+                exp.config.iterations(),
+                if exp.config.ppo.anneal_lr {
+                    "; the learning rate anneals over the new total from here on"
+                } else {
+                    ""
+                }
+            );
+        }
         anyhow::ensure!(
-            same,
-            "{}: this checkpoint was made with another config than {}; resume with the config the run started with",
+            same || grown.is_some(),
+            "{}: this checkpoint was made with another config than {}; resume with the config the run started with \
+             (only a larger total_timesteps may differ, to extend the run)",
             dir.display(),
             exp.path.display()
         );
