@@ -70,8 +70,12 @@ fn opts_in(state: &Path, steps: Option<u64>) -> LoopOptions {
 /// The loop on `env` with `primary`, the per-packet fallback, [`limits`] and `steps` decisions,
 /// journalling into `state`.
 fn on(env: moderato_env::live::HostEnv, primary: Box<dyn Policy>, state: &Path, steps: u64) -> DeployLoop {
-    DeployLoop::new(env, primary, per_packet(), limits(), opts_in(state, Some(steps)), Metrics::new(false))
-        .unwrap()
+    on_with(env, primary, opts_in(state, Some(steps)))
+}
+
+/// [`on`] with the options `o`.
+fn on_with(env: moderato_env::live::HostEnv, primary: Box<dyn Policy>, o: LoopOptions) -> DeployLoop {
+    DeployLoop::new(env, primary, per_packet(), limits(), o, Metrics::new(false)).unwrap()
 }
 
 fn napi_policy(name: &str) -> Box<dyn Policy> {
@@ -414,7 +418,23 @@ fn on_a_kvm_vhost_guest_a_profile_following_policy_sets_the_deferral_and_leaves_
     let mut vhost = common::Rig::with(None, moderato_env::HostProfile::KvmVhost);
     let napi = Shared(Arc::new(Mutex::new(MemoryNapi::default().with("eth0", NAPI_ORIGINAL))));
     vhost.env = Some(vhost.env.take().unwrap().with_napi(Box::new(napi.clone())));
-    let lp = on(vhost.env.take().unwrap(), Box::new(Follower), state.path(), 3);
+    // The rig's fake driver accepts coalescing and its deferral is served without the sysfs
+    // files, so the host does not look like `kvm-vhost`: a profile follower is refused there
+    // unless allowed, which is what this test is about.
+    let o = LoopOptions { allow_profile_mismatch: true, ..opts_in(state.path(), Some(3)) };
+    let env = vhost.env.take().unwrap();
+    let e = DeployLoop::new(
+        env,
+        Box::new(Follower),
+        per_packet(),
+        limits(),
+        opts_in(state.path(), Some(3)),
+        Metrics::new(false),
+    );
+    assert!(format!("{:#}", e.unwrap_err()).contains("which profile `kvm-vhost` says this layer lacks"));
+    let mut vhost = common::Rig::with(None, moderato_env::HostProfile::KvmVhost);
+    vhost.env = Some(vhost.env.take().unwrap().with_napi(Box::new(napi.clone())));
+    let lp = on_with(vhost.env.take().unwrap(), Box::new(Follower), o);
     let (s, _) = run_logged(lp);
     assert_eq!(s.decisions, 3);
     assert!(vhost.sets().iter().all(|p| *p == ORIGINAL), "the knobs stay the original: {:?}", vhost.sets());
@@ -423,7 +443,8 @@ fn on_a_kvm_vhost_guest_a_profile_following_policy_sets_the_deferral_and_leaves_
     // On the default profile (every mechanism) the same policy sets the knobs too.
     let state = tempfile::tempdir().unwrap();
     let (mut rig, _napi) = rig(None);
-    let lp = on(rig.env.take().unwrap(), Box::new(Follower), state.path(), 3);
+    let o = LoopOptions { allow_profile_mismatch: true, ..opts_in(state.path(), Some(3)) };
+    let lp = on_with(rig.env.take().unwrap(), Box::new(Follower), o);
     run_logged(lp);
     assert!(rig.sets().iter().any(|p| *p != ORIGINAL), "kvm-notf-coal: the knobs are set");
 }
