@@ -553,10 +553,11 @@ impl Trainer {
                 heads
             } else {
                 // At an episode's first interval the previous one is itself (as in deploy).
-                if t % ep_steps == 0 {
-                    prev_raw.clone_from(&raw);
-                }
-                let prev = HeadInputs::new(&prev_raw.normalized(&self.state.normalizer, &self.ignored));
+                let prev = if t % ep_steps == 0 {
+                    heads.clone()
+                } else {
+                    HeadInputs::new(&prev_raw.normalized(&self.state.normalizer, &self.ignored))
+                };
                 prev_raw.clone_from(&raw);
                 heads.with_history(&prev, history)
             };

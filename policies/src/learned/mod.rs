@@ -535,6 +535,13 @@ impl LearnedPolicy {
 /// Targets of the monotone envelope: this many log-spaced points over a model's `slo_range_us`.
 pub const TARGET_GRID: usize = 25;
 
+/// A batch of the one observation `obs`, padded to `vms` VMs.
+fn one_row(obs: &Observation, space: &ActionSpace, vms: usize) -> FeatureBatch {
+    let mut b = FeatureBatch::new(vms);
+    b.push(obs, space);
+    b
+}
+
 /// VM `vm`'s p99 target in `obs`: the guest's own, else the host's list.
 fn target_in(obs: &Observation, vm: usize) -> Option<f64> {
     obs.guests[vm].slo_p99_us.or(obs.host.slo_p99_us.get(vm).copied().flatten())
@@ -592,14 +599,9 @@ impl LearnedPolicy {
         let grid: Vec<f64> = (0..TARGET_GRID)
             .map(|i| if hi > lo { lo * (hi / lo).powf(i as f64 / (TARGET_GRID - 1) as f64) } else { lo })
             .collect();
-        let mut b = FeatureBatch::new(vms);
-        b.push(obs, space);
+        let mut b = one_row(obs, space, vms);
         // Each row's previous interval (a model with history): `prev` with the same targets.
-        let mut bp = prev.map(|p| {
-            let mut bp = FeatureBatch::new(vms);
-            bp.push(p, space);
-            bp
-        });
+        let mut bp = prev.map(|p| one_row(p, space, vms));
         // Rows: 0 the observation as it is; then per VM with a target, its grid variants, each
         // once with the other VMs' targets as they are (its path) and once alone (the NIC); one
         // row serves both where no other VM has a target.
@@ -700,14 +702,8 @@ impl Policy for LearnedPolicy {
             return self.act_monotone(obs, prev, &targets, range);
         }
         let space = &self.meta.action_space;
-        let mut b = FeatureBatch::new(vms);
-        b.push(obs, space);
-        let bp = prev.map(|p| {
-            let mut bp = FeatureBatch::new(vms);
-            bp.push(p, space);
-            bp
-        });
-        let (nic, be, fe) = self.mean_actions_after(&b, bp.as_ref());
+        let bp = prev.map(|p| one_row(p, space, vms));
+        let (nic, be, fe) = self.mean_actions_after(&one_row(obs, space, vms), bp.as_ref());
         decode_means(&self.meta.action_space, vms, &nic, &be, &fe)
     }
 
