@@ -48,6 +48,7 @@ fn killed_deploys_journal(rig: &Rig, state: &Path, pid: u32) {
         ifindex: Some(fixture_ifindex(rig)),
         params: ORIGINAL,
         napi: None,
+        napi_instances: Vec::new(),
     };
     let entry = Entry { pid, ..Entry::of(&o) };
     StateDir::open(state).unwrap().write(&entry).unwrap();

@@ -510,13 +510,18 @@ fn napi_2_20_on_a_guest_veth_in_a_netns_holds_while_it_runs_and_is_restored_afte
     let logged: serde_json::Value = serde_json::from_str(d["napi"].as_str().unwrap()).unwrap();
     assert_eq!(logged["vm0.frontend"]["applied"]["gro_flush_timeout_ns"], 20_000, "{d}");
     if gro {
+        // The instance is read through netdev netlink and its own original journalled.
         assert!(
-            events
-                .iter()
-                .any(|e| e["message"].as_str().is_some_and(|m| m.contains("lists 1 NAPI instance(s)"))),
+            events.iter().any(|e| e["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("per NAPI instance through netdev netlink (1 instance(s)"))),
             "{}",
             p.text()
         );
+        let inst = &e["napi_instances"];
+        assert_eq!(inst.as_array().map(Vec::len), Some(1), "{e}");
+        assert_eq!(inst[0]["napi"]["napi_defer_hard_irqs"], 1, "{e}");
+        assert_eq!(inst[0]["napi"]["gro_flush_timeout_ns"], 5_000, "{e}");
     }
     p.signal("TERM");
     assert!(p.wait(Duration::from_secs(20)).success(), "{}", p.text());

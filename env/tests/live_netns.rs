@@ -11,9 +11,11 @@
 use std::time::Duration;
 
 use moderato_env::live::napi::napi_instances;
+use moderato_env::live::netdev::Netdev;
 use moderato_env::live::{
-    CoalesceError, CoalesceParams, Coalescer, Control, HostEnv, LiveConfig, NapiControl, NapiError,
-    NapiParams, NetlinkCoalescer, Original, ProbeConfig, RestoreFailure, SysfsNapi, restore_original,
+    CoalesceError, CoalesceParams, Coalescer, Control, HostEnv, InstanceNapi, LiveConfig, NapiControl,
+    NapiError, NapiParams, NetlinkCoalescer, NetlinkNapi, Original, ProbeConfig, RestoreFailure, SysfsNapi,
+    restore_original,
 };
 use moderato_env::{CoalescingSettings, Env, Knobs, LayerSettings};
 
@@ -234,4 +236,58 @@ fn napi_deferral_on_a_veth_is_set_read_back_and_restored_through_sysfs() {
     let e = restore_original(&mut ethtool, std::path::Path::new("/sys"), &stale).unwrap_err();
     assert!(matches!(e, RestoreFailure::Recreated { .. }), "{e:?}");
     assert_eq!(sysfs.get(&lab.a).unwrap(), NapiParams::new(7, 70_000), "not another interface's");
+}
+
+#[test]
+#[ignore = "needs root and iproute2: cargo test --release -p moderato-env -- --ignored"]
+fn napi_instances_of_a_veth_are_set_read_back_and_restored_through_netdev_netlink() {
+    let lab = lab();
+    gro(&lab.a, true);
+    let ifindex: u32 =
+        std::fs::read_to_string(format!("/sys/class/net/{}/ifindex", lab.a)).unwrap().trim().parse().unwrap();
+    // napi-get with the 6.13 attributes: the instance's deferral and IRQ-suspension timeout.
+    let netdev = Netdev::open().expect("netdev netlink (Linux 6.3+)");
+    let listed = netdev.instances(ifindex).unwrap();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    let id = listed[0].id;
+    assert_eq!(listed[0].params, Some(NapiParams::OFF), "{listed:?}");
+    assert_eq!(listed[0].irq_suspend_timeout_ns, Some(0), "{listed:?}");
+
+    // napi-set on the instance alone: the device's sysfs value stays; the read-back is the
+    // instance's. IRQ suspension is set and read back the same way.
+    let mut napi = NetlinkNapi::new("/sys");
+    assert!(napi.has_netlink());
+    let alone = NapiParams::new(3, 30_000);
+    napi.set_instance(&lab.a, id, &alone).unwrap();
+    let mut sysfs = SysfsNapi::new("/sys");
+    assert_eq!(sysfs.get(&lab.a).unwrap(), NapiParams::OFF, "the device value is not the instance's");
+    assert_eq!(napi.get(&lab.a).unwrap(), alone, "what the traffic runs with");
+    netdev.set(id, &alone, Some(2_000_000)).unwrap();
+    assert_eq!(netdev.instances(ifindex).unwrap()[0].irq_suspend_timeout_ns, Some(2_000_000));
+    netdev.set(id, &alone, Some(0)).unwrap();
+    // An instance that does not exist is named.
+    let e = napi.set_instance(&lab.a, id + 100_000, &alone).unwrap_err();
+    assert!(e.to_string().contains(&format!("{}", id + 100_000)), "{e}");
+
+    // The deploy's journal keeps the device value and each instance's own; a policy's write
+    // reaches both; the restore (the loop's, and `moderato restore`'s) gives each its own back.
+    let mut env = HostEnv::open(LiveConfig::guest(Some(&lab.a))).unwrap();
+    env.start();
+    let mut originals = Vec::new();
+    let w = env.add_napi_originals(&mut originals);
+    assert!(w.is_empty(), "{w:?}");
+    assert_eq!(originals[0].napi, Some(NapiParams::OFF));
+    assert_eq!(originals[0].napi_instances, vec![InstanceNapi { id, napi: alone }]);
+    let recipe = NapiParams::new(2, 20_000);
+    assert_eq!(env.apply_napi(&originals[0], &recipe).unwrap(), recipe);
+    assert_eq!((sysfs.get(&lab.a).unwrap(), napi.get(&lab.a).unwrap()), (recipe, recipe));
+    let w = env.restore(&originals);
+    assert!(w.is_empty(), "{w:?}");
+    assert_eq!(sysfs.get(&lab.a).unwrap(), NapiParams::OFF);
+    assert_eq!(netdev.instances(ifindex).unwrap()[0].params, Some(alone));
+    napi.set(&lab.a, &recipe).unwrap();
+    let mut ethtool = NetlinkCoalescer::new().unwrap();
+    restore_original(&mut ethtool, std::path::Path::new("/sys"), &originals[0]).unwrap();
+    assert_eq!(sysfs.get(&lab.a).unwrap(), NapiParams::OFF);
+    assert_eq!(netdev.instances(ifindex).unwrap()[0].params, Some(alone));
 }

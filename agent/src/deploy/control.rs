@@ -369,21 +369,31 @@ impl DeployLoop {
             );
         }
         for o in &napi {
-            let instances = match env.napi_instances(&o.ifname) {
-                Ok(ids) if ids.is_empty() => {
-                    "netdev netlink lists no NAPI instance (the device's value applies to \
-                     instances it creates later: a veth has one only with GRO or XDP on)"
-                        .to_string()
+            let ids =
+                |v: &mut dyn Iterator<Item = u32>| v.map(|i| i.to_string()).collect::<Vec<_>>().join(", ");
+            let how = if !o.napi_instances.is_empty() {
+                format!(
+                    "read per NAPI instance through netdev netlink ({} instance(s): {}; each one's original journalled \
+                     and restored), set per device through sysfs and with napi-set on any instance that did not take it",
+                    o.napi_instances.len(),
+                    ids(&mut o.napi_instances.iter().map(|i| i.id))
+                )
+            } else {
+                match env.napi_instances(&o.ifname) {
+                    Ok(v) if v.is_empty() => "set per device through sysfs; netdev netlink lists no NAPI instance (the \
+                         device's value applies to instances it creates later: a veth has one only with GRO or XDP on)"
+                        .to_string(),
+                    Ok(v) => format!(
+                        "set per device through sysfs; netdev netlink lists {} NAPI instance(s) ({}) without their \
+                         deferral (Linux before 6.13)",
+                        v.len(),
+                        ids(&mut v.into_iter())
+                    ),
+                    Err(e) => format!("set per device through sysfs; NAPI instances not listed: {e}"),
                 }
-                Ok(ids) => format!(
-                    "netdev netlink lists {} NAPI instance(s) ({}); a sysfs write reaches all of them (Linux 6.13+)",
-                    ids.len(),
-                    ids.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")
-                ),
-                Err(e) => format!("NAPI instances not listed: {e}"),
             };
             tracing::info!(target: "moderato::deploy", layer = %o.layer, interface = %o.ifname,
-                "NAPI deferral set per device through sysfs; {instances}");
+                "NAPI deferral {how}");
         }
         // What the interfaces offer against the configured profile. A learned model decides for
         // its profile's mechanisms only, so a host that differs is refused before anything is set
@@ -773,12 +783,20 @@ impl DeployLoop {
             self.known.insert(l.ifname.clone(), l.ifindex);
             // The NAPI deferral journalled for this very interface (same ifindex) stays with it; a
             // re-created interface's deferral is its own and is not touched.
-            let napi = self
+            let journalled = self
                 .napi
                 .iter()
-                .find(|n| n.ifname == l.ifname && (n.ifindex == l.ifindex || n.ifindex.is_none()))
-                .and_then(|n| n.napi);
-            let o = Original { layer: l.layer, ifname: l.ifname, ifindex: l.ifindex, params, napi };
+                .find(|n| n.ifname == l.ifname && (n.ifindex == l.ifindex || n.ifindex.is_none()));
+            let napi = journalled.and_then(|n| n.napi);
+            let napi_instances = journalled.map(|n| n.napi_instances.clone()).unwrap_or_default();
+            let o = Original {
+                layer: l.layer,
+                ifname: l.ifname,
+                ifindex: l.ifindex,
+                params,
+                napi,
+                napi_instances,
+            };
             if let Some(state) = &self.state {
                 state.write(&Entry::of(&o)).context("journalling an interface's original settings")?;
             }

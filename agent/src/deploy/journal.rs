@@ -24,7 +24,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, anyhow, bail};
 use moderato_env::LayerId;
 use moderato_env::live::{
-    CoalesceParams, Coalescer, LiveConfig, NapiParams, Original, RestoreFailure, restore_original,
+    CoalesceParams, Coalescer, InstanceNapi, LiveConfig, NapiParams, Original, RestoreFailure,
+    restore_original,
 };
 use serde::{Deserialize, Serialize};
 
@@ -50,6 +51,10 @@ pub struct Entry {
     /// it. Absent in journals of deploys that did not (and of versions before it existed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub napi: Option<NapiParams>,
+    /// Each NAPI instance's own deferral (`[{"id": 258, "napi": {...}}]`), where the kernel lists
+    /// instances (netdev netlink, 6.13+); restored after the device value. Absent elsewhere.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub napi_instances: Vec<InstanceNapi>,
     /// When it was written, RFC 3339.
     pub written_at: String,
 }
@@ -64,6 +69,7 @@ impl Entry {
             layer: o.layer.to_string(),
             original: o.params,
             napi: o.napi,
+            napi_instances: o.napi_instances.clone(),
             written_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         }
     }
@@ -81,6 +87,7 @@ impl Entry {
             ifindex: self.ifindex,
             params: self.original,
             napi: self.napi,
+            napi_instances: self.napi_instances.clone(),
         }
     }
 }

@@ -7,7 +7,7 @@ use super::coalesce::{CoalesceError, CoalesceParams, Coalescer, NetlinkCoalescer
 use super::counters::{self, Delta, IfCounters};
 use super::cpu::{self, CpuSnapshot};
 use super::interrupts::{self, InterruptTable, IrqKind, IrqSet};
-use super::napi::{NapiControl, NapiError, NapiParams, SysfsNapi};
+use super::napi::{InstanceNapi, NapiControl, NapiError, NapiParams, NetlinkNapi};
 use super::probe::UdpProbe;
 use super::{InterfaceConfig, LiveConfig, LiveError, Role};
 use crate::env::{Env, EnvError, EnvSpec, Step};
@@ -102,6 +102,9 @@ pub struct Original {
     pub params: CoalesceParams,
     /// The NAPI deferral, where a policy sets it; `None`: not touched.
     pub napi: Option<NapiParams>,
+    /// Each NAPI instance's own deferral, where the kernel reports instances (netdev netlink,
+    /// 6.13+) and a policy sets the deferral; restored after the device value.
+    pub napi_instances: Vec<InstanceNapi>,
 }
 
 /// Why an original could not be put back.
@@ -137,14 +140,16 @@ impl std::fmt::Display for RestoreFailure {
     }
 }
 
-/// Puts `o` back through `coalescer` and the per-device NAPI sysfs files under `sysfs_root`
-/// (see [`restore_original_with`]).
+/// Puts `o` back through `coalescer` and [`NetlinkNapi`] (the per-device NAPI sysfs files under
+/// `sysfs_root`, and netdev netlink's instances where that is `/sys`; see
+/// [`restore_original_with`]).
 pub fn restore_original(
     coalescer: &mut dyn Coalescer,
     sysfs_root: &std::path::Path,
     o: &Original,
 ) -> Result<(), RestoreFailure> {
-    restore_original_with(coalescer, &mut SysfsNapi::new(sysfs_root), sysfs_root, o)
+    let mut napi = NetlinkNapi::new(sysfs_root);
+    restore_original_with(coalescer, &mut napi, sysfs_root, o)
 }
 
 /// Whether `ifname` under `sysfs_root` is still the interface with index `ifindex` (where known).
@@ -178,7 +183,8 @@ pub fn restore_original_with(
         return knobs;
     }
     let deferral = match &o.napi {
-        Some(want) => restore_napi(napi, &o.ifname, want),
+        Some(want) => restore_napi(napi, &o.ifname, want)
+            .and_then(|()| restore_instances(napi, &o.ifname, &o.napi_instances)),
         None => Ok(()),
     };
     match (knobs, deferral) {
@@ -205,6 +211,43 @@ fn restore_napi(napi: &mut dyn NapiControl, ifname: &str, want: &NapiParams) -> 
         ))),
         Err(e) => Err(fail("reading back the", e)),
     }
+}
+
+/// Puts each NAPI instance's own original back (after the device value, which reached them all),
+/// read back. An instance that no longer exists is skipped: its device was reconfigured, and
+/// the instances it has now took the device value.
+fn restore_instances(
+    napi: &mut dyn NapiControl,
+    ifname: &str,
+    want: &[InstanceNapi],
+) -> Result<(), RestoreFailure> {
+    if want.is_empty() {
+        return Ok(());
+    }
+    let fail = |what: &str, e: NapiError| match e {
+        NapiError::NoDevice { .. } => RestoreFailure::Gone,
+        e => RestoreFailure::Failed(format!("{what}: {e}")),
+    };
+    let now = napi.instances(ifname).map_err(|e| fail("listing the NAPI instances", e))?;
+    for w in want {
+        match now.iter().find(|i| i.id == w.id) {
+            None => continue,
+            Some(i) if i.napi == w.napi => continue,
+            Some(_) => napi
+                .set_instance(ifname, w.id, &w.napi)
+                .map_err(|e| fail(&format!("setting `{}` on NAPI instance {}", w.napi, w.id), e))?,
+        }
+    }
+    let after = napi.instances(ifname).map_err(|e| fail("reading back the NAPI instances", e))?;
+    for w in want {
+        if let Some(i) = after.iter().find(|i| i.id == w.id && i.napi != w.napi) {
+            return Err(RestoreFailure::Failed(format!(
+                "NAPI instance {}: the kernel applied `{}` when `{}` was written",
+                w.id, i.napi, w.napi
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn restore_coalescing(coalescer: &mut dyn Coalescer, o: &Original) -> Result<(), RestoreFailure> {
@@ -401,7 +444,7 @@ impl HostEnv {
             })
             .collect();
         let probe = config.probe.map(UdpProbe::start).transpose()?;
-        let napi = Box::new(SysfsNapi::new(config.sysfs_root.clone()));
+        let napi = Box::new(NetlinkNapi::new(config.sysfs_root.clone()));
         Ok(HostEnv {
             config,
             spec,
@@ -481,6 +524,7 @@ impl HostEnv {
                     ifindex,
                     params: p,
                     napi: None,
+                    napi_instances: Vec::new(),
                 });
             }
         }
@@ -498,27 +542,36 @@ impl HostEnv {
                 continue;
             }
             let ifindex = counters::read_ifindex(&self.config.sysfs_root, &l.cfg.name);
-            match self.napi.get(&l.cfg.name) {
-                Ok(n) => match originals.iter_mut().find(|o| o.ifname == l.cfg.name) {
-                    Some(o) if o.ifindex == ifindex || o.ifindex.is_none() => o.napi = Some(n),
-                    // Re-created between the two reads: these values belong to the newer one.
-                    Some(o) => {
-                        *o = Original {
-                            layer: l.id,
-                            ifname: l.cfg.name.clone(),
-                            ifindex,
-                            params: CoalesceParams::default(),
-                            napi: Some(n),
+            match self.napi.get_device(&l.cfg.name) {
+                Ok(n) => {
+                    let instances = match self.napi.instances(&l.cfg.name) {
+                        Ok(v) => v,
+                        Err(e) => {
+                            warnings.push(format!(
+                                "{e}; the NAPI instances of {} ({}) get the device value back at exit, not their own",
+                                l.cfg.name, l.id
+                            ));
+                            Vec::new()
                         }
-                    }
-                    None => originals.push(Original {
+                    };
+                    let fresh = || Original {
                         layer: l.id,
                         ifname: l.cfg.name.clone(),
                         ifindex,
                         params: CoalesceParams::default(),
                         napi: Some(n),
-                    }),
-                },
+                        napi_instances: instances.clone(),
+                    };
+                    match originals.iter_mut().find(|o| o.ifname == l.cfg.name) {
+                        Some(o) if o.ifindex == ifindex || o.ifindex.is_none() => {
+                            o.napi = Some(n);
+                            o.napi_instances = instances.clone();
+                        }
+                        // Re-created between the two reads: these values belong to the newer one.
+                        Some(o) => *o = fresh(),
+                        None => originals.push(fresh()),
+                    }
+                }
                 Err(e) => warnings
                     .push(format!("{e}; the NAPI deferral of {} ({}) is left as is", l.cfg.name, l.id)),
             }
@@ -1276,6 +1329,7 @@ impl Env for HostEnv {
 mod tests {
     use super::*;
     use crate::HostProfile;
+    use crate::live::MemoryNapi;
 
     fn d(layer: LayerId, coalescing: Option<bool>, deferral: bool) -> Detected {
         Detected { layer, ifname: format!("if-{layer}"), coalescing, deferral }
@@ -1306,5 +1360,64 @@ mod tests {
         assert!(e.len() == 1 && e[0].contains("napi_defer_hard_irqs") && e[0].contains("nic"), "{e:?}");
         let e = profile_differences(HostProfile::KvmNotfCoal, &host);
         assert_eq!(e.len(), 2, "{e:?}");
+    }
+
+    #[derive(Debug)]
+    struct NoKnobs;
+    impl Coalescer for NoKnobs {
+        fn get(&mut self, ifname: &str) -> Result<CoalesceParams, CoalesceError> {
+            Err(CoalesceError::Unsupported { ifname: ifname.into(), detail: None })
+        }
+        fn set(&mut self, _: &str, _: &CoalesceParams) -> Result<(), CoalesceError> {
+            panic!("no knobs are journalled, none may be set")
+        }
+    }
+
+    #[test]
+    fn each_napi_instance_gets_its_own_original_back_after_the_device_value() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("class/net/eth9")).unwrap();
+        std::fs::write(root.path().join("class/net/eth9/ifindex"), "7\n").unwrap();
+        let (a, b) = (NapiParams::new(3, 30_000), NapiParams::OFF);
+        // A device whose value is off, one of whose two instances was set alone (napi-set).
+        let mut napi = MemoryNapi::default().with("eth9", b).with_instances("eth9", &[(300, a), (301, b)]);
+        let o = Original {
+            layer: LayerId::Frontend(0),
+            ifname: "eth9".into(),
+            ifindex: Some(7),
+            params: CoalesceParams::default(),
+            napi: Some(b),
+            napi_instances: napi.instances("eth9").unwrap(),
+        };
+        // A policy's device-wide write reaches both instances.
+        napi.set("eth9", &NapiParams::new(2, 20_000)).unwrap();
+        assert!(napi.instances["eth9"].iter().all(|i| i.napi == NapiParams::new(2, 20_000)));
+        restore_original_with(&mut NoKnobs, &mut napi, root.path(), &o).unwrap();
+        assert_eq!(napi.values["eth9"], b, "the device value");
+        let now: Vec<_> = napi.instances["eth9"].iter().map(|i| (i.id, i.napi)).collect();
+        assert_eq!(now, vec![(300, a), (301, b)], "each instance its own");
+        // An instance that is gone is skipped; a kernel that applies something else is a failure.
+        let gone = Original { napi_instances: vec![InstanceNapi { id: 999, napi: a }], ..o.clone() };
+        restore_original_with(&mut NoKnobs, &mut napi, root.path(), &gone).unwrap();
+        #[derive(Debug)]
+        struct Stubborn(MemoryNapi);
+        impl NapiControl for Stubborn {
+            fn get(&mut self, ifname: &str) -> Result<NapiParams, NapiError> {
+                self.0.get(ifname)
+            }
+            fn set(&mut self, ifname: &str, p: &NapiParams) -> Result<(), NapiError> {
+                self.0.set(ifname, p)
+            }
+            fn instances(&mut self, ifname: &str) -> Result<Vec<InstanceNapi>, NapiError> {
+                self.0.instances(ifname)
+            }
+            fn set_instance(&mut self, _: &str, _: u32, _: &NapiParams) -> Result<(), NapiError> {
+                Ok(())
+            }
+        }
+        let mut stubborn = Stubborn(napi);
+        stubborn.set("eth9", &NapiParams::new(2, 20_000)).unwrap();
+        let e = restore_original_with(&mut NoKnobs, &mut stubborn, root.path(), &o).unwrap_err();
+        assert!(e.to_string().contains("NAPI instance 300") && e.to_string().contains("30000"), "{e}");
     }
 }

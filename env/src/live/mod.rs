@@ -22,8 +22,9 @@
 //! - knobs: read back and set through ethtool netlink ([`coalesce`], with the [`Coalescer`] trait
 //!   so that tests and the deploy loop can run against a fake);
 //! - NAPI deferral (`napi_defer_hard_irqs`, `gro_flush_timeout`): read back and set through the
-//!   per-device sysfs files ([`napi`], with the [`NapiControl`] trait and the [`MemoryNapi`]
-//!   fake). It is not part of the observation; the deploy loop sets it for policies that ask
+//!   per-device sysfs files and, per NAPI instance, netdev netlink's `napi-get`/`napi-set`
+//!   ([`napi`] with [`NetlinkNapi`], the [`NapiControl`] trait and the [`MemoryNapi`] fake;
+//!   [`netdev`]). It is not part of the observation; the deploy loop sets it for policies that ask
 //!   ([`HostEnv::apply_napi`]).
 //!
 //! Rates are per second over the measured wall-clock interval, in the units that
@@ -46,6 +47,7 @@ pub mod cpu;
 mod host;
 pub mod interrupts;
 pub mod napi;
+pub mod netdev;
 pub mod probe;
 
 use std::net::SocketAddr;
@@ -57,7 +59,7 @@ pub use host::{
     Control, Detected, HostEnv, InterfaceReport, LayerStatus, LiveSample, Original, RestoreFailure,
     profile_differences, restore_original, restore_original_with,
 };
-pub use napi::{MemoryNapi, NapiControl, NapiError, NapiParams, SysfsNapi};
+pub use napi::{InstanceNapi, MemoryNapi, NapiControl, NapiError, NapiParams, NetlinkNapi, SysfsNapi};
 pub use probe::{ProbeConfig, UdpProbe, serve_udp_echo};
 
 use crate::env::EnvError;

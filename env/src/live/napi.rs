@@ -9,17 +9,16 @@
 //! - **Per device, sysfs** (Linux ≥ 5.10): `/sys/class/net/<if>/napi_defer_hard_irqs` and
 //!   `gro_flush_timeout`. Since 6.13 a write there is copied into every NAPI instance of the
 //!   device; a read shows the device's value. This is what [`SysfsNapi`] reads and writes.
-//! - **Per NAPI instance, netdev netlink** (`napi-get`/`napi-set`, Linux ≥ 6.13). The `nlink`
-//!   crate this project uses for ethtool dumps NAPI instances (`napi-get`: id, ifindex, irq), but
-//!   models neither the deferral attributes nor `napi-set`; `netlink-bindings` 0.3 has
-//!   `napi-set`, but only as message encoding (the socket, family lookup and acks would be ours)
-//!   and with `gro-flush-timeout` as a u32 where the kernel's attribute is a 64-bit `uint`. So
-//!   values are set per device through sysfs, and netlink is used only to list a device's NAPI
-//!   instances for operators ([`napi_instances`]).
+//! - **Per NAPI instance, netdev netlink** (`napi-get`/`napi-set`, Linux ≥ 6.13; [`super::netdev`]).
+//!   [`NetlinkNapi`] reads the deferral in force from the instances where the kernel lists them
+//!   (what the traffic runs with: the read-back), writes the device's sysfs files (so that
+//!   instances the driver creates later start from the value too) and then `napi-set`s any
+//!   instance that still differs, and restores each instance's own original
+//!   ([`NapiControl::set_instance`]). Where the kernel lists none (a veth without GRO, a kernel
+//!   before 6.13, a sysfs tree other than `/sys`) it is [`SysfsNapi`].
 //!
-//! One consequence: a per-instance value that someone set with `napi-set` (differing from the
-//! device's) is not seen by a sysfs read, and a sysfs write (ours, or our restore) replaces it on
-//! every instance with the device value.
+//! Where a device's instances differ (someone set one with `napi-set`), a read reports the
+//! lowest id's value, and a write sets them all.
 //!
 //! The kernel takes `napi_defer_hard_irqs` up to `i32::MAX` (ERANGE above) and
 //! `gro_flush_timeout` as an `unsigned long` of nanoseconds; its hrtimer takes the timeout as a
@@ -29,6 +28,7 @@
 use std::path::{Path, PathBuf};
 
 use super::counters;
+use super::netdev::{Netdev, NetdevError};
 
 pub use crate::settings::{DEFER_HARD_IRQS_MAX, GRO_FLUSH_TIMEOUT_NS_MAX, NapiParams};
 
@@ -63,6 +63,25 @@ pub trait NapiControl: Send + std::fmt::Debug {
     fn get(&mut self, ifname: &str) -> Result<NapiParams, NapiError>;
     /// Sets both values; the caller reads back what the kernel applied.
     fn set(&mut self, ifname: &str, params: &NapiParams) -> Result<(), NapiError>;
+    /// The device's own value (its sysfs files), where it can differ from what [`get`](Self::get)
+    /// reads from the instances: what a restore puts back as the device value.
+    fn get_device(&mut self, ifname: &str) -> Result<NapiParams, NapiError> {
+        self.get(ifname)
+    }
+    /// The deferral of each NAPI instance of `ifname`, by id, where the kernel reports it per
+    /// instance (netdev netlink, 6.13+); empty where it does not (only the device value is known).
+    fn instances(&mut self, ifname: &str) -> Result<Vec<InstanceNapi>, NapiError> {
+        let _ = ifname;
+        Ok(Vec::new())
+    }
+    /// Sets the deferral of the NAPI instance `id` of `ifname` alone.
+    fn set_instance(&mut self, ifname: &str, id: u32, params: &NapiParams) -> Result<(), NapiError> {
+        let _ = (id, params);
+        Err(NapiError::Other {
+            ifname: ifname.into(),
+            message: "NAPI instances cannot be set here (netdev netlink needs Linux 6.13+)".into(),
+        })
+    }
 }
 
 impl<N: NapiControl + ?Sized> NapiControl for Box<N> {
@@ -72,6 +91,24 @@ impl<N: NapiControl + ?Sized> NapiControl for Box<N> {
     fn set(&mut self, ifname: &str, params: &NapiParams) -> Result<(), NapiError> {
         (**self).set(ifname, params)
     }
+    fn get_device(&mut self, ifname: &str) -> Result<NapiParams, NapiError> {
+        (**self).get_device(ifname)
+    }
+    fn instances(&mut self, ifname: &str) -> Result<Vec<InstanceNapi>, NapiError> {
+        (**self).instances(ifname)
+    }
+    fn set_instance(&mut self, ifname: &str, id: u32, params: &NapiParams) -> Result<(), NapiError> {
+        (**self).set_instance(ifname, id, params)
+    }
+}
+
+/// One NAPI instance's deferral, as the deploy's journal keeps it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceNapi {
+    /// The instance's id (netdev netlink's).
+    pub id: u32,
+    pub napi: NapiParams,
 }
 
 /// [`NapiControl`] through the per-device sysfs files under `sysfs_root` (`/sys`).
@@ -159,6 +196,98 @@ impl NapiControl for SysfsNapi {
     }
 }
 
+/// [`NapiControl`] through netdev netlink per NAPI instance where the kernel lists them, and the
+/// per-device sysfs files (see the [module docs](self)).
+#[derive(Debug)]
+pub struct NetlinkNapi {
+    sysfs: SysfsNapi,
+    sysfs_root: PathBuf,
+    /// `None`: no netdev family, or a sysfs tree other than `/sys` (whose interfaces the kernel
+    /// does not know).
+    netdev: Option<Netdev>,
+}
+
+impl NetlinkNapi {
+    /// Reads the interfaces under `sysfs_root`; netdev netlink is opened only where that is
+    /// `/sys` (and the kernel has the family).
+    pub fn new(sysfs_root: impl Into<PathBuf>) -> Self {
+        let sysfs_root = sysfs_root.into();
+        let netdev = if sysfs_root == Path::new("/sys") { Netdev::open().ok() } else { None };
+        NetlinkNapi { sysfs: SysfsNapi::new(sysfs_root.clone()), sysfs_root, netdev }
+    }
+
+    /// Whether netdev netlink is open.
+    pub fn has_netlink(&self) -> bool {
+        self.netdev.is_some()
+    }
+
+    /// The instances of `ifname` with their deferral, or empty where netlink does not report
+    /// them (no family, none listed, a kernel before 6.13).
+    fn listed(&self, ifname: &str) -> Result<Vec<(u32, NapiParams)>, NapiError> {
+        let Some(netdev) = &self.netdev else { return Ok(Vec::new()) };
+        let ifindex = counters::read_ifindex(&self.sysfs_root, ifname)
+            .ok_or_else(|| NapiError::NoDevice { ifname: ifname.into() })?;
+        let ifindex = u32::try_from(ifindex)
+            .map_err(|_| NapiError::Other { ifname: ifname.into(), message: format!("ifindex {ifindex}") })?;
+        let all = netdev
+            .instances(ifindex)
+            .map_err(|e| NapiError::Other { ifname: ifname.into(), message: e.to_string() })?;
+        // All or nothing: a kernel that lists instances without their deferral has only sysfs.
+        Ok(all.iter().map(|i| i.params.map(|p| (i.id, p))).collect::<Option<Vec<_>>>().unwrap_or_default())
+    }
+
+    fn netlink_error(ifname: &str, e: NetdevError) -> NapiError {
+        match e {
+            NetdevError::PermissionDenied { id } => NapiError::Other {
+                ifname: ifname.into(),
+                message: format!(
+                    "napi-set on NAPI instance {id} needs CAP_NET_ADMIN (permission denied): run as root or grant the capability"
+                ),
+            },
+            e => NapiError::Other { ifname: ifname.into(), message: e.to_string() },
+        }
+    }
+}
+
+impl NapiControl for NetlinkNapi {
+    fn get(&mut self, ifname: &str) -> Result<NapiParams, NapiError> {
+        match self.listed(ifname)?.first() {
+            Some((_, p)) => Ok(*p),
+            None => self.sysfs.get(ifname),
+        }
+    }
+
+    fn set(&mut self, ifname: &str, params: &NapiParams) -> Result<(), NapiError> {
+        self.sysfs.set(ifname, params)?;
+        // Since 6.13 the sysfs write reaches every instance; one that did not take it is set alone.
+        for (id, p) in self.listed(ifname)? {
+            if p != *params {
+                self.set_instance(ifname, id, params)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn get_device(&mut self, ifname: &str) -> Result<NapiParams, NapiError> {
+        self.sysfs.get(ifname)
+    }
+
+    fn instances(&mut self, ifname: &str) -> Result<Vec<InstanceNapi>, NapiError> {
+        Ok(self.listed(ifname)?.into_iter().map(|(id, napi)| InstanceNapi { id, napi }).collect())
+    }
+
+    fn set_instance(&mut self, ifname: &str, id: u32, params: &NapiParams) -> Result<(), NapiError> {
+        params.check().map_err(|message| NapiError::Other { ifname: ifname.into(), message })?;
+        match &self.netdev {
+            Some(n) => n.set(id, params, None).map_err(|e| Self::netlink_error(ifname, e)),
+            None => Err(NapiError::Other {
+                ifname: ifname.into(),
+                message: "netdev netlink is not open: NAPI instances cannot be set".into(),
+            }),
+        }
+    }
+}
+
 /// An in-memory [`NapiControl`] for tests: interfaces and their values; `round_to` makes it
 /// apply the timeout rounded down to a multiple (as a driver or kernel might), and `refuse`
 /// fails every set with that error.
@@ -169,11 +298,23 @@ pub struct MemoryNapi {
     pub refuse: Option<NapiError>,
     /// Every set, in order.
     pub sets: Vec<(String, NapiParams)>,
+    /// NAPI instances by interface: a device set reaches them all (as since 6.13), and
+    /// `set_instance` sets one.
+    pub instances: std::collections::BTreeMap<String, Vec<InstanceNapi>>,
 }
 
 impl MemoryNapi {
     pub fn with(mut self, ifname: &str, p: NapiParams) -> Self {
         self.values.insert(ifname.to_string(), p);
+        self
+    }
+
+    /// Gives `ifname` NAPI instances with these ids and values.
+    pub fn with_instances(mut self, ifname: &str, instances: &[(u32, NapiParams)]) -> Self {
+        self.instances.insert(
+            ifname.to_string(),
+            instances.iter().map(|&(id, napi)| InstanceNapi { id, napi }).collect(),
+        );
         self
     }
 }
@@ -193,7 +334,25 @@ impl NapiControl for MemoryNapi {
             params.napi_defer_hard_irqs,
             self.round_to.filter(|r| *r > 0).map_or(t, |r| t - t % r),
         );
+        let applied = *slot;
+        for i in self.instances.get_mut(ifname).into_iter().flatten() {
+            i.napi = applied;
+        }
         self.sets.push((ifname.to_string(), *params));
+        Ok(())
+    }
+    fn instances(&mut self, ifname: &str) -> Result<Vec<InstanceNapi>, NapiError> {
+        Ok(self.instances.get(ifname).cloned().unwrap_or_default())
+    }
+    fn set_instance(&mut self, ifname: &str, id: u32, params: &NapiParams) -> Result<(), NapiError> {
+        if let Some(e) = &self.refuse {
+            return Err(e.clone());
+        }
+        let slot =
+            self.instances.get_mut(ifname).and_then(|v| v.iter_mut().find(|i| i.id == id)).ok_or_else(
+                || NapiError::Other { ifname: ifname.into(), message: format!("no NAPI instance {id}") },
+            )?;
+        slot.napi = *params;
         Ok(())
     }
 }
@@ -201,38 +360,10 @@ impl NapiControl for MemoryNapi {
 /// The NAPI instances (ids) of the interface with index `ifindex`, from netdev netlink's
 /// `napi-get` dump, in this process's network namespace. Empty: the device has none (a veth
 /// without GRO or XDP). An error: the kernel has no netdev family (before 6.3) or the dump
-/// failed. Runs on its own thread (callable from inside a tokio runtime).
+/// failed. Callable from inside a tokio runtime.
 pub fn napi_instances(ifindex: u32) -> Result<Vec<u32>, String> {
-    let worker = std::thread::Builder::new().name("moderato-netdev".into()).spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| format!("tokio runtime: {e}"))?;
-        rt.block_on(async move {
-            use nlink::netlink::Connection;
-            use nlink::netlink::genl::netdev::Netdev;
-            use tokio_stream::StreamExt as _;
-            let conn = Connection::<Netdev>::new_async()
-                .await
-                .map_err(|e| format!("opening netdev netlink (Linux 6.3+): {e}"))?;
-            let mut dump = conn.dump_napis(ifindex).await.map_err(|e| format!("napi-get: {e}"))?;
-            let mut ids = Vec::new();
-            while let Some(n) = dump.next().await {
-                let n = n.map_err(|e| format!("napi-get: {e}"))?;
-                if n.ifindex.is_none_or(|i| i == ifindex)
-                    && let Some(id) = n.id
-                {
-                    ids.push(id);
-                }
-            }
-            ids.sort_unstable();
-            Ok(ids)
-        })
-    });
-    worker
-        .map_err(|e| format!("netdev worker: {e}"))?
-        .join()
-        .map_err(|_| "netdev worker panicked".to_string())?
+    let netdev = Netdev::open().map_err(|e| e.to_string())?;
+    Ok(netdev.instances(ifindex).map_err(|e| e.to_string())?.iter().map(|i| i.id).collect())
 }
 
 #[cfg(test)]
