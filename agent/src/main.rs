@@ -26,7 +26,7 @@ const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("MODERATO_SO
     about = "Learned interrupt moderation for virtualized hosts",
     after_help = "A policy is named the same way everywhere: per-packet, static:<preset> (ixgbe, mlx5, \
                   moderate, heavy), static:<usecs>/<frames>, dim, itr, best-static (eval only), napi:<defer>/<timeout_us>, \
-                  slo-feedback, busy-poll:<us> and irq-suspend:<busy_us>/<timeout_us> (simulated only), or a frozen-model \
+                  slo-feedback, busy-poll:<us> (simulated only), irq-suspend:<busy_us>/<timeout_us>, or a frozen-model \
                   directory. `moderato <command> --help` explains each command."
 )]
 struct Cli {

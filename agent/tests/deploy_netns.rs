@@ -548,6 +548,77 @@ fn napi_2_20_on_a_guest_veth_in_a_netns_holds_while_it_runs_and_is_restored_afte
 
 #[test]
 #[ignore = "needs root and iproute2: cargo test --release -p moderato-agent -- --ignored"]
+fn irq_suspend_on_a_guest_veth_sets_every_napi_instance_and_sigterm_or_kill_9_and_restore_put_it_back() {
+    let lab = lab();
+    let dir = tempfile::tempdir().unwrap();
+    let config = lab_guest_config(&lab, dir.path());
+    let cfg = config.to_str().unwrap();
+    let deploy = |extra: &[&str]| {
+        let mut args = vec!["deploy", "--role", "guest", "--policy", "irq-suspend:50/20000", "--config", cfg];
+        args.extend(["--log-format", "json"]);
+        args.extend(extra);
+        Proc::spawn_in(&lab.ns, &args)
+    };
+    // Without a NAPI instance (GRO off) there is nothing to suspend: refused before anything is set.
+    let ethtool = |on: &str| {
+        Command::new("ip").args(["netns", "exec", &lab.ns, "ethtool", "-K", &lab.b, "gro", on]).status()
+    };
+    if ethtool("off").is_err() {
+        eprintln!("skipped: ethtool is not installed (GRO gives the veth its NAPI instance)");
+        return;
+    }
+    ns_set_napi(&lab.ns, &lab.b, NAPI_ORIGINAL);
+    let mut p = deploy(&[]);
+    assert!(!p.wait(Duration::from_secs(20)).success());
+    assert!(p.text().contains("no interface of this guest lists a NAPI instance"), "{}", p.text());
+    assert_eq!(ns_napi(&lab.ns, &lab.b), NAPI_ORIGINAL, "nothing set");
+
+    assert!(ethtool("on").unwrap().success());
+    let netdev = moderato_env::live::netdev::Netdev::open_in(&lab.ns).unwrap();
+    let ifindex: u32 =
+        in_ns(&lab.ns, &["cat", &format!("/sys/class/net/{}/ifindex", lab.b)]).trim().parse().unwrap();
+    let instance = || netdev.instances(ifindex).unwrap()[0];
+    assert_eq!(instance().irq_suspend_timeout_ns, Some(0));
+    let mut p = deploy(&[]);
+    // 20000 µs of suspension and the recipe's deferral (2 / 20 µs) on the instance while it runs.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while instance().irq_suspend_timeout_ns != Some(20_000_000) {
+        assert!(Instant::now() < deadline, "never suspended:\n{}", p.text());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    p.wait_for(Duration::from_secs(10), "three decisions", |e| e["message"] == "decision" && e["step"] == 3);
+    assert_eq!(instance().params, Some(NAPI_2_20));
+    assert_eq!(ns_napi(&lab.ns, &lab.b), NAPI_2_20);
+    let events = p.events();
+    let d = events.iter().rfind(|e| e["message"] == "decision").unwrap();
+    let logged: serde_json::Value = serde_json::from_str(d["irq_suspend"].as_str().unwrap()).unwrap();
+    let id = instance().id.to_string();
+    assert_eq!(logged["vm0.frontend"]["applied_ns"][&id], 20_000_000, "{d}");
+    assert!(p.text().contains("prefer_busy_poll"), "the log says what the application must do");
+    p.signal("TERM");
+    assert!(p.wait(Duration::from_secs(20)).success(), "{}", p.text());
+    assert_eq!(instance().irq_suspend_timeout_ns, Some(0), "restored:\n{}", p.text());
+    assert_eq!(instance().params, Some(NAPI_ORIGINAL));
+    assert_eq!(ns_napi(&lab.ns, &lab.b), NAPI_ORIGINAL);
+
+    // kill -9: the journal keeps the instance's own timeout, and `moderato restore` puts it back.
+    let mut p = deploy(&[]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while instance().irq_suspend_timeout_ns != Some(20_000_000) {
+        assert!(Instant::now() < deadline, "never suspended:\n{}", p.text());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    p.signal("KILL");
+    assert!(!p.wait(Duration::from_secs(10)).success());
+    assert_eq!(instance().irq_suspend_timeout_ns, Some(20_000_000), "nothing restores on SIGKILL");
+    let mut r = Proc::spawn_in(&lab.ns, &["restore", "--config", cfg, "--log-format", "json"]);
+    assert!(r.wait(Duration::from_secs(20)).success(), "{}", r.text());
+    assert_eq!(instance().irq_suspend_timeout_ns, Some(0), "{}", r.text());
+    assert_eq!(instance().params, Some(NAPI_ORIGINAL), "{}", r.text());
+}
+
+#[test]
+#[ignore = "needs root and iproute2: cargo test --release -p moderato-agent -- --ignored"]
 fn napi_2_20_on_the_host_side_sets_every_interface_and_leaves_the_taps_knob() {
     let dir = tempfile::tempdir().unwrap();
     let (lab, config, mut ethtool) = fault_lab(dir.path());

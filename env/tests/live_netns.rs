@@ -262,9 +262,11 @@ fn napi_instances_of_a_veth_are_set_read_back_and_restored_through_netdev_netlin
     let mut sysfs = SysfsNapi::new("/sys");
     assert_eq!(sysfs.get(&lab.a).unwrap(), NapiParams::OFF, "the device value is not the instance's");
     assert_eq!(napi.get(&lab.a).unwrap(), alone, "what the traffic runs with");
-    netdev.set(id, &alone, Some(2_000_000)).unwrap();
-    assert_eq!(netdev.instances(ifindex).unwrap()[0].irq_suspend_timeout_ns, Some(2_000_000));
-    netdev.set(id, &alone, Some(0)).unwrap();
+    netdev.set(id, None, Some(2_000_000)).unwrap();
+    let suspended = netdev.instances(ifindex).unwrap()[0];
+    assert_eq!(suspended.irq_suspend_timeout_ns, Some(2_000_000));
+    assert_eq!(suspended.params, Some(alone), "a napi-set of the timeout alone leaves the deferral");
+    netdev.set(id, None, Some(0)).unwrap();
     // An instance that does not exist is named.
     let e = napi.set_instance(&lab.a, id + 100_000, &alone).unwrap_err();
     assert!(e.to_string().contains(&format!("{}", id + 100_000)), "{e}");
@@ -277,7 +279,10 @@ fn napi_instances_of_a_veth_are_set_read_back_and_restored_through_netdev_netlin
     let w = env.add_napi_originals(&mut originals);
     assert!(w.is_empty(), "{w:?}");
     assert_eq!(originals[0].napi, Some(NapiParams::OFF));
-    assert_eq!(originals[0].napi_instances, vec![InstanceNapi { id, napi: alone }]);
+    assert_eq!(
+        originals[0].napi_instances,
+        vec![InstanceNapi { id, napi: alone, irq_suspend_timeout_ns: Some(0) }]
+    );
     let recipe = NapiParams::new(2, 20_000);
     assert_eq!(env.apply_napi(&originals[0], &recipe).unwrap(), recipe);
     assert_eq!((sysfs.get(&lab.a).unwrap(), napi.get(&lab.a).unwrap()), (recipe, recipe));

@@ -26,7 +26,8 @@
 //! - `irq-suspend:<busy_us>/<timeout_us>[/<defer>/<gro_us>]`: the same with IRQ suspension
 //!   (`irq-suspend-timeout`, Linux ≥ 6.13) and the guest's deferral (default 2/20) as what takes
 //!   over when an application sleeps: the kernel documentation's IRQ-suspension set-up, e.g.
-//!   `irq-suspend:50/20000`. These two are simulated only (see [`moderato_env::AppPolling`]).
+//!   `irq-suspend:50/20000` (see [`moderato_env::AppPolling`]). A deploy refuses `busy-poll:`; of
+//!   `irq-suspend:` it sets the kernel's half on a guest (the deferral, `irq-suspend-timeout`).
 //!
 //! `best-static` (the hindsight oracle over fixed settings) is a search, not a fixed policy; see
 //! [`crate::best_static`].
@@ -227,8 +228,9 @@ impl Policy for NapiPolicy {
 
 /// The guest applications' busy polling, with IRQ suspension where set, and the guest's
 /// deferral as what takes over when an application sleeps (`busy-poll:`, `irq-suspend:`);
-/// the coalescing knobs per-packet. Simulated only: the busy poll is each application's own epoll
-/// setting, so a deploy refuses these.
+/// the coalescing knobs per-packet. The busy poll is each application's own epoll setting, so a
+/// deploy refuses `busy-poll:`; of `irq-suspend:` it sets the kernel's half on the guest (the
+/// deferral and every NAPI instance's `irq-suspend-timeout`), leaving coalescing as it is.
 #[derive(Debug, Clone)]
 pub struct PollingPolicy {
     name: String,
@@ -254,13 +256,26 @@ impl Policy for PollingPolicy {
         }
         s
     }
+    fn napi(&self) -> Option<NapiParams> {
+        self.irq_suspend_timeout_ns().map(|_| self.napi)
+    }
+    fn irq_suspend_timeout_ns(&self) -> Option<u64> {
+        (self.polling.irq_suspend_timeout_us > 0)
+            .then(|| u64::from(self.polling.irq_suspend_timeout_us) * 1_000)
+    }
+    fn sets_coalescing(&self) -> bool {
+        false
+    }
     fn live_refusal(&self) -> Option<String> {
-        Some(format!(
-            "policy `{}` is simulated only: busy polling is each application's own epoll setting \
-             (EPIOCSPARAMS busy_poll_usecs, prefer_busy_poll) and IRQ suspension needs it; moderato cannot set \
-             either from outside. Deploy napi:<defer>/<timeout_us> for the deferral, or a model",
-            self.name
-        ))
+        (self.polling.irq_suspend_timeout_us == 0).then(|| {
+            format!(
+                "policy `{}` is simulated only: busy polling is each application's own epoll setting \
+                 (EPIOCSPARAMS busy_poll_usecs, prefer_busy_poll); moderato cannot set it from outside. Deploy \
+                 napi:<defer>/<timeout_us> for the deferral, irq-suspend:<busy_us>/<timeout_us> for the kernel's half \
+                 of IRQ suspension, or a model",
+                self.name
+            )
+        })
     }
 }
 
@@ -579,6 +594,13 @@ mod tests {
         assert_eq!(s.nic, LayerSettings::PER_PACKET);
         let s = baseline("irq-suspend:10/500/4/100", &none).unwrap().act(&obs(1));
         assert_eq!(s.vms[0].frontend.napi, NapiParams::new(4, 100_000));
+        // Live: the kernel's half of IRQ suspension; busy polling alone is refused.
+        let p = baseline("irq-suspend:50/20000", &none).unwrap();
+        assert_eq!((p.irq_suspend_timeout_ns(), p.napi()), (Some(20_000_000), Some(IRQ_SUSPEND_DEFERRAL)));
+        assert!(p.live_refusal().is_none() && !p.sets_coalescing());
+        let p = baseline("busy-poll:50", &none).unwrap();
+        assert!(p.irq_suspend_timeout_ns().is_none() && p.napi().is_none());
+        assert!(p.live_refusal().is_some_and(|w| w.contains("EPIOCSPARAMS")));
         for (bad, says) in [
             ("busy-poll:0", "no busy polling"),
             ("busy-poll:fast", "busy_poll_us `fast`"),

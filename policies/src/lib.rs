@@ -40,6 +40,11 @@ pub trait Policy: Send {
     fn sets_deferral(&self) -> bool {
         self.napi().is_some()
     }
+    /// The IRQ-suspension timeout (`irq-suspend-timeout`, ns) a deploy sets on every NAPI instance
+    /// of the guest side it is deployed on; `None` (the default): the instances keep their own.
+    fn irq_suspend_timeout_ns(&self) -> Option<u64> {
+        None
+    }
     /// Refuses a host of `profile` this policy was not made for (a learned model trained on
     /// other profiles); the default takes any.
     fn check_profile(&self, _profile: moderato_env::HostProfile) -> Result<(), String> {
@@ -84,6 +89,9 @@ impl<P: Policy + ?Sized> Policy for Box<P> {
     }
     fn sets_deferral(&self) -> bool {
         (**self).sets_deferral()
+    }
+    fn irq_suspend_timeout_ns(&self) -> Option<u64> {
+        (**self).irq_suspend_timeout_ns()
     }
     fn check_profile(&self, profile: moderato_env::HostProfile) -> Result<(), String> {
         (**self).check_profile(profile)

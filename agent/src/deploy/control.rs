@@ -395,6 +395,28 @@ impl DeployLoop {
             tracing::info!(target: "moderato::deploy", layer = %o.layer, interface = %o.ifname,
                 "NAPI deferral {how}");
         }
+        // IRQ suspension (`irq-suspend:`) is the guest's, and per NAPI instance (napi-set).
+        if let Some(p) = [&primary, &fallback].into_iter().find(|p| p.irq_suspend_timeout_ns().is_some()) {
+            if role != Role::Guest {
+                bail!(
+                    "policy `{}` sets IRQ suspension, which is the guest's (its applications busy-poll their own \
+                     sockets): deploy it with --role guest in the VM",
+                    p.name()
+                );
+            }
+            if !napi.iter().any(|o| !o.napi_instances.is_empty()) {
+                bail!(
+                    "policy `{}` sets IRQ suspension per NAPI instance (netdev netlink's napi-set, Linux 6.13+), but \
+                     no interface of this guest lists a NAPI instance with it (a veth has one only with GRO or XDP \
+                     on); see the log above for each interface",
+                    p.name()
+                );
+            }
+            tracing::info!(target: "moderato::deploy", policy = p.name(),
+                "IRQ suspension: irq-suspend-timeout is set on every NAPI instance; it takes effect only for \
+                 applications that busy-poll through epoll with prefer_busy_poll (EPIOCSPARAMS), which moderato \
+                 cannot set for them");
+        }
         // What the interfaces offer against the configured profile. A learned model decides for
         // its profile's mechanisms only, so a host that differs is refused before anything is set
         // or journalled (unless allowed); a baseline sets what the host has, and the difference
@@ -661,6 +683,8 @@ impl DeployLoop {
         };
         let deciding = if self.in_fallback { &self.fallback } else { &self.primary };
         let (napi_wanted, per_layer) = (deciding.napi(), deciding.sets_deferral());
+        // IRQ suspension: the deciding policy's timeout, or each instance's own original.
+        let suspend = if guarded { None } else { deciding.irq_suspend_timeout_ns() };
         let sets_coalescing = guarded
             || if self.in_fallback {
                 self.fallback.sets_coalescing()
@@ -686,6 +710,7 @@ impl DeployLoop {
             }
             _ => None,
         });
+        let irq_suspend = self.apply_irq_suspend(suspend);
         self.summary.decisions += 1;
         if self.in_fallback {
             self.summary.fallback_decisions += 1;
@@ -709,6 +734,7 @@ impl DeployLoop {
             applied = %applied_log,
             limited = %limited_log,
             napi = %napi,
+            irq_suspend = %irq_suspend,
             "decision"
         );
         let knob_layers = if sets_coalescing { &self.layers[..] } else { &[] };
@@ -758,6 +784,51 @@ impl DeployLoop {
                             "NAPI deferral: {e}");
                     }
                     json!({ "interface": o.ifname, "wanted": napi_json(&target), "error": e })
+                }
+            };
+            out.insert(o.layer.to_string(), entry);
+        }
+        Value::Object(out)
+    }
+
+    /// Sets the IRQ-suspension timeout of every journalled NAPI instance: `wanted` (ns) where the
+    /// deciding policy sets one, else the instance's original. Returns per layer what the kernel
+    /// reports afterwards; `null` where no policy of this deploy sets IRQ suspension.
+    fn apply_irq_suspend(&mut self, wanted: Option<u64>) -> Value {
+        if self.primary.irq_suspend_timeout_ns().is_none() && self.fallback.irq_suspend_timeout_ns().is_none()
+        {
+            return Value::Null;
+        }
+        let mut out = serde_json::Map::new();
+        for o in self.napi.clone().iter().filter(|o| !o.napi_instances.is_empty()) {
+            // Instances keep their own original when none is wanted (they may differ).
+            let result = match wanted {
+                Some(t) => self.env.apply_irq_suspend(o, t),
+                None => {
+                    let mut applied = Vec::new();
+                    let mut err = None;
+                    for i in &o.napi_instances {
+                        let one = Original { napi_instances: vec![*i], ..o.clone() };
+                        match self.env.apply_irq_suspend(&one, i.irq_suspend_timeout_ns.unwrap_or(0)) {
+                            Ok(v) => applied.extend(v),
+                            Err(e) => err = Some(e),
+                        }
+                    }
+                    err.map_or(Ok(applied), Err)
+                }
+            };
+            let entry = match result {
+                Ok(applied) => json!({
+                    "interface": o.ifname,
+                    "wanted_ns": wanted,
+                    "applied_ns": applied.iter().map(|(id, ns)| (id.to_string(), json!(ns))).collect::<serde_json::Map<_, _>>(),
+                }),
+                Err(e) => {
+                    if self.napi_said.insert(e.clone()) {
+                        tracing::warn!(target: "moderato::deploy", layer = %o.layer, interface = %o.ifname,
+                            "IRQ suspension: {e}");
+                    }
+                    json!({ "interface": o.ifname, "wanted_ns": wanted, "error": e })
                 }
             };
             out.insert(o.layer.to_string(), entry);

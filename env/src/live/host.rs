@@ -230,20 +230,32 @@ fn restore_instances(
     };
     let now = napi.instances(ifname).map_err(|e| fail("listing the NAPI instances", e))?;
     for w in want {
-        match now.iter().find(|i| i.id == w.id) {
-            None => continue,
-            Some(i) if i.napi == w.napi => continue,
-            Some(_) => napi
-                .set_instance(ifname, w.id, &w.napi)
-                .map_err(|e| fail(&format!("setting `{}` on NAPI instance {}", w.napi, w.id), e))?,
+        let Some(i) = now.iter().find(|i| i.id == w.id) else { continue };
+        if i.napi != w.napi {
+            napi.set_instance(ifname, w.id, &w.napi)
+                .map_err(|e| fail(&format!("setting `{}` on NAPI instance {}", w.napi, w.id), e))?;
+        }
+        if let Some(t) = w.irq_suspend_timeout_ns
+            && i.irq_suspend_timeout_ns != Some(t)
+        {
+            napi.set_irq_suspend(ifname, w.id, t).map_err(|e| {
+                fail(&format!("setting irq-suspend-timeout {t} on NAPI instance {}", w.id), e)
+            })?;
         }
     }
     let after = napi.instances(ifname).map_err(|e| fail("reading back the NAPI instances", e))?;
     for w in want {
-        if let Some(i) = after.iter().find(|i| i.id == w.id && i.napi != w.napi) {
+        let Some(i) = after.iter().find(|i| i.id == w.id) else { continue };
+        if i.napi != w.napi {
             return Err(RestoreFailure::Failed(format!(
                 "NAPI instance {}: the kernel applied `{}` when `{}` was written",
                 w.id, i.napi, w.napi
+            )));
+        }
+        if w.irq_suspend_timeout_ns.is_some() && i.irq_suspend_timeout_ns != w.irq_suspend_timeout_ns {
+            return Err(RestoreFailure::Failed(format!(
+                "NAPI instance {}: irq-suspend-timeout is {:?} ns after {:?} was written",
+                w.id, i.irq_suspend_timeout_ns, w.irq_suspend_timeout_ns
             )));
         }
     }
@@ -597,6 +609,28 @@ impl HostEnv {
         // The read-back, not the wish, is what the next observation reports.
         self.napi_in_force.insert(o.layer, now);
         Ok(now)
+    }
+
+    /// Sets `timeout_ns` as the IRQ-suspension timeout of every NAPI instance journalled in `o`
+    /// (only on the interface `o` was read from) where it differs, and returns each instance's
+    /// timeout as the kernel reports it afterwards. In a dry run nothing is set.
+    pub fn apply_irq_suspend(&mut self, o: &Original, timeout_ns: u64) -> Result<Vec<(u32, u64)>, String> {
+        same_interface(&self.config.sysfs_root, &o.ifname, o.ifindex)
+            .map_err(|e| format!("{} ({}): IRQ suspension not set: {e}", o.ifname, o.layer))?;
+        let now = self.napi.instances(&o.ifname).map_err(|e| e.to_string())?;
+        if self.apply_enabled {
+            for i in now.iter().filter(|i| o.napi_instances.iter().any(|j| j.id == i.id)) {
+                if i.irq_suspend_timeout_ns != Some(timeout_ns) {
+                    self.napi.set_irq_suspend(&o.ifname, i.id, timeout_ns).map_err(|e| e.to_string())?;
+                }
+            }
+        }
+        let after = self.napi.instances(&o.ifname).map_err(|e| format!("reading back: {e}"))?;
+        Ok(after
+            .iter()
+            .filter(|i| o.napi_instances.iter().any(|j| j.id == i.id))
+            .map(|i| (i.id, i.irq_suspend_timeout_ns.unwrap_or(0)))
+            .collect())
     }
 
     /// The NAPI instances (ids) of `ifname` from netdev netlink, for operators. `Err` where the
@@ -1397,7 +1431,10 @@ mod tests {
         let now: Vec<_> = napi.instances["eth9"].iter().map(|i| (i.id, i.napi)).collect();
         assert_eq!(now, vec![(300, a), (301, b)], "each instance its own");
         // An instance that is gone is skipped; a kernel that applies something else is a failure.
-        let gone = Original { napi_instances: vec![InstanceNapi { id: 999, napi: a }], ..o.clone() };
+        let gone = Original {
+            napi_instances: vec![InstanceNapi { id: 999, napi: a, irq_suspend_timeout_ns: None }],
+            ..o.clone()
+        };
         restore_original_with(&mut NoKnobs, &mut napi, root.path(), &gone).unwrap();
         #[derive(Debug)]
         struct Stubborn(MemoryNapi);

@@ -82,6 +82,14 @@ pub trait NapiControl: Send + std::fmt::Debug {
             message: "NAPI instances cannot be set here (netdev netlink needs Linux 6.13+)".into(),
         })
     }
+    /// Sets the IRQ-suspension timeout (ns; 0: off) of the NAPI instance `id` of `ifname`.
+    fn set_irq_suspend(&mut self, ifname: &str, id: u32, timeout_ns: u64) -> Result<(), NapiError> {
+        let _ = (id, timeout_ns);
+        Err(NapiError::Other {
+            ifname: ifname.into(),
+            message: "IRQ suspension cannot be set here (netdev netlink's napi-set, Linux 6.13+)".into(),
+        })
+    }
 }
 
 impl<N: NapiControl + ?Sized> NapiControl for Box<N> {
@@ -100,15 +108,21 @@ impl<N: NapiControl + ?Sized> NapiControl for Box<N> {
     fn set_instance(&mut self, ifname: &str, id: u32, params: &NapiParams) -> Result<(), NapiError> {
         (**self).set_instance(ifname, id, params)
     }
+    fn set_irq_suspend(&mut self, ifname: &str, id: u32, timeout_ns: u64) -> Result<(), NapiError> {
+        (**self).set_irq_suspend(ifname, id, timeout_ns)
+    }
 }
 
-/// One NAPI instance's deferral, as the deploy's journal keeps it.
+/// One NAPI instance's deferral and IRQ-suspension timeout, as the deploy's journal keeps them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InstanceNapi {
     /// The instance's id (netdev netlink's).
     pub id: u32,
     pub napi: NapiParams,
+    /// `irq-suspend-timeout`, nanoseconds (0: off); `None` where the kernel does not say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub irq_suspend_timeout_ns: Option<u64>,
 }
 
 /// [`NapiControl`] through the per-device sysfs files under `sysfs_root` (`/sys`).
@@ -223,7 +237,7 @@ impl NetlinkNapi {
 
     /// The instances of `ifname` with their deferral, or empty where netlink does not report
     /// them (no family, none listed, a kernel before 6.13).
-    fn listed(&self, ifname: &str) -> Result<Vec<(u32, NapiParams)>, NapiError> {
+    fn listed(&self, ifname: &str) -> Result<Vec<InstanceNapi>, NapiError> {
         let Some(netdev) = &self.netdev else { return Ok(Vec::new()) };
         let ifindex = counters::read_ifindex(&self.sysfs_root, ifname)
             .ok_or_else(|| NapiError::NoDevice { ifname: ifname.into() })?;
@@ -233,7 +247,17 @@ impl NetlinkNapi {
             .instances(ifindex)
             .map_err(|e| NapiError::Other { ifname: ifname.into(), message: e.to_string() })?;
         // All or nothing: a kernel that lists instances without their deferral has only sysfs.
-        Ok(all.iter().map(|i| i.params.map(|p| (i.id, p))).collect::<Option<Vec<_>>>().unwrap_or_default())
+        Ok(all
+            .iter()
+            .map(|i| {
+                i.params.map(|napi| InstanceNapi {
+                    id: i.id,
+                    napi,
+                    irq_suspend_timeout_ns: i.irq_suspend_timeout_ns,
+                })
+            })
+            .collect::<Option<Vec<_>>>()
+            .unwrap_or_default())
     }
 
     fn netlink_error(ifname: &str, e: NetdevError) -> NapiError {
@@ -252,7 +276,7 @@ impl NetlinkNapi {
 impl NapiControl for NetlinkNapi {
     fn get(&mut self, ifname: &str) -> Result<NapiParams, NapiError> {
         match self.listed(ifname)?.first() {
-            Some((_, p)) => Ok(*p),
+            Some(i) => Ok(i.napi),
             None => self.sysfs.get(ifname),
         }
     }
@@ -260,9 +284,9 @@ impl NapiControl for NetlinkNapi {
     fn set(&mut self, ifname: &str, params: &NapiParams) -> Result<(), NapiError> {
         self.sysfs.set(ifname, params)?;
         // Since 6.13 the sysfs write reaches every instance; one that did not take it is set alone.
-        for (id, p) in self.listed(ifname)? {
-            if p != *params {
-                self.set_instance(ifname, id, params)?;
+        for i in self.listed(ifname)? {
+            if i.napi != *params {
+                self.set_instance(ifname, i.id, params)?;
             }
         }
         Ok(())
@@ -273,16 +297,35 @@ impl NapiControl for NetlinkNapi {
     }
 
     fn instances(&mut self, ifname: &str) -> Result<Vec<InstanceNapi>, NapiError> {
-        Ok(self.listed(ifname)?.into_iter().map(|(id, napi)| InstanceNapi { id, napi }).collect())
+        self.listed(ifname)
     }
 
     fn set_instance(&mut self, ifname: &str, id: u32, params: &NapiParams) -> Result<(), NapiError> {
         params.check().map_err(|message| NapiError::Other { ifname: ifname.into(), message })?;
         match &self.netdev {
-            Some(n) => n.set(id, params, None).map_err(|e| Self::netlink_error(ifname, e)),
+            Some(n) => n.set(id, Some(params), None).map_err(|e| Self::netlink_error(ifname, e)),
             None => Err(NapiError::Other {
                 ifname: ifname.into(),
                 message: "netdev netlink is not open: NAPI instances cannot be set".into(),
+            }),
+        }
+    }
+
+    fn set_irq_suspend(&mut self, ifname: &str, id: u32, timeout_ns: u64) -> Result<(), NapiError> {
+        if timeout_ns > GRO_FLUSH_TIMEOUT_NS_MAX {
+            return Err(NapiError::Other {
+                ifname: ifname.into(),
+                message: format!(
+                    "irq-suspend-timeout {timeout_ns} ns is above {GRO_FLUSH_TIMEOUT_NS_MAX} ns (i64::MAX)"
+                ),
+            });
+        }
+        match &self.netdev {
+            Some(n) => n.set(id, None, Some(timeout_ns)).map_err(|e| Self::netlink_error(ifname, e)),
+            None => Err(NapiError::Other {
+                ifname: ifname.into(),
+                message: "netdev netlink is not open: IRQ suspension cannot be set (napi-set, Linux 6.13+)"
+                    .into(),
             }),
         }
     }
@@ -313,7 +356,10 @@ impl MemoryNapi {
     pub fn with_instances(mut self, ifname: &str, instances: &[(u32, NapiParams)]) -> Self {
         self.instances.insert(
             ifname.to_string(),
-            instances.iter().map(|&(id, napi)| InstanceNapi { id, napi }).collect(),
+            instances
+                .iter()
+                .map(|&(id, napi)| InstanceNapi { id, napi, irq_suspend_timeout_ns: Some(0) })
+                .collect(),
         );
         self
     }
@@ -353,6 +399,17 @@ impl NapiControl for MemoryNapi {
                 || NapiError::Other { ifname: ifname.into(), message: format!("no NAPI instance {id}") },
             )?;
         slot.napi = *params;
+        Ok(())
+    }
+    fn set_irq_suspend(&mut self, ifname: &str, id: u32, timeout_ns: u64) -> Result<(), NapiError> {
+        if let Some(e) = &self.refuse {
+            return Err(e.clone());
+        }
+        let slot =
+            self.instances.get_mut(ifname).and_then(|v| v.iter_mut().find(|i| i.id == id)).ok_or_else(
+                || NapiError::Other { ifname: ifname.into(), message: format!("no NAPI instance {id}") },
+            )?;
+        slot.irq_suspend_timeout_ns = Some(timeout_ns);
         Ok(())
     }
 }

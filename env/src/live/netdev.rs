@@ -139,6 +139,16 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 impl Netdev {
     /// Opens the family. Fails where the kernel has none (before 6.3).
     pub fn open() -> Result<Self, NetdevError> {
+        Self::open_with(None)
+    }
+
+    /// Opens the family in the named network namespace (`ip netns` name, or a path such as
+    /// `/proc/<pid>/ns/net`).
+    pub fn open_in(netns: &str) -> Result<Self, NetdevError> {
+        Self::open_with(Some(netns.to_string()))
+    }
+
+    fn open_with(netns: Option<String>) -> Result<Self, NetdevError> {
         let (jobs, inbox) = mpsc::channel::<Job>();
         let (ready, started) = mpsc::channel::<Result<(), String>>();
         let thread = std::thread::Builder::new()
@@ -151,7 +161,13 @@ impl Netdev {
                         return;
                     }
                 };
-                let conn = match rt.block_on(Connection::<NetdevFamily>::new_async()) {
+                let made = rt.block_on(async move {
+                    match netns {
+                        Some(ns) => Connection::<NetdevFamily>::new_in_async(ns).await,
+                        None => Connection::<NetdevFamily>::new_async().await,
+                    }
+                });
+                let conn = match made {
                     Ok(c) => c,
                     Err(e) => {
                         let _ = ready.send(Err(e.to_string()));
@@ -221,18 +237,19 @@ impl Netdev {
         })
     }
 
-    /// Sets the deferral of instance `id` (both values in one `napi-set`), and its IRQ-suspension
-    /// timeout where `irq_suspend_timeout_ns` is given; the caller reads back what was applied.
+    /// Sets, on instance `id`, its deferral (both values in one `napi-set`) where `params` is given
+    /// and its IRQ-suspension timeout where `irq_suspend_timeout_ns` is; the caller reads back
+    /// what was applied.
     pub fn set(
         &self,
         id: u32,
-        params: &NapiParams,
+        params: Option<&NapiParams>,
         irq_suspend_timeout_ns: Option<u64>,
     ) -> Result<(), NetdevError> {
         let req = NapiSetRequest {
             id: Some(id),
-            defer_hard_irqs: Some(params.napi_defer_hard_irqs),
-            gro_flush_timeout: Some(params.gro_flush_timeout_ns),
+            defer_hard_irqs: params.map(|p| p.napi_defer_hard_irqs),
+            gro_flush_timeout: params.map(|p| p.gro_flush_timeout_ns),
             irq_suspend_timeout: irq_suspend_timeout_ns,
         };
         self.call(move |conn, rt| {
