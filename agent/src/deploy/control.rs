@@ -800,24 +800,9 @@ impl DeployLoop {
             return Value::Null;
         }
         let mut out = serde_json::Map::new();
-        for o in self.napi.clone().iter().filter(|o| !o.napi_instances.is_empty()) {
-            // Instances keep their own original when none is wanted (they may differ).
-            let result = match wanted {
-                Some(t) => self.env.apply_irq_suspend(o, t),
-                None => {
-                    let mut applied = Vec::new();
-                    let mut err = None;
-                    for i in &o.napi_instances {
-                        let one = Original { napi_instances: vec![*i], ..o.clone() };
-                        match self.env.apply_irq_suspend(&one, i.irq_suspend_timeout_ns.unwrap_or(0)) {
-                            Ok(v) => applied.extend(v),
-                            Err(e) => err = Some(e),
-                        }
-                    }
-                    err.map_or(Ok(applied), Err)
-                }
-            };
-            let entry = match result {
+        for o in self.napi.iter().filter(|o| !o.napi_instances.is_empty()) {
+            // Without a wanted timeout, each instance gets its own original back (they may differ).
+            let entry = match self.env.apply_irq_suspend(o, wanted) {
                 Ok(applied) => json!({
                     "interface": o.ifname,
                     "wanted_ns": wanted,

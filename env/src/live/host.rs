@@ -611,17 +611,24 @@ impl HostEnv {
         Ok(now)
     }
 
-    /// Sets `timeout_ns` as the IRQ-suspension timeout of every NAPI instance journalled in `o`
-    /// (only on the interface `o` was read from) where it differs, and returns each instance's
-    /// timeout as the kernel reports it afterwards. In a dry run nothing is set.
-    pub fn apply_irq_suspend(&mut self, o: &Original, timeout_ns: u64) -> Result<Vec<(u32, u64)>, String> {
+    /// Sets the IRQ-suspension timeout of every NAPI instance journalled in `o` (only on the
+    /// interface `o` was read from) where it differs: `wanted` (ns), or with `None` each
+    /// instance's journalled original. Returns each instance's timeout as the kernel reports it
+    /// afterwards. In a dry run nothing is set.
+    pub fn apply_irq_suspend(
+        &mut self,
+        o: &Original,
+        wanted: Option<u64>,
+    ) -> Result<Vec<(u32, u64)>, String> {
         same_interface(&self.config.sysfs_root, &o.ifname, o.ifindex)
             .map_err(|e| format!("{} ({}): IRQ suspension not set: {e}", o.ifname, o.layer))?;
         let now = self.napi.instances(&o.ifname).map_err(|e| e.to_string())?;
         if self.apply_enabled {
-            for i in now.iter().filter(|i| o.napi_instances.iter().any(|j| j.id == i.id)) {
-                if i.irq_suspend_timeout_ns != Some(timeout_ns) {
-                    self.napi.set_irq_suspend(&o.ifname, i.id, timeout_ns).map_err(|e| e.to_string())?;
+            for i in &now {
+                let Some(j) = o.napi_instances.iter().find(|j| j.id == i.id) else { continue };
+                let target = wanted.unwrap_or(j.irq_suspend_timeout_ns.unwrap_or(0));
+                if i.irq_suspend_timeout_ns != Some(target) {
+                    self.napi.set_irq_suspend(&o.ifname, i.id, target).map_err(|e| e.to_string())?;
                 }
             }
         }

@@ -352,6 +352,12 @@ impl MemoryNapi {
         self
     }
 
+    fn instance_mut(&mut self, ifname: &str, id: u32) -> Result<&mut InstanceNapi, NapiError> {
+        self.instances.get_mut(ifname).and_then(|v| v.iter_mut().find(|i| i.id == id)).ok_or_else(|| {
+            NapiError::Other { ifname: ifname.into(), message: format!("no NAPI instance {id}") }
+        })
+    }
+
     /// Gives `ifname` NAPI instances with these ids and values.
     pub fn with_instances(mut self, ifname: &str, instances: &[(u32, NapiParams)]) -> Self {
         self.instances.insert(
@@ -394,10 +400,7 @@ impl NapiControl for MemoryNapi {
         if let Some(e) = &self.refuse {
             return Err(e.clone());
         }
-        let slot =
-            self.instances.get_mut(ifname).and_then(|v| v.iter_mut().find(|i| i.id == id)).ok_or_else(
-                || NapiError::Other { ifname: ifname.into(), message: format!("no NAPI instance {id}") },
-            )?;
+        let slot = self.instance_mut(ifname, id)?;
         slot.napi = *params;
         Ok(())
     }
@@ -405,10 +408,7 @@ impl NapiControl for MemoryNapi {
         if let Some(e) = &self.refuse {
             return Err(e.clone());
         }
-        let slot =
-            self.instances.get_mut(ifname).and_then(|v| v.iter_mut().find(|i| i.id == id)).ok_or_else(
-                || NapiError::Other { ifname: ifname.into(), message: format!("no NAPI instance {id}") },
-            )?;
+        let slot = self.instance_mut(ifname, id)?;
         slot.irq_suspend_timeout_ns = Some(timeout_ns);
         Ok(())
     }
