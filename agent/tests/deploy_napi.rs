@@ -448,3 +448,51 @@ fn on_a_kvm_vhost_guest_a_profile_following_policy_sets_the_deferral_and_leaves_
     run_logged(lp);
     assert!(rig.sets().iter().any(|p| *p != ORIGINAL), "kvm-notf-coal: the knobs are set");
 }
+
+#[test]
+fn on_an_sriov_vf_host_a_model_is_refused_on_the_host_role_and_sent_into_the_guests() {
+    let _serial = serial();
+    let state = tempfile::tempdir().unwrap();
+    let (_tmp, sys) = common::live::sysfs("sysfs-host");
+    let cfg = moderato_env::live::LiveConfig {
+        sysfs_root: sys,
+        procfs_root: common::live::fixture("proc-host-64cpu"),
+        interval: std::time::Duration::from_millis(15),
+        profile: moderato_env::HostProfile::SriovVf,
+        ..moderato_env::live::LiveConfig::host(Some("ens2f0np0"), &["vnet0"])
+    };
+    let env = moderato_env::live::HostEnv::new(cfg, Box::new(PfOnly)).unwrap();
+    let o = LoopOptions { allow_profile_mismatch: true, ..opts_in(state.path(), Some(3)) };
+    let e = DeployLoop::new(env, Box::new(Follower), per_packet(), limits(), o, Metrics::new(false));
+    let e = format!("{:#}", e.unwrap_err());
+    assert!(e.contains("sriov-vf") && e.contains("--role guest") && e.contains("bypass"), "{e}");
+    let journalled: Vec<_> = std::fs::read_dir(state.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".json"))
+        .collect();
+    assert!(journalled.is_empty(), "nothing journalled: {journalled:?}");
+}
+
+/// The PF of an SR-IOV host: its knobs read; a set would be a bug of the refusal.
+#[derive(Debug)]
+struct PfOnly;
+
+impl moderato_env::live::Coalescer for PfOnly {
+    fn get(
+        &mut self,
+        ifname: &str,
+    ) -> Result<moderato_env::live::CoalesceParams, moderato_env::live::CoalesceError> {
+        match ifname {
+            "ens2f0np0" => Ok(ORIGINAL),
+            _ => Err(moderato_env::live::CoalesceError::Unsupported { ifname: ifname.into(), detail: None }),
+        }
+    }
+    fn set(
+        &mut self,
+        ifname: &str,
+        _: &moderato_env::live::CoalesceParams,
+    ) -> Result<(), moderato_env::live::CoalesceError> {
+        panic!("{ifname} set: the refusal comes before anything is set")
+    }
+}

@@ -8,16 +8,22 @@
 //! | `kvm-notf-coal` | ethtool knobs, NAPI deferral | ethtool knobs: the device's notification coalescing (`VIRTIO_NET_F_NOTF_COAL`, vDPA and hardware virtio) | ethtool knobs, NAPI deferral |
 //! | `kvm-vhost` | ethtool knobs, NAPI deferral | none (vhost-net signals the guest whenever its callbacks are on; `drivers/vhost/net.c`) | NAPI deferral only (virtio-net refuses `ethtool -C` without NOTF_COAL, `virtnet_set_coalesce`; deferral keeps its callbacks off, so vhost stops notifying) |
 //! | `xen` | ethtool knobs, NAPI deferral | none (netback has no coalescing; `drivers/net/xen-netback`) | NAPI deferral only (netfront polls with NAPI and has no `set_coalesce`; `drivers/net/xen-netfront.c`) |
+//! | `sriov-vf` | none for the VMs' traffic (the NIC's switch puts it straight into each VF's rings; the PF's own knobs are left as they are) | none (no backend: the VF's DMA reaches guest memory, its MSI-X the vCPU) | ethtool knobs and NAPI deferral of the VF's driver in the guest (`iavf_set_coalesce` in `drivers/net/ethernet/intel/iavf/iavf_ethtool.c`, `ixgbevf`, `mlx5e` on a VF) |
 //!
 //! Where a layer lacks a mechanism the simulator keeps that mechanism at the kernel's default
 //! ([`HostProfile::mask`]): per-packet notifications, which on NAPI stages means the interrupt
 //! is re-armed after every completed poll, and no deferral. The knobs in force, not the ones
 //! asked for, are what observations report.
 //!
-//! Not modelled yet: `sriov-vf` (the guest drives a VF; the packets bypass the host's driver and
-//! backend, which the simulator's topology cannot express), the tap's `rx-frames` (tun's
-//! `rx_batched`: on `kvm-vhost` the live host sets it, the simulator has no tap stage), IRQ
-//! suspension and busy polling.
+//! On `sriov-vf` the simulator's topology changes (`sim::engine`): a VM's packets go from the
+//! wire into its VF's rx ring (the frontend's rx stage, costed as a NIC driver: `nic_per_packet_us`,
+//! `nic_poll_us`, interrupts re-armed when a poll completes) and from its tx ring (a doorbell,
+//! `vf_doorbell_us`, not a kick) onto the wire, whose completion interrupts the guest; the host's
+//! driver and the backend see none of them.
+//!
+//! Not modelled: the tap's `rx-frames` (tun's `rx_batched`: on `kvm-vhost` the live host sets it,
+//! the simulator has no tap stage). IRQ suspension and busy polling are a VM's `polling` (the
+//! application's choice, [`crate::AppPolling`]), on every profile whose guest has NAPI.
 
 use serde::{Deserialize, Serialize};
 
@@ -36,6 +42,9 @@ pub enum HostProfile {
     KvmVhost,
     /// Xen netback / netfront: the NIC's knobs and NAPI deferral on the NIC and in the guest.
     Xen,
+    /// SR-IOV: each guest drives a virtual function of the NIC, with its driver's ethtool knobs
+    /// and NAPI deferral; its packets bypass the host's driver and the backend.
+    SriovVf,
 }
 
 /// What one layer of a profile offers.
@@ -48,13 +57,15 @@ pub struct LayerMechanisms {
 }
 
 impl HostProfile {
-    pub const ALL: [HostProfile; 3] = [HostProfile::KvmNotfCoal, HostProfile::KvmVhost, HostProfile::Xen];
+    pub const ALL: [HostProfile; 4] =
+        [HostProfile::KvmNotfCoal, HostProfile::KvmVhost, HostProfile::Xen, HostProfile::SriovVf];
 
     pub fn name(self) -> &'static str {
         match self {
             HostProfile::KvmNotfCoal => "kvm-notf-coal",
             HostProfile::KvmVhost => "kvm-vhost",
             HostProfile::Xen => "xen",
+            HostProfile::SriovVf => "sriov-vf",
         }
     }
 
@@ -62,19 +73,15 @@ impl HostProfile {
     pub fn parse(s: &str) -> Result<HostProfile, String> {
         HostProfile::ALL.into_iter().find(|p| p.name() == s).ok_or_else(|| {
             let names: Vec<&str> = HostProfile::ALL.iter().map(|p| p.name()).collect();
-            let sriov = if s == "sriov-vf" {
-                " (sriov-vf is not modelled yet: its packets bypass the host's driver and backend)"
-            } else {
-                ""
-            };
-            format!("unknown host profile `{s}`{sriov}; write one of {}", names.join(", "))
+            format!("unknown host profile `{s}`; write one of {}", names.join(", "))
         })
     }
 
-    /// The backend this profile's hosts run.
+    /// The backend this profile's hosts run (`sriov-vf`: a KVM host, whose vhost its VMs' packets
+    /// bypass).
     pub fn backend(self) -> BackendKind {
         match self {
-            HostProfile::KvmNotfCoal | HostProfile::KvmVhost => BackendKind::Vhost,
+            HostProfile::KvmNotfCoal | HostProfile::KvmVhost | HostProfile::SriovVf => BackendKind::Vhost,
             HostProfile::Xen => BackendKind::Xen,
         }
     }
@@ -82,6 +89,8 @@ impl HostProfile {
     /// What a layer of `kind` offers on this profile.
     pub fn mechanisms(self, kind: LayerKind) -> LayerMechanisms {
         let (coalescing, deferral) = match (self, kind) {
+            (HostProfile::SriovVf, LayerKind::Nic | LayerKind::Backend) => (false, false),
+            (HostProfile::SriovVf, LayerKind::Frontend) => (true, true),
             (_, LayerKind::Nic) => (true, true),
             (HostProfile::KvmNotfCoal, LayerKind::Backend) => (true, false),
             (_, LayerKind::Backend) => (false, false),
@@ -145,7 +154,7 @@ mod tests {
         }
         let e = HostProfile::parse("kvm").unwrap_err();
         assert!(e.contains("kvm-vhost") && e.contains("xen") && e.contains("`kvm`"), "{e}");
-        assert!(HostProfile::parse("sriov-vf").unwrap_err().contains("not modelled"));
+        assert_eq!(HostProfile::parse("sriov-vf"), Ok(HostProfile::SriovVf));
     }
 
     #[test]

@@ -434,6 +434,19 @@ impl DeployLoop {
         }
         let diffs = moderato_env::live::profile_differences(profile, &detected);
         let follower = [&primary, &fallback].into_iter().find(|p| p.follows_profile());
+        if profile == moderato_env::HostProfile::SriovVf && role == Role::Host {
+            // The VMs' packets bypass the host's driver and the backend: nothing here moderates
+            // them. A learned model decides nothing for this side; a baseline may still set the
+            // PF's knobs, for the host's own traffic.
+            if let Some(model) = follower {
+                bail!(
+                    "refusing policy `{}` on the host: on profile `sriov-vf` each VM drives a virtual function,                      whose packets bypass this host's driver and backend, so the model has nothing to set here.                      Deploy it with --role guest inside each VM, where the VF's knobs and NAPI deferral are",
+                    model.name()
+                );
+            }
+            tracing::warn!(target: "moderato::deploy", profile = profile.name(),
+                "on sriov-vf the VMs' packets bypass this host's interfaces: what is set here moderates only                  the host's own traffic (deploy with --role guest in each VM for theirs)");
+        }
         if let (Some(model), false, false) = (follower, diffs.is_empty(), opts.allow_profile_mismatch) {
             bail!(
                 "refusing policy `{}`: it was trained for hosts of profile `{}` (the deploy config's `profile`), \

@@ -72,6 +72,7 @@ fn perturb(scenarios: &[Scenario], suite: &SuiteConfig, seed: u64) -> (usize, Sc
         &mut c.virq_us,
         &mut c.virq_posted_us,
         &mut c.kick_us,
+        &mut c.vf_doorbell_us,
         &mut c.backend_wakeup_us,
         &mut c.frontend_per_packet_us,
         &mut c.stack_per_packet_us,

@@ -55,7 +55,13 @@ pub struct Detected {
     pub ifname: String,
     pub coalescing: Option<bool>,
     pub deferral: bool,
+    /// The interface's driver (`/sys/class/net/<if>/device/driver`), where it has a device.
+    pub driver: Option<String>,
 }
+
+/// Drivers of SR-IOV virtual functions only (a PF driver that also drives VFs, such as mlx5_core,
+/// cannot tell them apart by name).
+const VF_DRIVERS: [&str; 5] = ["iavf", "i40evf", "ixgbevf", "igbvf", "bnxt_en_vf"];
 
 /// Where what the interfaces offer differs from what `profile` says their layers have, one
 /// sentence each. Not a difference: a backend that accepts coalescing (the tap's `rx-frames` on
@@ -77,6 +83,21 @@ pub fn profile_differences(profile: crate::HostProfile, detected: &[Detected]) -
                  lacks (a virtio device with VIRTIO_NET_F_NOTF_COAL is `kvm-notf-coal`)"
             )),
             _ => {}
+        }
+        if kind == crate::LayerKind::Frontend
+            && let Some(drv) = d.driver.as_deref()
+        {
+            let vf = VF_DRIVERS.contains(&drv);
+            if profile == crate::HostProfile::SriovVf && matches!(drv, "virtio_net" | "xen-netfront" | "vif")
+            {
+                v.push(format!(
+                    "{layer} ({ifname}): its driver is {drv}, a paravirtual device, not the virtual function profile                      `{p}` says this guest drives (virtio with NOTF_COAL is `kvm-notf-coal`, without it                      `kvm-vhost`; netfront is `xen`)"
+                ));
+            } else if profile != crate::HostProfile::SriovVf && vf {
+                v.push(format!(
+                    "{layer} ({ifname}): its driver is {drv}, an SR-IOV virtual function's, whose packets bypass                      the host's driver and backend: profile `sriov-vf`, not `{p}`"
+                ));
+            }
         }
         if m.deferral && !d.deferral {
             v.push(format!(
@@ -676,6 +697,9 @@ impl HostEnv {
                     deferral: ["napi_defer_hard_irqs", "gro_flush_timeout"]
                         .iter()
                         .all(|f| dir.join(f).exists()),
+                    driver: std::fs::read_link(dir.join("device/driver"))
+                        .ok()
+                        .and_then(|t| t.file_name().map(|n| n.to_string_lossy().into_owned())),
                 }
             })
             .collect()
@@ -1373,7 +1397,27 @@ mod tests {
     use crate::live::MemoryNapi;
 
     fn d(layer: LayerId, coalescing: Option<bool>, deferral: bool) -> Detected {
-        Detected { layer, ifname: format!("if-{layer}"), coalescing, deferral }
+        Detected { layer, ifname: format!("if-{layer}"), coalescing, deferral, driver: None }
+    }
+
+    #[test]
+    fn a_guests_driver_tells_a_virtual_function_from_a_paravirtual_device() {
+        let with = |drv: &str| Detected {
+            driver: Some(drv.into()),
+            ..d(LayerId::Frontend(0), Some(drv != "virtio_net"), true)
+        };
+        assert!(profile_differences(HostProfile::SriovVf, &[with("iavf")]).is_empty());
+        assert!(profile_differences(HostProfile::SriovVf, &[with("mlx5_core")]).is_empty());
+        let e = profile_differences(HostProfile::SriovVf, &[with("virtio_net")]);
+        // virtio without NOTF_COAL refuses coalescing (one sentence) and is not a VF (another).
+        assert_eq!(e.len(), 2, "{e:?}");
+        assert!(e[1].contains("virtio_net") && e[1].contains("kvm-vhost"), "{e:?}");
+        let e = profile_differences(HostProfile::KvmNotfCoal, &[with("ixgbevf")]);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].contains("ixgbevf") && e[0].contains("`sriov-vf`"), "{e:?}");
+        // The host's layers are not judged by driver: a PF's driver serves both.
+        let nic = Detected { driver: Some("iavf".into()), ..d(LayerId::Nic, Some(true), true) };
+        assert!(profile_differences(HostProfile::KvmVhost, &[nic]).is_empty());
     }
 
     #[test]

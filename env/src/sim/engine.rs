@@ -150,9 +150,17 @@ pub(crate) fn fe_txc(v: usize) -> usize {
     9 + PER_VM * v
 }
 
-/// The knob-governed stage of each (layer, direction), per the table in SIMULATOR.md.
-pub(crate) fn knob_stage(layer: LayerId, dir: Direction) -> usize {
+/// The knob-governed stage of each (layer, direction), per the table in SIMULATOR.md. On an
+/// SR-IOV host (`sriov`) the guest drives a VF: its driver's knobs (the frontend's) moderate the
+/// VF's interrupts into the guest (`FeRx`, `FeTxc`), and the backend, which such a host lacks,
+/// maps onto the two stages no ethtool knob reaches there (the socket wake-up and the doorbell;
+/// the profile keeps them per-packet).
+pub(crate) fn knob_stage(layer: LayerId, dir: Direction, sriov: bool) -> usize {
     match (layer, dir) {
+        (LayerId::Backend(v), Direction::Rx) if sriov => sock_rx(v),
+        (LayerId::Backend(v), Direction::Tx) if sriov => fe_tx(v),
+        (LayerId::Frontend(v), Direction::Rx) if sriov => fe_rx(v),
+        (LayerId::Frontend(v), Direction::Tx) if sriov => fe_txc(v),
         (LayerId::Nic, Direction::Rx) => NIC_RX,
         (LayerId::Nic, Direction::Tx) => NIC_TXC,
         (LayerId::Backend(v), Direction::Rx) => fe_rx(v),
@@ -604,6 +612,9 @@ pub(crate) struct Engine {
     apps: Vec<AppLoop>,
     /// Some VM's application has busy-polled in this run (the hot paths skip the loop otherwise).
     polling_ever: bool,
+    /// SR-IOV (`sriov-vf`): each VM drives a VF of the NIC; its packets bypass the host's
+    /// driver and the backend (see the module docs).
+    pub(crate) sriov: bool,
 }
 
 /// Where a VM's application is in its busy-poll loop (see the module docs).
@@ -662,6 +673,7 @@ impl Engine {
         let h = &sc.host;
         let c = &sc.costs;
         let vms = sc.vms.len();
+        let sriov = sc.profile() == crate::HostProfile::SriovVf;
         let mut stages = Vec::with_capacity(3 + PER_VM * vms);
         let nic = h.nic_cpu;
         let pp = Knobs::PER_PACKET;
@@ -676,7 +688,10 @@ impl Engine {
         s.per_pkt_ns = ns(c.nic_per_packet_us);
         napi(&mut s, c.nic_poll_us, c.host_timer_us, false);
         stages.push(s);
-        stages.push(Stage::new(Kind::NicTx, h.nic_tx_ring, Trigger::Wire, nic, Prio::Irq, Bucket::Nic));
+        // With SR-IOV the VFs' own tx rings (`FeTx`) hold the frames until the wire has sent
+        // them; this stage is then only the NIC's arbitration onto the wire, unbounded.
+        let nic_tx_cap = if sriov { usize::MAX } else { h.nic_tx_ring };
+        stages.push(Stage::new(Kind::NicTx, nic_tx_cap, Trigger::Wire, nic, Prio::Irq, Bucket::Nic));
         let mut s = Stage::new(Kind::NicTxc, usize::MAX, Trigger::Knobs(pp), nic, Prio::Irq, Bucket::Nic);
         s.notify_ns = ns(c.nic_irq_us);
         s.per_pkt_ns = ns(c.nic_per_packet_us);
@@ -700,8 +715,15 @@ impl Engine {
             let mut s =
                 Stage::new(Kind::FeRx(v), vm.ring, Trigger::Knobs(pp), vc, Prio::Irq, Bucket::Frontend);
             s.notify_ns = ns(c.virq(h.posted_interrupts));
-            s.per_pkt_ns = ns(c.frontend_per_packet_us);
-            napi(&mut s, c.frontend_poll_us, c.guest_timer_us, true);
+            if sriov {
+                // The VF's rx ring: a NIC driver in the guest (per packet and per poll as the
+                // host's), which re-arms its interrupt when a poll completes, as NIC drivers do.
+                s.per_pkt_ns = ns(c.nic_per_packet_us);
+                napi(&mut s, c.nic_poll_us, c.guest_timer_us, false);
+            } else {
+                s.per_pkt_ns = ns(c.frontend_per_packet_us);
+                napi(&mut s, c.frontend_poll_us, c.guest_timer_us, true);
+            }
             stages.push(s);
             let mut s = Stage::new(
                 Kind::SockRx(v),
@@ -728,7 +750,8 @@ impl Engine {
             stages.push(s);
             let mut s =
                 Stage::new(Kind::FeTx(v), vm.ring, Trigger::Knobs(pp), vc, Prio::Irq, Bucket::Frontend);
-            s.notify_ns = ns(c.kick_us);
+            // A VF's doorbell is an MMIO write to its BAR, mapped into the guest: no exit.
+            s.notify_ns = ns(if sriov { c.vf_doorbell_us } else { c.kick_us });
             stages.push(s);
             let mut s = Stage::new(
                 Kind::BeTx(v),
@@ -744,8 +767,13 @@ impl Engine {
             let mut s =
                 Stage::new(Kind::FeTxc(v), usize::MAX, Trigger::Knobs(pp), vc, Prio::Irq, Bucket::Frontend);
             s.notify_ns = ns(c.virq(h.posted_interrupts));
-            s.per_pkt_ns = ns(c.frontend_per_packet_us);
-            napi(&mut s, c.frontend_poll_us, c.guest_timer_us, true);
+            if sriov {
+                s.per_pkt_ns = ns(c.nic_per_packet_us);
+                napi(&mut s, c.nic_poll_us, c.guest_timer_us, false);
+            } else {
+                s.per_pkt_ns = ns(c.frontend_per_packet_us);
+                napi(&mut s, c.frontend_poll_us, c.guest_timer_us, true);
+            }
             stages.push(s);
         }
         let mut cpus: Vec<Cpu> = (0..h.cpus).map(|_| Cpu::new(0)).collect();
@@ -843,6 +871,7 @@ impl Engine {
             softirq: SoftirqLimits::new(h),
             apps: vec![AppLoop::default(); vms],
             polling_ever: false,
+            sriov,
         };
         e.pick_next_source();
         // Every closed-loop client starts after one think time.
@@ -937,7 +966,7 @@ impl Engine {
     }
 
     fn apply_one(&mut self, layer: LayerId, dir: Direction, m: Moderation) -> Result<(), String> {
-        let si = knob_stage(layer, dir);
+        let si = knob_stage(layer, dir, self.sriov);
         let knobs = match m {
             Moderation::Fixed(k) => {
                 self.stages[si].controller = None;
@@ -1002,7 +1031,7 @@ impl Engine {
 
     /// Knobs in force for (layer, direction).
     pub fn knobs(&self, layer: LayerId, dir: Direction) -> Knobs {
-        self.stages[knob_stage(layer, dir)].knobs().unwrap_or(Knobs::PER_PACKET)
+        self.stages[knob_stage(layer, dir, self.sriov)].knobs().unwrap_or(Knobs::PER_PACKET)
     }
 
     pub(crate) fn counters(&self, stage: usize) -> StageCounters {
@@ -1139,7 +1168,9 @@ impl Engine {
                 }
             } else if t_wire == t {
                 let (_, p) = self.wire_rx.pop_front().expect("peeked");
-                self.admit(NIC_RX, p);
+                // The NIC's switch puts a VF's packets straight into that VF's ring.
+                let si = if self.sriov { fe_rx(p.vm as usize) } else { NIC_RX };
+                self.admit(si, p);
             } else {
                 self.generate();
             }
@@ -1866,12 +1897,14 @@ impl Engine {
                 }
                 if let Kind::FeTx(v) = kind {
                     self.stages[si].held += k;
-                    let b = be_tx(v);
-                    if self.stages[b].jobs_out == 0 && self.stages[b].pending as usize == k {
-                        // The kick found the backend worker idle: it must be woken.
-                        self.stages[b].wake_due = true;
+                    if !self.sriov {
+                        let b = be_tx(v);
+                        if self.stages[b].jobs_out == 0 && self.stages[b].pending as usize == k {
+                            // The kick found the backend worker idle: it must be woken.
+                            self.stages[b].wake_due = true;
+                        }
+                        self.kick_worker(b);
                     }
-                    self.kick_worker(b);
                 }
             }
         }
@@ -1923,6 +1956,11 @@ impl Engine {
                 d.reserved -= 1;
                 self.admit(fe_tx(v), p);
             }
+            Kind::FeTx(_) if self.sriov => {
+                // The doorbell rang: the NIC fetches the VF's descriptors and queues the frames
+                // for the wire; the ring's slots stay owned until the VF's tx completion.
+                self.admit(NIC_TX, p);
+            }
             Kind::FeTx(_) => {
                 // Slots stay owned by the frontend ring until the tx completion.
                 let b = &mut self.stages[be_tx(v)];
@@ -1954,7 +1992,9 @@ impl Engine {
         self.wire_tx_busy = false;
         let st = &mut self.stages[NIC_TX];
         let p = st.q.pop_front().expect("a frame was on the wire");
-        st.held += 1;
+        if !self.sriov {
+            st.held += 1;
+        }
         st.c.done += 1;
         st.c.done_bytes += u64::from(p.bytes);
         self.totals.completed += 1;
@@ -1966,7 +2006,9 @@ impl Engine {
             // The response reached its client, which thinks and asks again.
             self.client_after_think(v, p.flow as usize);
         }
-        self.on_items(NIC_TXC, 1, u64::from(p.bytes));
+        // The completion is the host driver's, or with SR-IOV the VF's, in the guest.
+        let txc = if self.sriov { fe_txc(v) } else { NIC_TXC };
+        self.on_items(txc, 1, u64::from(p.bytes));
         if !self.stages[NIC_TX].q.is_empty() {
             self.wire_start();
         }

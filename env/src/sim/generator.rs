@@ -153,7 +153,7 @@ pub struct GeneratorSpec {
     pub p_objective: f64,
     /// A VM objective's p99 latency target, µs (log-uniform, rounded to whole µs).
     pub slo_p99_us: [f64; 2],
-    /// Host profiles (`"kvm-notf-coal"`, `"kvm-vhost"`, `"xen"`): each host draws one of those
+    /// Host profiles (`"kvm-notf-coal"`, `"kvm-vhost"`, `"xen"`, `"sriov-vf"`): each host draws one of those
     /// whose backend it drew (from a stream of its own; every other draw is unchanged). Empty (the
     /// default): no profile, every layer has every mechanism (the model before profiles).
     pub profiles: Vec<crate::HostProfile>,
@@ -698,6 +698,8 @@ pub fn sample(spec: &GeneratorSpec, seed: u64) -> Scenario {
         frontend_poll_us: dc.frontend_poll_us * k(),
         host_timer_us: dc.host_timer_us * k(),
         guest_timer_us: dc.guest_timer_us * k(),
+        // Not drawn, so that every other host of a seed stays the one it was before sriov-vf.
+        vf_doorbell_us: dc.vf_doorbell_us,
         service,
     };
 

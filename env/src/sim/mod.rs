@@ -359,19 +359,35 @@ impl SimEnv {
                 d(be_tx(v)),
                 d(fe_txc(v)),
             );
-            backends.push(InterfaceObs {
-                rx_pps: rate(frx.admitted),
-                tx_pps: rate(btx.done),
-                rx_bytes_per_s: rate(frx.admitted_bytes),
-                tx_bytes_per_s: rate(btx.done_bytes),
-                // The hypervisor cannot count a backend's notifications (irqfd / event channels).
-                rx_irq_per_s: None,
-                tx_irq_per_s: None,
-                drops_per_s: rate(brx.drops + frx.drops),
-                rx_knobs: knobs(LayerId::Backend(v), Direction::Rx),
-                tx_knobs: knobs(LayerId::Backend(v), Direction::Tx),
-                napi: None,
-            });
+            if profile == crate::HostProfile::SriovVf {
+                // No backend: the VF's traffic never reaches the hypervisor's software.
+                backends.push(InterfaceObs {
+                    rx_pps: 0.0,
+                    tx_pps: 0.0,
+                    rx_bytes_per_s: 0.0,
+                    tx_bytes_per_s: 0.0,
+                    rx_irq_per_s: None,
+                    tx_irq_per_s: None,
+                    drops_per_s: 0.0,
+                    rx_knobs: knobs(LayerId::Backend(v), Direction::Rx),
+                    tx_knobs: knobs(LayerId::Backend(v), Direction::Tx),
+                    napi: None,
+                });
+            } else {
+                backends.push(InterfaceObs {
+                    rx_pps: rate(frx.admitted),
+                    tx_pps: rate(btx.done),
+                    rx_bytes_per_s: rate(frx.admitted_bytes),
+                    tx_bytes_per_s: rate(btx.done_bytes),
+                    // The hypervisor cannot count a backend's notifications (irqfd / event channels).
+                    rx_irq_per_s: None,
+                    tx_irq_per_s: None,
+                    drops_per_s: rate(brx.drops + frx.drops),
+                    rx_knobs: knobs(LayerId::Backend(v), Direction::Rx),
+                    tx_knobs: knobs(LayerId::Backend(v), Direction::Tx),
+                    napi: None,
+                });
+            }
             let (irq, thr) = busy(host_cpus + v);
             guests.push(GuestObs {
                 frontend: InterfaceObs {
@@ -381,7 +397,12 @@ impl SimEnv {
                     tx_bytes_per_s: rate(ftx.admitted_bytes),
                     rx_irq_per_s: Some(rate(frx.notifications)),
                     tx_irq_per_s: Some(rate(ftxc.notifications)),
-                    drops_per_s: rate(srx.drops + stx.drops),
+                    // With SR-IOV the VF's own ring drops in the guest.
+                    drops_per_s: rate(
+                        srx.drops
+                            + stx.drops
+                            + if profile == crate::HostProfile::SriovVf { frx.drops } else { 0 },
+                    ),
                     rx_knobs: knobs(LayerId::Frontend(v), Direction::Rx),
                     tx_knobs: knobs(LayerId::Frontend(v), Direction::Tx),
                     napi: Some(eng.napi(LayerId::Frontend(v))),

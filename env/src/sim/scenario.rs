@@ -163,6 +163,10 @@ pub struct Costs {
     /// exits on a host without an exitless timer, so it costs about two exits.
     #[serde(skip_serializing_if = "is_default_guest_timer")]
     pub guest_timer_us: f64,
+    /// `sriov-vf`: the guest's tx doorbell to its VF, an MMIO write to a BAR mapped into the
+    /// guest (no VM exit; it replaces `kick_us` there). Written out only when not the default.
+    #[serde(skip_serializing_if = "is_default_vf_doorbell")]
+    pub vf_doorbell_us: f64,
     /// Distribution of per-packet costs.
     pub service: ServiceDist,
 }
@@ -186,6 +190,7 @@ impl Default for Costs {
             frontend_poll_us: 0.25,
             host_timer_us: 0.5,
             guest_timer_us: 2.0,
+            vf_doorbell_us: 0.2,
             service: ServiceDist::Deterministic,
         }
     }
@@ -197,6 +202,10 @@ fn is_default_host_timer(v: &f64) -> bool {
 
 fn is_default_guest_timer(v: &f64) -> bool {
     v.to_bits() == Costs::default().guest_timer_us.to_bits()
+}
+
+fn is_default_vf_doorbell(v: &f64) -> bool {
+    v.to_bits() == Costs::default().vf_doorbell_us.to_bits()
 }
 
 impl Costs {
@@ -742,6 +751,7 @@ impl Scenario {
             ("frontend_poll_us", c.frontend_poll_us),
             ("host_timer_us", c.host_timer_us),
             ("guest_timer_us", c.guest_timer_us),
+            ("vf_doorbell_us", c.vf_doorbell_us),
         ] {
             if !(v.is_finite() && (0.0..=1e6).contains(&v)) {
                 return Err(format!("costs.{k} = {v}: must be a number of microseconds in [0, 1e6]"));
