@@ -712,18 +712,22 @@ impl Engine {
             );
             s.per_pkt_ns = ns(c.backend_per_packet(h.backend));
             stages.push(s);
+            // The guest driver's NAPI stages (rx, tx completion): virtio-net / netfront, or with
+            // SR-IOV the VF's driver, a NIC driver in the guest (per packet and per poll as the
+            // host's), which re-arms its interrupt when a poll completes, as NIC drivers do.
+            let guest_driver = |s: &mut Stage| {
+                s.notify_ns = ns(c.virq(h.posted_interrupts));
+                if sriov {
+                    s.per_pkt_ns = ns(c.nic_per_packet_us);
+                    napi(s, c.nic_poll_us, c.guest_timer_us, false);
+                } else {
+                    s.per_pkt_ns = ns(c.frontend_per_packet_us);
+                    napi(s, c.frontend_poll_us, c.guest_timer_us, true);
+                }
+            };
             let mut s =
                 Stage::new(Kind::FeRx(v), vm.ring, Trigger::Knobs(pp), vc, Prio::Irq, Bucket::Frontend);
-            s.notify_ns = ns(c.virq(h.posted_interrupts));
-            if sriov {
-                // The VF's rx ring: a NIC driver in the guest (per packet and per poll as the
-                // host's), which re-arms its interrupt when a poll completes, as NIC drivers do.
-                s.per_pkt_ns = ns(c.nic_per_packet_us);
-                napi(&mut s, c.nic_poll_us, c.guest_timer_us, false);
-            } else {
-                s.per_pkt_ns = ns(c.frontend_per_packet_us);
-                napi(&mut s, c.frontend_poll_us, c.guest_timer_us, true);
-            }
+            guest_driver(&mut s);
             stages.push(s);
             let mut s = Stage::new(
                 Kind::SockRx(v),
@@ -766,14 +770,7 @@ impl Engine {
             stages.push(s);
             let mut s =
                 Stage::new(Kind::FeTxc(v), usize::MAX, Trigger::Knobs(pp), vc, Prio::Irq, Bucket::Frontend);
-            s.notify_ns = ns(c.virq(h.posted_interrupts));
-            if sriov {
-                s.per_pkt_ns = ns(c.nic_per_packet_us);
-                napi(&mut s, c.nic_poll_us, c.guest_timer_us, false);
-            } else {
-                s.per_pkt_ns = ns(c.frontend_per_packet_us);
-                napi(&mut s, c.frontend_poll_us, c.guest_timer_us, true);
-            }
+            guest_driver(&mut s);
             stages.push(s);
         }
         let mut cpus: Vec<Cpu> = (0..h.cpus).map(|_| Cpu::new(0)).collect();
