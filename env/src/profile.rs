@@ -21,9 +21,14 @@
 //! `vf_doorbell_us`, not a kick) onto the wire, whose completion interrupts the guest; the host's
 //! driver and the backend see none of them.
 //!
-//! Not modelled: the tap's `rx-frames` (tun's `rx_batched`: on `kvm-vhost` the live host sets it,
-//! the simulator has no tap stage). IRQ suspension and busy polling are a VM's `polling` (the
-//! application's choice, [`crate::AppPolling`]), on every profile whose guest has NAPI.
+//! Not a separate stage: the tap's `rx-frames` (tun's `rx_batched`, which the live host sets on
+//! `kvm-vhost`). `tun_rx_batched` runs only on tun's single-packet path (`tun_get_user`); vhost-net
+//! takes that path only when the tap's `sndbuf` is limited or a frame does not fit a page
+//! (`vhost_net_build_xdp` answers `-ENOSPC`). Otherwise `handle_tx_copy` hands tun whole batches
+//! of up to `VHOST_NET_BATCH` (64) XDP buffers (`vhost_tx_batch`, `tun_sendmsg` with
+//! `TUN_MSG_PTR`, Linux 4.19+), which the simulator's backend tx worker already does: a run's
+//! frames move on together at its end. IRQ suspension and busy polling are a VM's `polling`
+//! (the application's choice, [`crate::AppPolling`]), on every profile whose guest has NAPI.
 
 use serde::{Deserialize, Serialize};
 
