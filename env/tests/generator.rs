@@ -454,7 +454,7 @@ fn the_corners_of_every_range_draw_valid_hosts() {
 #[test]
 fn profiles_are_drawn_per_backend_on_their_own_stream() {
     use moderato_env::HostProfile;
-    let all = vec![HostProfile::KvmNotfCoal, HostProfile::KvmVhost, HostProfile::Xen];
+    let all = HostProfile::ALL.to_vec();
     let spec = GeneratorSpec { profiles: all.clone(), ..GeneratorSpec::default() };
     spec.validate().unwrap();
     let mut seen = std::collections::BTreeSet::new();

@@ -33,6 +33,15 @@ fn there_are_at_least_six_standard_scenarios_and_all_load() {
 }
 
 #[test]
+fn every_scenario_as_an_sriov_vf_host_passes_the_env_checker() {
+    for f in scenario_files() {
+        let s = Scenario::load(&f).unwrap().with_profile(moderato_env::HostProfile::SriovVf);
+        check_env(|| SimEnv::new(s.clone(), short(), None).unwrap(), 42, 3)
+            .unwrap_or_else(|e| panic!("{} as sriov-vf: {e}", f.display()));
+    }
+}
+
+#[test]
 fn every_scenario_passes_the_env_checker() {
     for f in scenario_files() {
         let s = Scenario::load(&f).unwrap();
@@ -48,9 +57,15 @@ proptest! {
     #[test]
     fn packets_are_conserved(which in 0usize..64, seed in any::<u64>(),
                              actions in prop::collection::vec(prop::collection::vec(-1.0f32..=1.0, 64), 1..6),
-                             polling in prop::collection::vec((0usize..3, 0usize..3), 6)) {
+                             polling in prop::collection::vec((0usize..3, 0usize..3), 6),
+                             profile in 0usize..=moderato_env::HostProfile::ALL.len()) {
         let files = scenario_files();
-        let s = Scenario::load(&files[which % files.len()]).unwrap();
+        let mut s = Scenario::load(&files[which % files.len()]).unwrap();
+        // The scenario's own host, or the same one as a host of each profile (sriov-vf's
+        // topology included).
+        if profile > 0 {
+            s = s.with_profile(moderato_env::HostProfile::ALL[profile - 1]);
+        }
         let vms = s.vms.len();
         let napi = s.host.napi;
         let mut env = SimEnv::new(s, short(), None).unwrap();
