@@ -466,6 +466,7 @@ fn on_an_sriov_vf_host_a_model_is_refused_on_the_host_role_and_sent_into_the_gue
     let e = DeployLoop::new(env, Box::new(Follower), per_packet(), limits(), o, Metrics::new(false));
     let e = format!("{:#}", e.unwrap_err());
     assert!(e.contains("sriov-vf") && e.contains("--role guest") && e.contains("bypass"), "{e}");
+    assert!(!e.contains("  "), "no runs of spaces: {e}");
     let journalled: Vec<_> = std::fs::read_dir(state.path())
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

@@ -440,12 +440,15 @@ impl DeployLoop {
             // PF's knobs, for the host's own traffic.
             if let Some(model) = follower {
                 bail!(
-                    "refusing policy `{}` on the host: on profile `sriov-vf` each VM drives a virtual function,                      whose packets bypass this host's driver and backend, so the model has nothing to set here.                      Deploy it with --role guest inside each VM, where the VF's knobs and NAPI deferral are",
+                    "refusing policy `{}` on the host: on profile `sriov-vf` each VM drives a virtual function, \
+                     whose packets bypass this host's driver and backend, so the model has nothing to set here. \
+                     Deploy it with --role guest inside each VM, where the VF's knobs and NAPI deferral are",
                     model.name()
                 );
             }
             tracing::warn!(target: "moderato::deploy", profile = profile.name(),
-                "on sriov-vf the VMs' packets bypass this host's interfaces: what is set here moderates only                  the host's own traffic (deploy with --role guest in each VM for theirs)");
+                "on sriov-vf the VMs' packets bypass this host's interfaces: what is set here moderates only \
+                 the host's own traffic (deploy with --role guest in each VM for theirs)");
         }
         if let (Some(model), false, false) = (follower, diffs.is_empty(), opts.allow_profile_mismatch) {
             bail!(

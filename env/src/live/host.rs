@@ -91,11 +91,14 @@ pub fn profile_differences(profile: crate::HostProfile, detected: &[Detected]) -
             if profile == crate::HostProfile::SriovVf && matches!(drv, "virtio_net" | "xen-netfront" | "vif")
             {
                 v.push(format!(
-                    "{layer} ({ifname}): its driver is {drv}, a paravirtual device, not the virtual function profile                      `{p}` says this guest drives (virtio with NOTF_COAL is `kvm-notf-coal`, without it                      `kvm-vhost`; netfront is `xen`)"
+                    "{layer} ({ifname}): its driver is {drv}, a paravirtual device, not the virtual function profile \
+                     `{p}` says this guest drives (virtio with NOTF_COAL is `kvm-notf-coal`, without it \
+                     `kvm-vhost`; netfront is `xen`)"
                 ));
             } else if profile != crate::HostProfile::SriovVf && vf {
                 v.push(format!(
-                    "{layer} ({ifname}): its driver is {drv}, an SR-IOV virtual function's, whose packets bypass                      the host's driver and backend: profile `sriov-vf`, not `{p}`"
+                    "{layer} ({ifname}): its driver is {drv}, an SR-IOV virtual function's, whose packets bypass \
+                     the host's driver and backend: profile `sriov-vf`, not `{p}`"
                 ));
             }
         }
@@ -1415,6 +1418,8 @@ mod tests {
         let e = profile_differences(HostProfile::KvmNotfCoal, &[with("ixgbevf")]);
         assert_eq!(e.len(), 1, "{e:?}");
         assert!(e[0].contains("ixgbevf") && e[0].contains("`sriov-vf`"), "{e:?}");
+        let e = [profile_differences(HostProfile::SriovVf, &[with("virtio_net")]), e].concat();
+        assert!(e.iter().all(|m| !m.contains("  ")), "one sentence each, no runs of spaces: {e:?}");
         // The host's layers are not judged by driver: a PF's driver serves both.
         let nic = Detected { driver: Some("iavf".into()), ..d(LayerId::Nic, Some(true), true) };
         assert!(profile_differences(HostProfile::KvmVhost, &[nic]).is_empty());

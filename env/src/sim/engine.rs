@@ -614,7 +614,7 @@ pub(crate) struct Engine {
     polling_ever: bool,
     /// SR-IOV (`sriov-vf`): each VM drives a VF of the NIC; its packets bypass the host's
     /// driver and the backend (see the module docs).
-    pub(crate) sriov: bool,
+    sriov: bool,
 }
 
 /// Where a VM's application is in its busy-poll loop (see the module docs).

@@ -328,6 +328,7 @@ impl SimEnv {
         let eng = self.eng.as_mut().expect("reset");
         let knobs = |l: LayerId, dir: Direction| Some(eng.knobs(l, dir));
         let profile = self.scenario.profile();
+        let sriov = profile == crate::HostProfile::SriovVf;
 
         let (nrx, ntx, ntxc) = (d(NIC_RX), d(NIC_TX), d(NIC_TXC));
         let nic = InterfaceObs {
@@ -359,35 +360,26 @@ impl SimEnv {
                 d(be_tx(v)),
                 d(fe_txc(v)),
             );
-            if profile == crate::HostProfile::SriovVf {
-                // No backend: the VF's traffic never reaches the hypervisor's software.
-                backends.push(InterfaceObs {
-                    rx_pps: 0.0,
-                    tx_pps: 0.0,
-                    rx_bytes_per_s: 0.0,
-                    tx_bytes_per_s: 0.0,
-                    rx_irq_per_s: None,
-                    tx_irq_per_s: None,
-                    drops_per_s: 0.0,
-                    rx_knobs: knobs(LayerId::Backend(v), Direction::Rx),
-                    tx_knobs: knobs(LayerId::Backend(v), Direction::Tx),
-                    napi: None,
-                });
+            // On sriov-vf there is no backend: the VFs' traffic never reaches the hypervisor's
+            // software, so it counts nothing, and the VF's ring drops in the guest.
+            let (seen, vf_drops) = if sriov {
+                ((StageCounters::default(), StageCounters::default()), frx.drops)
             } else {
-                backends.push(InterfaceObs {
-                    rx_pps: rate(frx.admitted),
-                    tx_pps: rate(btx.done),
-                    rx_bytes_per_s: rate(frx.admitted_bytes),
-                    tx_bytes_per_s: rate(btx.done_bytes),
-                    // The hypervisor cannot count a backend's notifications (irqfd / event channels).
-                    rx_irq_per_s: None,
-                    tx_irq_per_s: None,
-                    drops_per_s: rate(brx.drops + frx.drops),
-                    rx_knobs: knobs(LayerId::Backend(v), Direction::Rx),
-                    tx_knobs: knobs(LayerId::Backend(v), Direction::Tx),
-                    napi: None,
-                });
-            }
+                ((frx, btx), 0)
+            };
+            backends.push(InterfaceObs {
+                rx_pps: rate(seen.0.admitted),
+                tx_pps: rate(seen.1.done),
+                rx_bytes_per_s: rate(seen.0.admitted_bytes),
+                tx_bytes_per_s: rate(seen.1.done_bytes),
+                // The hypervisor cannot count a backend's notifications (irqfd / event channels).
+                rx_irq_per_s: None,
+                tx_irq_per_s: None,
+                drops_per_s: rate(brx.drops + seen.0.drops),
+                rx_knobs: knobs(LayerId::Backend(v), Direction::Rx),
+                tx_knobs: knobs(LayerId::Backend(v), Direction::Tx),
+                napi: None,
+            });
             let (irq, thr) = busy(host_cpus + v);
             guests.push(GuestObs {
                 frontend: InterfaceObs {
@@ -397,12 +389,7 @@ impl SimEnv {
                     tx_bytes_per_s: rate(ftx.admitted_bytes),
                     rx_irq_per_s: Some(rate(frx.notifications)),
                     tx_irq_per_s: Some(rate(ftxc.notifications)),
-                    // With SR-IOV the VF's own ring drops in the guest.
-                    drops_per_s: rate(
-                        srx.drops
-                            + stx.drops
-                            + if profile == crate::HostProfile::SriovVf { frx.drops } else { 0 },
-                    ),
+                    drops_per_s: rate(srx.drops + stx.drops + vf_drops),
                     rx_knobs: knobs(LayerId::Frontend(v), Direction::Rx),
                     tx_knobs: knobs(LayerId::Frontend(v), Direction::Tx),
                     napi: Some(eng.napi(LayerId::Frontend(v))),

@@ -468,7 +468,9 @@ impl LearnedPolicy {
         Err(ModelError::Mismatch {
             path: self.dir.join(META_FILE),
             message: format!(
-                "the host's profile is {profile}, and the model was trained for {}; use a model trained                  on {profile} hosts (its experiment's [suite] profiles or [suite.generator] profiles), or                  set the host's profile (a scenario's host.profile, a deploy config's profile) if it is wrong",
+                "the host's profile is {profile}, and the model was trained for {}; use a model trained \
+                 on {profile} hosts (its experiment's [suite] profiles or [suite.generator] profiles), or \
+                 set the host's profile (a scenario's host.profile, a deploy config's profile) if it is wrong",
                 if trained.is_empty() { "no profile".to_string() } else { trained.join(", ") }
             ),
         })
