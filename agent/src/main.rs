@@ -14,7 +14,7 @@ use anyhow::{Context, Result};
 use clap::{CommandFactory, Parser, Subcommand};
 
 use moderato_agent::deploy::{self, LogFormat, RoleArg};
-use moderato_agent::{eval, resolve, simulate, train};
+use moderato_agent::{eval, outln, resolve, simulate, train};
 
 /// `0.1.0 (<git describe>)`: the crate version and the source revision the binary was built from.
 const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("MODERATO_SOURCE_REVISION"), ")");
@@ -247,9 +247,10 @@ fn run_eval(a: EvalArgs) -> Result<()> {
     if targets.len() == 1 {
         let rows = eval::run_suite(&suite, &cache, true)?;
         let aggs = eval::aggregate(&rows);
-        println!("{}", eval::report::markdown(&suite, &aggs));
-        println!("Over all scenarios:\n\n{}", eval::report::overview(&aggs));
+        // Written before printed: a reader that closes stdout early loses no result.
         eval::write_outputs(&out, &suite, &rows, &aggs)?;
+        outln!("{}", eval::report::markdown(&suite, &aggs));
+        outln!("Over all scenarios:\n\n{}", eval::report::overview(&aggs));
         tracing::info!(
             "{} episodes in {:.1} s; wrote {} (re-run it with: moderato eval {})",
             rows.len(),
@@ -277,8 +278,8 @@ fn run_eval(a: EvalArgs) -> Result<()> {
         episodes += rows.len();
         md.push_str(&format!("## SLO p99 ≤ {t} µs\n\n{}\n", eval::report::overview(&aggs)));
     }
-    println!("{md}");
     std::fs::write(out.join("report.md"), &md).with_context(|| format!("cannot write {}", out.display()))?;
+    outln!("{md}");
     tracing::info!(
         "{episodes} episodes in {:.1} s; wrote {} (re-run it with: moderato eval {})",
         started.elapsed().as_secs_f64(),
@@ -386,6 +387,8 @@ fn try_main() -> Result<()> {
 fn main() -> ExitCode {
     match try_main() {
         Ok(()) => ExitCode::SUCCESS,
+        // The reader of stdout went away (`moderato simulate … | head`): the end it asked for.
+        Err(e) if broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             // Through the command's log (human or JSON) where one is installed.
             if tracing::dispatcher::has_been_set() {
@@ -396,6 +399,13 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Whether `e` is a write to a closed pipe.
+fn broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 #[cfg(test)]

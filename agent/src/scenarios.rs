@@ -60,14 +60,14 @@ pub fn sample(
         .map_err(|e| anyhow::anyhow!("--out {}: cannot create it: {e}", out.display()))?;
     let base = seed.unwrap_or(exp.config.seed);
     let mut written = Vec::with_capacity(count);
-    println!("| file | backend | host cores | VMs | flows | estimated load | bottleneck |");
-    println!("|---|---|---|---|---|---|---|");
+    outln!("| file | backend | host cores | VMs | flows | estimated load | bottleneck |");
+    outln!("|---|---|---|---|---|---|---|");
     for i in 0..count {
         let s = draw(spec, host_seed(base, i));
         let path = out.join(format!("{}.toml", s.name));
         s.save(&path)?;
         let est = estimated_load(&s);
-        println!(
+        outln!(
             "| {} | {:?} | {} | {} | {} | {:.2} | {} |",
             path.display(),
             s.host.backend,
@@ -92,10 +92,10 @@ pub fn check(files: &[PathBuf]) -> Result<()> {
     let mut bad = 0;
     for f in files {
         match Scenario::load(f) {
-            Ok(s) => println!("ok     {} ({}: {} VMs)", f.display(), s.name, s.vms.len()),
+            Ok(s) => outln!("ok     {} ({}: {} VMs)", f.display(), s.name, s.vms.len()),
             Err(e) => {
                 bad += 1;
-                println!("error  {e}");
+                outln!("error  {e}");
             }
         }
     }

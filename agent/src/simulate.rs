@@ -58,7 +58,7 @@ pub struct SimulateResult {
 
 pub fn run(args: SimulateArgs) -> Result<()> {
     let r = simulate(&args)?;
-    print_summary(&r);
+    print_summary(&r)?;
     Ok(())
 }
 
@@ -103,9 +103,17 @@ pub fn simulate(args: &SimulateArgs) -> Result<SimulateResult> {
     let (mut obs, _) = env.reset(args.seed)?;
     let bar = crate::progress::bar(u64::from(steps), "intervals", args.quiet || steps > 500);
     if !args.quiet {
-        println!(
+        outln!(
             "{:>8} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>9} {:>8}",
-            "t_ms", "rx_kpps", "tx_kpps", "irq_k/s", "cpu_us", "p50_us", "p99_us", "drops/s", "reward"
+            "t_ms",
+            "rx_kpps",
+            "tx_kpps",
+            "irq_k/s",
+            "cpu_us",
+            "p50_us",
+            "p99_us",
+            "drops/s",
+            "reward"
         );
     }
     let mut end_ns = 0;
@@ -113,10 +121,7 @@ pub fn simulate(args: &SimulateArgs) -> Result<SimulateResult> {
         if i == args.warmup && args.warmup > 0 {
             env.restart_summary();
             if !args.quiet {
-                println!(
-                    "{:>8} warm-up of {} intervals ends; the summary counts from here",
-                    "--", args.warmup
-                );
+                outln!("{:>8} warm-up of {} intervals ends; the summary counts from here", "--", args.warmup);
             }
         }
         let action = policy.act(&obs);
@@ -130,7 +135,7 @@ pub fn simulate(args: &SimulateArgs) -> Result<SimulateResult> {
             let p50 = t.vms.iter().map(|v| v.latency.p50_us).fold(0.0, f64::max);
             let irq = st.obs.host.nic.irq_per_s().unwrap_or(0.0)
                 + st.obs.guests.iter().filter_map(|g| g.frontend.irq_per_s()).sum::<f64>();
-            println!(
+            outln!(
                 "{:>8.1} {:>9.1} {:>9.1} {:>9.1} {:>8.2} {:>8.1} {:>9.1} {:>9.0} {:>8.3}",
                 st.info.time_ns as f64 / 1e6,
                 st.obs.host.nic.rx_pps / 1e3,
@@ -161,12 +166,12 @@ pub fn simulate(args: &SimulateArgs) -> Result<SimulateResult> {
     })
 }
 
-fn print_summary(r: &SimulateResult) {
+fn print_summary(r: &SimulateResult) -> std::io::Result<()> {
     let (s, slo) = (&r.summary, r.slo_p99_us);
     let t = &s.totals;
     let per = |ns: u64| if t.completed == 0 { 0.0 } else { ns as f64 / 1000.0 / t.completed as f64 };
-    println!("\n{} under {}, {:.3} s simulated", r.scenario, r.policy, r.simulated_ns as f64 / 1e9);
-    println!(
+    outln!("\n{} under {}, {:.3} s simulated", r.scenario, r.policy, r.simulated_ns as f64 / 1e9);
+    outln!(
         "  counted         the last {} intervals, {:.3} s (not counted: the reset interval{})",
         s.intervals,
         s.duration_ns as f64 / 1e9,
@@ -176,12 +181,8 @@ fn print_summary(r: &SimulateResult) {
             String::new()
         }
     );
-    println!(
-        "  throughput      {:.1} kpps, {:.3} Gbit/s",
-        t.throughput_pps() / 1e3,
-        t.throughput_bps() / 1e9
-    );
-    println!(
+    outln!("  throughput      {:.1} kpps, {:.3} Gbit/s", t.throughput_pps() / 1e3, t.throughput_bps() / 1e9);
+    outln!(
         "  CPU µs/packet   {:.3} (nic {:.3}, backend {:.3}, frontend {:.3}, stack {:.3})",
         t.cpu_us_per_packet(),
         per(t.cpu.nic.total_ns()),
@@ -190,7 +191,7 @@ fn print_summary(r: &SimulateResult) {
         per(t.cpu.stack.total_ns())
     );
     let sensitive = t.vms.iter().any(|v| v.latency_sensitive);
-    println!(
+    outln!(
         "  latency µs      p50 {:.1}  p99 {:.1}  p99.9 {:.1}  (mean {:.1}, {} samples; {})",
         s.latency.p50_us,
         s.latency.p99_us,
@@ -211,19 +212,21 @@ fn print_summary(r: &SimulateResult) {
                 None => format!("vm{v} none"),
             })
             .collect();
-        println!(
+        outln!(
             "  SLO per VM ({}) violated in {} of {} intervals",
             per_vm.join(", "),
             s.slo_violations,
             s.intervals
         );
     } else if sensitive {
-        println!(
+        outln!(
             "  SLO p99 ≤ {slo} µs (latency-sensitive flows) violated in {} of {} intervals",
-            s.slo_violations, s.intervals
+            s.slo_violations,
+            s.intervals
         );
     } else {
-        println!("  SLO p99 ≤ {slo} µs covers latency-sensitive flows; this scenario has none (bulk only)");
+        outln!("  SLO p99 ≤ {slo} µs covers latency-sensitive flows; this scenario has none (bulk only)");
     }
-    println!("  drops           {} of {} offered ({:.3}%)", t.dropped, t.offered, 100.0 * t.drop_fraction());
+    outln!("  drops           {} of {} offered ({:.3}%)", t.dropped, t.offered, 100.0 * t.drop_fraction());
+    Ok(())
 }

@@ -103,3 +103,26 @@ fn observe_takes_the_config_first_or_the_old_flag() {
     let e = fails(&["observe", "a.toml", "--config", "b.toml"]);
     assert!(e.contains("cannot be used with"), "{e}");
 }
+
+/// `moderato simulate … | head -1`: the reader closes the pipe after one line, and the command
+/// ends quietly and successfully, as Unix tools do, instead of panicking.
+#[test]
+fn simulate_into_a_pipe_closed_early_ends_quietly() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_moderato"))
+        .args(["simulate", RR, "--steps", "20000", "--policy", "per-packet"])
+        .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the moderato binary runs");
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
+    assert!(first.contains("t_ms"), "{first}");
+    // The reader is gone: every later row is a write into a closed pipe.
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "exit {:?}: {err}", out.status);
+    assert!(!err.contains("panicked") && !err.contains("error"), "{err}");
+}
