@@ -14,6 +14,7 @@ use moderato_policies::Policy;
 use moderato_policies::adaptive::AdaptiveFactory;
 use moderato_policies::baselines::{self, StaticSpec};
 use moderato_policies::learned::LearnedPolicy;
+use moderato_policies::learned::trim::{TrimGains, TrimmedPolicy};
 
 /// Where a policy comes from.
 #[derive(Debug, Clone, PartialEq)]
@@ -22,8 +23,9 @@ pub enum PolicySource {
     Baseline { name: String, statics: BTreeMap<String, StaticSpec> },
     /// The hindsight oracle, searched per scenario and seed.
     BestStatic,
-    /// A frozen model directory.
-    Model { dir: PathBuf, label: String },
+    /// A frozen model directory; with `trim`, under the feedback trim of its targets
+    /// (`trim:<dir>`, [`moderato_policies::learned::trim`]).
+    Model { dir: PathBuf, label: String, trim: bool },
 }
 
 impl PolicySource {
@@ -46,11 +48,11 @@ impl PolicySource {
             PolicySource::BestStatic => {
                 Err(anyhow!("best-static is searched per scenario, not instantiated"))
             }
-            PolicySource::Model { dir, .. } => {
+            PolicySource::Model { dir, label, trim } => {
                 let p = LearnedPolicy::load(dir, &burn::tensor::Device::flex())?;
                 p.check_vms(spec.vms)?;
                 p.check_spec(spec)?;
-                Ok(Box::new(p))
+                Ok(with_trim(p, label, *trim))
             }
         }
     }
@@ -65,6 +67,11 @@ impl PolicySource {
         }
         Ok(())
     }
+}
+
+/// The model as it is, or under the trim of its targets.
+fn with_trim(p: LearnedPolicy, label: &str, trim: bool) -> Box<dyn Policy> {
+    if trim { Box::new(TrimmedPolicy::new(label, p, TrimGains::default())) } else { Box::new(p) }
 }
 
 /// A model's name in reports: its directory relative to the working directory when it lies
@@ -106,10 +113,24 @@ pub fn resolve_fixed(
              a baseline or a model"
         ));
     }
+    if let Some(model) = name.strip_prefix("trim:") {
+        let path = if Path::new(model).is_absolute() { PathBuf::from(model) } else { base.join(model) };
+        if !path.is_dir() {
+            bail!(
+                "`{name}`: trim: takes a frozen-model directory (trim:models/default), and there is none at {}",
+                path.display()
+            );
+        }
+        return Ok(PolicySource::Model {
+            label: format!("trim:{}", model_label(&path)),
+            dir: path,
+            trim: true,
+        });
+    }
     let path = if Path::new(name).is_absolute() { PathBuf::from(name) } else { base.join(name) };
     if !name.starts_with("static:") {
         if path.is_dir() {
-            return Ok(PolicySource::Model { label: model_label(&path), dir: path });
+            return Ok(PolicySource::Model { label: model_label(&path), dir: path, trim: false });
         }
         if path.is_file() && name.ends_with(".toml") {
             return knob_file(name, &path, statics);
@@ -160,11 +181,11 @@ pub fn deploy_policy(
     objectives: &[Option<f64>],
 ) -> Result<Box<dyn Policy>> {
     match resolve_fixed(name, Path::new("."), &BTreeMap::new())? {
-        PolicySource::Model { dir, .. } => {
+        PolicySource::Model { dir, label, trim } => {
             let p = LearnedPolicy::load(&dir, &burn::tensor::Device::flex())?;
             p.check_vms(vms)?;
             p.check_objectives(objectives)?;
-            Ok(Box::new(p))
+            Ok(with_trim(p, &label, trim))
         }
         other => {
             // A live run's target comes from its config, never from the simulator's default.

@@ -126,3 +126,11 @@ fn simulate_into_a_pipe_closed_early_ends_quietly() {
     assert!(out.status.success(), "exit {:?}: {err}", out.status);
     assert!(!err.contains("panicked") && !err.contains("error"), "{err}");
 }
+
+#[test]
+fn a_model_under_the_trim_is_named_trim_and_a_missing_model_is_refused_naming_it() {
+    let out = ok(&["simulate", RR, "--policy", "trim:models/default", "--steps", "5", "--quiet"]);
+    assert!(out.contains("under trim:models/default"), "{out}");
+    let err = fails(&["simulate", RR, "--policy", "trim:models/nowhere", "--steps", "5"]);
+    assert!(err.contains("trim:models/nowhere") && err.contains("frozen-model directory"), "{err}");
+}

@@ -379,27 +379,11 @@ fn path_knobs(
     vm: usize,
     t: f64,
 ) -> Vec<(String, u32)> {
-    use moderato_env::{Direction, LayerId, Moderation};
     let mut o = obs.clone();
     o.host.slo_p99_us.resize(o.guests.len(), None);
     o.host.slo_p99_us[vm] = Some(t);
     o.guests[vm].slo_p99_us = Some(t);
-    let s = p.act(&o);
-    let mut out = Vec::new();
-    for id in [LayerId::Nic, LayerId::Backend(vm), LayerId::Frontend(vm)] {
-        for dir in Direction::BOTH {
-            let Moderation::Fixed(k) = s.layer(id).get(dir) else {
-                panic!("a learned policy sets fixed knobs")
-            };
-            out.push((format!("{id:?} {dir:?} usecs"), k.usecs));
-            out.push((format!("{id:?} {dir:?} frames"), k.frames));
-        }
-        // Deferral is coalescing too: more deferred polls, a longer timer.
-        let n = s.layer(id).napi;
-        out.push((format!("{id:?} napi_defer_hard_irqs"), n.napi_defer_hard_irqs));
-        out.push((format!("{id:?} gro_flush_timeout_us"), (n.gro_flush_timeout_ns / 1000) as u32));
-    }
-    out
+    path_knobs_of(&p.act(&o), vm)
 }
 
 #[test]
@@ -436,4 +420,155 @@ fn the_shipped_model_never_coalesces_more_on_a_vms_path_for_a_tighter_target() {
     );
     // The check has teeth: the target does move the knobs.
     assert!(moved > 0, "no knob moved with the target over {checked} steps");
+}
+
+/// `obs` with VM `vm`'s target `t` µs (the only target) and its probe reporting `p99` µs (`samples` samples).
+fn probed(
+    obs: &moderato_env::Observation,
+    vm: usize,
+    t: f64,
+    p99: f64,
+    samples: u64,
+) -> moderato_env::Observation {
+    let mut o = obs.clone();
+    // The other VMs without targets: the trim leaves them alone.
+    o.host.slo_p99_us = vec![None; o.guests.len()];
+    o.guests.iter_mut().for_each(|g| g.slo_p99_us = None);
+    o.host.slo_p99_us[vm] = Some(t);
+    o.guests[vm].slo_p99_us = Some(t);
+    o.guests[vm].probe = Some(moderato_env::ProbeObs { p50_us: p99 / 2.0, p99_us: p99, samples });
+    o
+}
+
+#[test]
+fn the_trim_tells_the_model_a_tighter_target_over_its_setpoint_and_a_looser_one_under_it() {
+    use moderato_policies::learned::trim::{TrimGains, TrimmedPolicy};
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/default");
+    let load = || LearnedPolicy::load(&dir, &Device::flex()).unwrap();
+    let mut raw = load();
+    let [lo, hi] = raw.meta().slo_range_us.expect("the shipped model is trained for a range of targets");
+    let g = TrimGains::default();
+    let obs = varied_observations();
+    let (mut moved, mut checked) = (0usize, 0usize);
+    for o in obs.iter().step_by(7) {
+        let vm = o.guests.len() - 1;
+        let t = 200.0;
+        // One interval at twice the setpoint: the factor falls by `down` of the log error ...
+        let mut trim = TrimmedPolicy::new("trim", load(), g);
+        trim.act(&probed(o, vm, t, 2.0 * g.setpoint * t, 100));
+        let f = trim.factors()[vm];
+        assert!(
+            (f.ln() + g.down * 2f64.ln()).abs() < 1e-12,
+            "factor {f} after one interval at twice the setpoint"
+        );
+        // ... and at half the setpoint it rises by `up` of it: slow to loosen, quick to tighten.
+        let mut trim = TrimmedPolicy::new("trim", load(), g);
+        trim.act(&probed(o, vm, t, 0.5 * g.setpoint * t, 100));
+        assert!((trim.factors()[vm].ln() - g.up * 2f64.ln()).abs() < 1e-12);
+
+        // Held far over the target, the told target settles at its floor, and the trimmed policy
+        // decides exactly what the model decides when told that target.
+        let mut trim = TrimmedPolicy::new("trim", load(), g);
+        let over = probed(o, vm, t, 10.0 * t, 100);
+        for _ in 0..40 {
+            trim.act(&over);
+        }
+        let floor = (t / g.max_factor).max(lo);
+        assert!((t * trim.factors()[vm] - t / g.max_factor).abs() < 1e-9, "{:?}", trim.factors());
+        let got = path_knobs_of(&trim.act(&over), vm);
+        assert_eq!(got, path_knobs(&mut raw, &over, vm, floor), "over the target: the model told {floor} µs");
+        // Held far under it, at its ceiling.
+        let mut trim = TrimmedPolicy::new("trim", load(), g);
+        let under = probed(o, vm, t, 1.0, 100);
+        for _ in 0..200 {
+            trim.act(&under);
+        }
+        let ceiling = (t * g.max_factor).min(hi);
+        let got_under = path_knobs_of(&trim.act(&under), vm);
+        assert_eq!(
+            got_under,
+            path_knobs(&mut raw, &under, vm, ceiling),
+            "under the target: told {ceiling} µs"
+        );
+        // The trim changed what the model decides for the operator's own target.
+        checked += 2;
+        moved += usize::from(got != path_knobs(&mut raw, &over, vm, t));
+        moved += usize::from(got_under != path_knobs(&mut raw, &under, vm, t));
+
+        // A probe without samples holds the factor; reset forgets it.
+        let before = trim.factors()[vm];
+        trim.act(&probed(o, vm, t, 10.0 * t, 0));
+        assert_eq!(trim.factors()[vm], before);
+        trim.reset();
+        assert!(trim.factors().is_empty());
+    }
+    assert!(moved > 0, "the trim changed none of {checked} decisions");
+}
+
+#[test]
+fn the_trim_leaves_a_vm_without_a_target_as_the_model_decides_it() {
+    use moderato_policies::learned::trim::{TrimGains, TrimmedPolicy};
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/default");
+    let mut raw = LearnedPolicy::load(&dir, &Device::flex()).unwrap();
+    let mut trim =
+        TrimmedPolicy::new("trim", LearnedPolicy::load(&dir, &Device::flex()).unwrap(), TrimGains::default());
+    for o in varied_observations().iter().step_by(5) {
+        let mut o = o.clone();
+        for g in &mut o.guests {
+            g.slo_p99_us = None;
+            g.probe = Some(moderato_env::ProbeObs { p50_us: 5_000.0, p99_us: 10_000.0, samples: 50 });
+        }
+        o.host.slo_p99_us = vec![None; o.guests.len()];
+        for _ in 0..5 {
+            assert_eq!(trim.act(&o), raw.act(&o));
+        }
+        assert!(trim.factors().iter().all(|&f| f == 1.0), "{:?}", trim.factors());
+        trim.reset();
+        raw.reset();
+    }
+}
+
+/// [`path_knobs`]'s list, from settings already decided.
+fn path_knobs_of(s: &moderato_env::CoalescingSettings, vm: usize) -> Vec<(String, u32)> {
+    use moderato_env::{Direction, LayerId, Moderation};
+    let mut out = Vec::new();
+    for id in [LayerId::Nic, LayerId::Backend(vm), LayerId::Frontend(vm)] {
+        for dir in Direction::BOTH {
+            let Moderation::Fixed(k) = s.layer(id).get(dir) else {
+                panic!("a learned policy sets fixed knobs")
+            };
+            out.push((format!("{id:?} {dir:?} usecs"), k.usecs));
+            out.push((format!("{id:?} {dir:?} frames"), k.frames));
+        }
+        let n = s.layer(id).napi;
+        out.push((format!("{id:?} napi_defer_hard_irqs"), n.napi_defer_hard_irqs));
+        out.push((format!("{id:?} gro_flush_timeout_us"), (n.gro_flush_timeout_ns / 1000) as u32));
+    }
+    out
+}
+
+#[test]
+fn after_an_interval_over_its_setpoint_the_trim_loosens_only_once_the_window_has_passed() {
+    use moderato_policies::learned::trim::{TrimGains, TrimmedPolicy};
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/default");
+    let g = TrimGains::default();
+    let mut trim = TrimmedPolicy::new("trim", LearnedPolicy::load(&dir, &Device::flex()).unwrap(), g);
+    let o = &varied_observations()[0];
+    let t = 200.0;
+    // A burst: one interval at twice the setpoint.
+    trim.act(&probed(o, 0, t, 2.0 * g.setpoint * t, 100));
+    let after_burst = trim.factors()[0];
+    assert!(after_burst < 1.0);
+    // Lulls far under the setpoint: held while the burst is in the window ...
+    for i in 1..g.window {
+        trim.act(&probed(o, 0, t, 0.1 * t, 100));
+        assert_eq!(trim.factors()[0], after_burst, "loosened {i} intervals after the burst");
+    }
+    // ... and intervals without samples do not count towards it.
+    trim.act(&probed(o, 0, t, 0.1 * t, 0));
+    assert_eq!(trim.factors()[0], after_burst);
+    // The burst has left the window: the next lull loosens, by `up` of its own margin.
+    trim.act(&probed(o, 0, t, 0.1 * t, 100));
+    let f = trim.factors()[0];
+    assert!((f.ln() - after_burst.ln() - g.up * (g.setpoint / 0.1).ln()).abs() < 1e-12, "{f}");
 }

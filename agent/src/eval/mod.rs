@@ -147,7 +147,10 @@ impl EvalConfig {
             .iter()
             .zip(&suite.policies)
             .map(|(name, src)| match src {
-                PolicySource::Model { dir, .. } => abs(dir).to_string_lossy().into_owned(),
+                PolicySource::Model { dir, trim, .. } => {
+                    let d = abs(dir).to_string_lossy().into_owned();
+                    if *trim { format!("trim:{d}") } else { d }
+                }
                 _ if name.ends_with(".toml") && base.join(name).is_file() => {
                     abs(Path::new(name)).to_string_lossy().into_owned()
                 }

@@ -23,6 +23,7 @@
 
 pub mod features;
 pub mod net;
+pub mod trim;
 
 use std::path::{Path, PathBuf};
 
@@ -545,7 +546,7 @@ fn one_row(obs: &Observation, space: &ActionSpace, vms: usize) -> FeatureBatch {
 }
 
 /// VM `vm`'s p99 target in `obs`: the guest's own, else the host's list.
-fn target_in(obs: &Observation, vm: usize) -> Option<f64> {
+pub(crate) fn target_in(obs: &Observation, vm: usize) -> Option<f64> {
     obs.guests[vm].slo_p99_us.or(obs.host.slo_p99_us.get(vm).copied().flatten())
 }
 
