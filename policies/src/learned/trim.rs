@@ -69,11 +69,6 @@ impl TrimmedPolicy {
         TrimmedPolicy { name: name.into(), inner, gains, z: Vec::new(), recent: Vec::new() }
     }
 
-    /// The model underneath.
-    pub fn model(&self) -> &LearnedPolicy {
-        &self.inner
-    }
-
     /// Each VM's factor on its target now.
     pub fn factors(&self) -> Vec<f64> {
         self.z.iter().map(|z| z.exp()).collect()
