@@ -144,7 +144,8 @@ struct DeployCli {
     #[command(flatten)]
     config: ConfigArg,
     /// A frozen model directory or a baseline name (per-packet, dim, itr, static:PRESET, static:USECS/FRAMES,
-    /// napi:DEFER/TIMEOUT_US for NAPI deferral).
+    /// napi:DEFER/TIMEOUT_US for NAPI deferral); trim:MODEL_DIR runs the model under a feedback trim of
+    /// each VM's target (it reads the latency source's probe).
     #[arg(long)]
     policy: String,
     /// Which side of the host this process runs on.

@@ -142,9 +142,10 @@ pub fn resolve_fixed(
     match baselines::check_name(name, statics) {
         Ok(()) => Ok(PolicySource::Baseline { name: name.to_string(), statics: statics.clone() }),
         Err(e @ baselines::UnknownPolicy::Malformed { .. }) => Err(e.into()),
-        Err(e) => {
-            Err(anyhow!("{e}, a knob file (*.toml) or a frozen-model directory (none at {})", path.display()))
-        }
+        Err(e) => Err(anyhow!(
+            "{e}, a knob file (*.toml), a frozen-model directory or trim:<model directory> (none at {})",
+            path.display()
+        )),
     }
 }
 
