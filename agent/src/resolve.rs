@@ -69,6 +69,11 @@ impl PolicySource {
     }
 }
 
+/// `name` as a path: as it is when absolute, else below `base`.
+fn under(base: &Path, name: &str) -> PathBuf {
+    if Path::new(name).is_absolute() { PathBuf::from(name) } else { base.join(name) }
+}
+
 /// The model as it is, or under the trim of its targets.
 fn with_trim(p: LearnedPolicy, label: &str, trim: bool) -> Box<dyn Policy> {
     if trim { Box::new(TrimmedPolicy::new(label, p, TrimGains::default())) } else { Box::new(p) }
@@ -114,7 +119,7 @@ pub fn resolve_fixed(
         ));
     }
     if let Some(model) = name.strip_prefix("trim:") {
-        let path = if Path::new(model).is_absolute() { PathBuf::from(model) } else { base.join(model) };
+        let path = under(base, model);
         if !path.is_dir() {
             bail!(
                 "`{name}`: trim: takes a frozen-model directory (trim:models/default), and there is none at {}",
@@ -127,7 +132,7 @@ pub fn resolve_fixed(
             trim: true,
         });
     }
-    let path = if Path::new(name).is_absolute() { PathBuf::from(name) } else { base.join(name) };
+    let path = under(base, name);
     if !name.starts_with("static:") {
         if path.is_dir() {
             return Ok(PolicySource::Model { label: model_label(&path), dir: path, trim: false });

@@ -117,7 +117,7 @@ impl SloFeedbackPolicy {
     }
 
     fn step(&mut self, vm: usize, probe: Option<&ProbeObs>, target_us: f64) {
-        let Some(p) = probe.filter(|p| p.samples > 0 && p.p99_us.is_finite()) else {
+        let Some(p) = probe else {
             if !self.seen[vm] {
                 self.levels[vm] = TOP;
             }
@@ -138,6 +138,25 @@ impl SloFeedbackPolicy {
     }
 }
 
+/// VM `vm`'s probe in `obs` if it reported this interval: a guest's own where it has one
+/// (deployed in the guest, or simulated with guest probes), else the host's, which stands for
+/// every VM behind the NIC. Read by this controller and by the trim of a learned model.
+pub(crate) fn reported_probe(obs: &Observation, vm: usize) -> Option<&ProbeObs> {
+    obs.guests[vm]
+        .probe
+        .as_ref()
+        .or(obs.host.probe.as_ref())
+        .filter(|p| p.samples > 0 && p.p99_us.is_finite())
+}
+
+/// The features a probe-reading policy needs on each side.
+pub(crate) fn probe_requirements() -> Requirements {
+    Requirements {
+        host: vec!["host.probe_present".into(), "host.probe_p99_ln".into()],
+        guest: vec!["guest.probe_present".into(), "guest.probe_p99_ln".into()],
+    }
+}
+
 fn knobs(level: f64) -> Knobs {
     LADDER[(level.floor().max(0.0) as usize).min(LADDER.len() - 1)]
 }
@@ -154,9 +173,7 @@ impl Policy for SloFeedbackPolicy {
             self.seen = vec![false; vms];
         }
         for vm in 0..vms {
-            // A guest's own probe where it has one (deployed in the guest, or simulated with
-            // guest probes); else the host's, which stands for every VM behind the NIC.
-            let probe = obs.guests[vm].probe.as_ref().or(obs.host.probe.as_ref());
+            let probe = reported_probe(obs, vm);
             match self.target_of(obs, vm) {
                 Some(t) => self.step(vm, probe, t),
                 None => {
@@ -187,10 +204,7 @@ impl Policy for SloFeedbackPolicy {
     }
 
     fn requirements(&self) -> Requirements {
-        Requirements {
-            host: vec!["host.probe_present".into(), "host.probe_p99_ln".into()],
-            guest: vec!["guest.probe_present".into(), "guest.probe_p99_ln".into()],
-        }
+        probe_requirements()
     }
 }
 

@@ -27,6 +27,7 @@ use std::collections::VecDeque;
 use moderato_env::{CoalescingSettings, HostProfile, NapiParams, Observation};
 
 use super::LearnedPolicy;
+use crate::slo_feedback::{probe_requirements, reported_probe};
 use crate::{Policy, Requirements};
 
 /// The trim's gains (documented defaults: [`TrimGains::default`]).
@@ -88,15 +89,15 @@ impl TrimmedPolicy {
         let mut o = obs.clone();
         for v in 0..vms {
             let Some(t) = super::target_in(obs, v) else { continue };
-            let probe = obs.guests[v].probe.as_ref().or(obs.host.probe.as_ref());
-            if let Some(p) = probe.filter(|p| p.samples > 0 && p.p99_us.is_finite() && p.p99_us > 0.0) {
+            if let Some(p) = reported_probe(obs, v).filter(|p| p.p99_us > 0.0) {
+                let ratio = p.p99_us / t;
                 let recent = &mut self.recent[v];
                 if recent.len() >= g.window.max(1) {
                     recent.pop_front();
                 }
-                recent.push_back(p.p99_us / t);
+                recent.push_back(ratio);
                 let worst = recent.iter().copied().fold(0.0, f64::max);
-                let e = (g.setpoint / (p.p99_us / t)).ln();
+                let e = (g.setpoint / ratio).ln();
                 let step = if e < 0.0 { g.down * e } else { g.up * (g.setpoint / worst).ln().max(0.0) };
                 let z = &mut self.z[v];
                 *z = (*z + step).clamp(-zmax, zmax);
@@ -137,13 +138,11 @@ impl Policy for TrimmedPolicy {
     /// The model's, and the probes the loop reads (as `slo-feedback` does).
     fn requirements(&self) -> Requirements {
         let mut r = self.inner.requirements();
-        for (side, names) in [
-            (&mut r.host, ["host.probe_present", "host.probe_p99_ln"]),
-            (&mut r.guest, ["guest.probe_present", "guest.probe_p99_ln"]),
-        ] {
+        let probes = probe_requirements();
+        for (side, names) in [(&mut r.host, probes.host), (&mut r.guest, probes.guest)] {
             for n in names {
-                if !side.iter().any(|x| x == n) {
-                    side.push(n.to_string());
+                if !side.contains(&n) {
+                    side.push(n);
                 }
             }
         }
