@@ -26,8 +26,8 @@ const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("MODERATO_SO
     about = "Learned interrupt moderation for virtualized hosts",
     after_help = "A policy is named the same way everywhere: per-packet, static:<preset> (ixgbe, mlx5, \
                   moderate, heavy), static:<usecs>/<frames>, dim, itr, best-static (eval only), napi:<defer>/<timeout_us>, \
-                  slo-feedback, busy-poll:<us> (simulated only), irq-suspend:<busy_us>/<timeout_us>, or a frozen-model \
-                  directory. `moderato <command> --help` explains each command."
+                  slo-feedback, busy-poll:<us> (simulated only), irq-suspend:<busy_us>/<timeout_us>, a frozen-model \
+                  directory, or trim:<model directory> (the model under a feedback trim of its targets). `moderato <command> --help` explains each command."
 )]
 struct Cli {
     #[command(subcommand)]

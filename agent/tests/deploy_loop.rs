@@ -375,3 +375,70 @@ fn the_shipped_model_deploys_on_a_virtio_guest_with_a_loopback_probe() {
     assert_eq!(s.restored, 1);
     assert_eq!(rig.state(), ORIGINAL);
 }
+
+#[test]
+fn the_shipped_model_under_the_trim_deploys_on_a_virtio_guest_and_restores() {
+    // `trim:models/default` as `moderato deploy --policy trim:models/default` loads it: the
+    // model unchanged, each VM's told target trimmed by the guest's probe p99 (an echo responder
+    // on loopback answers it).
+    let echo = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let responder = {
+        let stop = stop.clone();
+        std::thread::spawn(move || moderato_env::live::serve_udp_echo(echo, &stop))
+    };
+    let probe = moderato_env::live::ProbeConfig {
+        period: Duration::from_millis(2),
+        ..moderato_env::live::ProbeConfig::new(echo)
+    };
+    let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/default");
+    let name = format!("trim:{}", model.display());
+    let primary = moderato_agent::resolve::deploy_policy(&name, 1, Some(200.0), &[]).unwrap();
+    let label = primary.name().to_string();
+    assert!(label.starts_with("trim:") && label.ends_with("models/default"), "{label}");
+
+    // Without a latency source the trim (like the model) has nothing to read: refused at start,
+    // naming the probe, before anything is set.
+    let mut bare = Rig::new();
+    for f in ["napi_defer_hard_irqs", "gro_flush_timeout"] {
+        std::fs::write(bare.link().join(f), "0\n").unwrap();
+    }
+    let e = DeployLoop::new(
+        bare.env.take().unwrap(),
+        moderato_agent::resolve::deploy_policy(&name, 1, Some(200.0), &[]).unwrap(),
+        Scripted::fixed("fb", CoalescingSettings::per_packet(1)),
+        limits(),
+        opts(Some(2)),
+        Metrics::new(false),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.starts_with(&format!("refusing the deployed policy `{label}`")), "{e}");
+    assert!(e.contains("no latency probe is configured"), "{e}");
+    assert!(bare.sets().is_empty(), "a refused deploy set {:?}", bare.sets());
+
+    // With the probe and a guest with the deferral files: it decides every interval itself (no
+    // fallback), within the limits, and the original is back at the end.
+    let mut rig = Rig::with_probe(Some(probe));
+    for f in ["napi_defer_hard_irqs", "gro_flush_timeout"] {
+        std::fs::write(rig.link().join(f), "0\n").unwrap();
+    }
+    let lp =
+        make(&mut rig, primary, Scripted::fixed("fb", CoalescingSettings::per_packet(1)), opts(Some(12)));
+    let (_tx, rx) = watch::channel(false);
+    let s = rt().block_on(lp.run(rx)).unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    responder.join().unwrap().unwrap();
+    assert_eq!((s.decisions, s.fallback_decisions), (12, 0));
+    let sets = rig.sets();
+    let (restore, decisions) = sets.split_last().unwrap();
+    assert!(!decisions.is_empty(), "the trimmed model set nothing");
+    for p in decisions {
+        for u in [p.rx_usecs, p.tx_usecs].into_iter().flatten() {
+            assert!(u <= 100, "{p:?} beyond the limits");
+        }
+    }
+    assert_eq!(ORIGINAL.updated(restore), ORIGINAL);
+    assert_eq!(s.restored, 1);
+    assert_eq!(rig.state(), ORIGINAL);
+}
