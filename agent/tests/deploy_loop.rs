@@ -287,19 +287,40 @@ fn an_interface_that_appears_after_start_is_restored_too() {
     assert_eq!(rig.state(), ORIGINAL);
 }
 
+/// An echo responder on loopback, answering the latency probe it configures.
+struct Echo {
+    probe: moderato_env::live::ProbeConfig,
+    flag: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    responder: std::thread::JoinHandle<std::io::Result<()>>,
+}
+
+impl Echo {
+    fn start() -> Echo {
+        let addr = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let responder = {
+            let flag = flag.clone();
+            std::thread::spawn(move || moderato_env::live::serve_udp_echo(addr, &flag))
+        };
+        let probe = moderato_env::live::ProbeConfig {
+            period: Duration::from_millis(2),
+            ..moderato_env::live::ProbeConfig::new(addr)
+        };
+        Echo { probe, flag, responder }
+    }
+
+    /// Stops the responder; it must have run without an error.
+    fn stop(self) {
+        self.flag.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.responder.join().unwrap().unwrap();
+    }
+}
+
 #[test]
 fn the_shipped_model_deploys_on_a_virtio_guest_with_a_loopback_probe() {
     // The model reads the guest's latency probe: an echo responder on loopback answers it.
-    let echo = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let responder = {
-        let stop = stop.clone();
-        std::thread::spawn(move || moderato_env::live::serve_udp_echo(echo, &stop))
-    };
-    let probe = moderato_env::live::ProbeConfig {
-        period: Duration::from_millis(2),
-        ..moderato_env::live::ProbeConfig::new(echo)
-    };
+    let echo = Echo::start();
+    let probe = echo.probe;
     let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/default");
     // Loaded as `moderato deploy --policy models/default` loads it.
     let load = || moderato_agent::resolve::deploy_policy(model.to_str().unwrap(), 1, None, &[]).unwrap();
@@ -344,8 +365,7 @@ fn the_shipped_model_deploys_on_a_virtio_guest_with_a_loopback_probe() {
         make(&mut rig, primary, Scripted::fixed("fb", CoalescingSettings::per_packet(1)), opts(Some(12)));
     let (_tx, rx) = watch::channel(false);
     let s = rt().block_on(lp.run(rx)).unwrap();
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    responder.join().unwrap().unwrap();
+    echo.stop();
     assert_eq!((s.decisions, s.fallback_decisions), (12, 0));
     // It moved the frontend's knobs, within the limits and their largest step.
     let sets = rig.sets();
@@ -381,16 +401,8 @@ fn the_shipped_model_under_the_trim_deploys_on_a_virtio_guest_and_restores() {
     // `trim:models/default` as `moderato deploy --policy trim:models/default` loads it: the
     // model unchanged, each VM's told target trimmed by the guest's probe p99 (an echo responder
     // on loopback answers it).
-    let echo = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let responder = {
-        let stop = stop.clone();
-        std::thread::spawn(move || moderato_env::live::serve_udp_echo(echo, &stop))
-    };
-    let probe = moderato_env::live::ProbeConfig {
-        period: Duration::from_millis(2),
-        ..moderato_env::live::ProbeConfig::new(echo)
-    };
+    let echo = Echo::start();
+    let probe = echo.probe;
     let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/default");
     let name = format!("trim:{}", model.display());
     let primary = moderato_agent::resolve::deploy_policy(&name, 1, Some(200.0), &[]).unwrap();
@@ -427,8 +439,7 @@ fn the_shipped_model_under_the_trim_deploys_on_a_virtio_guest_and_restores() {
         make(&mut rig, primary, Scripted::fixed("fb", CoalescingSettings::per_packet(1)), opts(Some(12)));
     let (_tx, rx) = watch::channel(false);
     let s = rt().block_on(lp.run(rx)).unwrap();
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    responder.join().unwrap().unwrap();
+    echo.stop();
     assert_eq!((s.decisions, s.fallback_decisions), (12, 0));
     let sets = rig.sets();
     let (restore, decisions) = sets.split_last().unwrap();
