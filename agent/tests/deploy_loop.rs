@@ -316,6 +316,23 @@ impl Echo {
     }
 }
 
+/// The rig as a guest of Linux 5.10 or later (with the NAPI deferral files), `probe` its latency
+/// source.
+fn deferral_guest(probe: Option<moderato_env::live::ProbeConfig>) -> Rig {
+    let rig = Rig::with_probe(probe);
+    for f in ["napi_defer_hard_irqs", "gro_flush_timeout"] {
+        std::fs::write(rig.link().join(f), "0\n").unwrap();
+    }
+    rig
+}
+
+/// `primary` deployed for 12 intervals on `rig` (per-packet as the fallback); the loop's summary.
+fn run_12(rig: &mut Rig, primary: Box<dyn moderato_policies::Policy>) -> deploy::Summary {
+    let lp = make(rig, primary, Scripted::fixed("fb", CoalescingSettings::per_packet(1)), opts(Some(12)));
+    let (_tx, rx) = watch::channel(false);
+    rt().block_on(lp.run(rx)).unwrap()
+}
+
 #[test]
 fn the_shipped_model_deploys_on_a_virtio_guest_with_a_loopback_probe() {
     // The model reads the guest's latency probe: an echo responder on loopback answers it.
@@ -355,16 +372,10 @@ fn the_shipped_model_deploys_on_a_virtio_guest_with_a_loopback_probe() {
     assert_eq!(s.decisions, 2);
 
     // A guest of Linux 5.10 or later, with the deferral files: the profile's mechanisms.
-    let mut rig = Rig::with_probe(Some(probe));
-    for f in ["napi_defer_hard_irqs", "gro_flush_timeout"] {
-        std::fs::write(rig.link().join(f), "0\n").unwrap();
-    }
+    let mut rig = deferral_guest(Some(probe));
     let primary = load();
     assert_eq!(primary.name(), "model:default");
-    let lp =
-        make(&mut rig, primary, Scripted::fixed("fb", CoalescingSettings::per_packet(1)), opts(Some(12)));
-    let (_tx, rx) = watch::channel(false);
-    let s = rt().block_on(lp.run(rx)).unwrap();
+    let s = run_12(&mut rig, primary);
     echo.stop();
     assert_eq!((s.decisions, s.fallback_decisions), (12, 0));
     // It moved the frontend's knobs, within the limits and their largest step.
@@ -411,10 +422,7 @@ fn the_shipped_model_under_the_trim_deploys_on_a_virtio_guest_and_restores() {
 
     // Without a latency source the trim (like the model) has nothing to read: refused at start,
     // naming the probe, before anything is set.
-    let mut bare = Rig::new();
-    for f in ["napi_defer_hard_irqs", "gro_flush_timeout"] {
-        std::fs::write(bare.link().join(f), "0\n").unwrap();
-    }
+    let mut bare = deferral_guest(None);
     let e = DeployLoop::new(
         bare.env.take().unwrap(),
         moderato_agent::resolve::deploy_policy(&name, 1, Some(200.0), &[]).unwrap(),
@@ -431,14 +439,8 @@ fn the_shipped_model_under_the_trim_deploys_on_a_virtio_guest_and_restores() {
 
     // With the probe and a guest with the deferral files: it decides every interval itself (no
     // fallback), within the limits, and the original is back at the end.
-    let mut rig = Rig::with_probe(Some(probe));
-    for f in ["napi_defer_hard_irqs", "gro_flush_timeout"] {
-        std::fs::write(rig.link().join(f), "0\n").unwrap();
-    }
-    let lp =
-        make(&mut rig, primary, Scripted::fixed("fb", CoalescingSettings::per_packet(1)), opts(Some(12)));
-    let (_tx, rx) = watch::channel(false);
-    let s = rt().block_on(lp.run(rx)).unwrap();
+    let mut rig = deferral_guest(Some(probe));
+    let s = run_12(&mut rig, primary);
     echo.stop();
     assert_eq!((s.decisions, s.fallback_decisions), (12, 0));
     let sets = rig.sets();
