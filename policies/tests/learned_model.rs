@@ -447,7 +447,8 @@ fn the_trim_tells_the_model_a_tighter_target_over_its_setpoint_and_a_looser_one_
     let load = || LearnedPolicy::load(&dir, &Device::flex()).unwrap();
     let mut raw = load();
     let [lo, hi] = raw.meta().slo_range_us.expect("the shipped model is trained for a range of targets");
-    let g = TrimGains::default();
+    // The loop on the told target alone (its throughput floor is tested below).
+    let g = TrimGains { throughput_floor: false, ..TrimGains::default() };
     let obs = varied_observations();
     let (mut moved, mut checked) = (0usize, 0usize);
     for o in obs.iter().step_by(7) {
@@ -506,19 +507,14 @@ fn the_trim_tells_the_model_a_tighter_target_over_its_setpoint_and_a_looser_one_
 }
 
 #[test]
-fn the_trim_leaves_a_vm_without_a_target_as_the_model_decides_it() {
+fn without_its_throughput_floor_the_trim_leaves_a_vm_without_a_target_as_the_model_decides_it() {
     use moderato_policies::learned::trim::{TrimGains, TrimmedPolicy};
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/default");
     let mut raw = LearnedPolicy::load(&dir, &Device::flex()).unwrap();
-    let mut trim =
-        TrimmedPolicy::new("trim", LearnedPolicy::load(&dir, &Device::flex()).unwrap(), TrimGains::default());
+    let g = TrimGains { throughput_floor: false, ..TrimGains::default() };
+    let mut trim = TrimmedPolicy::new("trim", LearnedPolicy::load(&dir, &Device::flex()).unwrap(), g);
     for o in varied_observations().iter().step_by(5) {
-        let mut o = o.clone();
-        for g in &mut o.guests {
-            g.slo_p99_us = None;
-            g.probe = Some(moderato_env::ProbeObs { p50_us: 5_000.0, p99_us: 10_000.0, samples: 50 });
-        }
-        o.host.slo_p99_us = vec![None; o.guests.len()];
+        let o = without_targets(o);
         for _ in 0..5 {
             assert_eq!(trim.act(&o), raw.act(&o));
         }
@@ -526,6 +522,139 @@ fn the_trim_leaves_a_vm_without_a_target_as_the_model_decides_it() {
         trim.reset();
         raw.reset();
     }
+}
+
+/// `o` with no VM holding a latency objective, each probe far over any target, and no drops.
+fn without_targets(o: &moderato_env::Observation) -> moderato_env::Observation {
+    let mut o = o.clone();
+    o.host.nic.drops_per_s = 0.0;
+    o.host.backends.iter_mut().for_each(|b| b.drops_per_s = 0.0);
+    o.guests.iter_mut().for_each(|g| g.frontend.drops_per_s = 0.0);
+    for g in &mut o.guests {
+        g.slo_p99_us = None;
+        g.probe = Some(moderato_env::ProbeObs { p50_us: 5_000.0, p99_us: 10_000.0, samples: 50 });
+    }
+    o.host.slo_p99_us = vec![None; o.guests.len()];
+    o
+}
+
+/// Whether every ethtool knob of `a` coalesces at least as much as `floor` (frames 0: no count
+/// trigger, the heaviest).
+fn at_least(a: moderato_env::Knobs, floor: moderato_env::Knobs) -> bool {
+    a.usecs >= floor.usecs && (a.frames == 0 || (floor.frames != 0 && a.frames >= floor.frames))
+}
+
+fn fixed(
+    s: &moderato_env::CoalescingSettings,
+    id: moderato_env::LayerId,
+    dir: moderato_env::Direction,
+) -> moderato_env::Knobs {
+    match s.layer(id).get(dir) {
+        moderato_env::Moderation::Fixed(k) => k,
+        m => panic!("a learned policy sets fixed knobs, not {m:?}"),
+    }
+}
+
+#[test]
+fn the_trim_floors_a_vm_without_a_target_at_the_heaviest_knobs_and_backs_off_on_its_drops() {
+    use moderato_env::{Direction, LayerId};
+    use moderato_policies::learned::trim::{TrimGains, TrimmedPolicy};
+    use moderato_policies::slo_feedback::LADDER;
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/default");
+    let mut raw = LearnedPolicy::load(&dir, &Device::flex()).unwrap();
+    let g = TrimGains::default();
+    let mut trim = TrimmedPolicy::new("trim", LearnedPolicy::load(&dir, &Device::flex()).unwrap(), g);
+    let top = LADDER[LADDER.len() - 1];
+    let (mut raised, mut checked) = (0usize, 0usize);
+    for o in varied_observations().iter().step_by(5) {
+        let o = without_targets(o);
+        let vms = o.guests.len();
+        let (s, model) = (trim.act(&o), raw.act(&o));
+        // No VM has an objective: every layer, the NIC included, is at least the ladder's top, and
+        // a knob the model set heavier stays the model's.
+        for id in moderato_env::LayerId::all(vms) {
+            for d in Direction::BOTH {
+                let (k, m) = (fixed(&s, id, d), fixed(&model, id, d));
+                assert!(at_least(k, top) && at_least(k, m), "{id:?} {d:?}: {k} (model {m}, floor {top})");
+                checked += 1;
+                raised += usize::from(k != m);
+            }
+            assert_eq!(s.layer(id).napi, model.layer(id).napi, "the floor leaves deferral to the model");
+        }
+        assert!(trim.factors().iter().all(|&f| f == 1.0), "no target, no trim of it: {:?}", trim.factors());
+        // Drops on VM 0's backend: its floor falls by `floor_down` an interval, the others' hold
+        // at the top; intervals without drops climb back by `floor_up`.
+        let mut dropping = o.clone();
+        dropping.host.backends[0].drops_per_s = 1_000.0;
+        trim.act(&dropping);
+        let (levels, nic) = trim.floor_levels();
+        let top_level = (LADDER.len() - 1) as f64;
+        assert_eq!(levels[0], top_level - g.floor_down);
+        assert!(levels[1..].iter().all(|&l| l == top_level), "{levels:?}");
+        assert_eq!(nic, top_level, "the NIC's floor answers to the NIC's drops");
+        for _ in 0..3 {
+            trim.act(&dropping);
+        }
+        assert_eq!(trim.floor_levels().0[0], 0.0, "the floor bottoms out at per-packet");
+        let s = trim.act(&o);
+        assert_eq!(trim.floor_levels().0[0], g.floor_up);
+        let model = raw.act(&o);
+        for id in [LayerId::Backend(0), LayerId::Frontend(0)] {
+            assert_eq!(s.layer(id), model.layer(id), "a floor at level 0 leaves the model's knobs");
+        }
+        trim.reset();
+        assert!(trim.floor_levels().0.is_empty());
+        raw.reset();
+    }
+    assert!(raised > 0, "the floor raised none of {checked} knobs");
+}
+
+#[test]
+fn the_trim_raises_a_vm_floor_while_its_p99_is_far_under_its_target_and_drops_it_over_the_setpoint() {
+    use moderato_env::{Direction, LayerId};
+    use moderato_policies::learned::trim::{TrimGains, TrimmedPolicy};
+    use moderato_policies::slo_feedback::LADDER;
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/default");
+    let g = TrimGains::default();
+    let mut trim = TrimmedPolicy::new("trim", LearnedPolicy::load(&dir, &Device::flex()).unwrap(), g);
+    let o = &varied_observations()[0];
+    let t = 200.0; // four times it is inside the trained range: the factor is what runs out
+    // Far under the target (under `floor_headroom` × it): the trim first loosens the target it
+    // tells the model; the floor stays at per-packet until that is exhausted ...
+    let under = probed(o, 0, t, 0.1 * t, 100);
+    trim.act(&under);
+    let mut intervals = 1;
+    while trim.factors()[0] < g.max_factor - 1e-9 {
+        assert_eq!(trim.floor_levels().0[0], 0.0, "the floor climbed before the told target was loosest");
+        trim.act(&under);
+        intervals += 1;
+        assert!(intervals < 100, "the factor never reached its maximum: {:?}", trim.factors());
+    }
+    // ... then climbs `floor_up` each interval.
+    let before = trim.floor_levels().0[0];
+    let mut s = trim.act(&under);
+    assert_eq!(trim.floor_levels().0[0], before + g.floor_up);
+    for _ in 0..40 {
+        s = trim.act(&under);
+    }
+    let top = (LADDER.len() - 1) as f64;
+    assert_eq!(trim.floor_levels().0[0], top);
+    // VM 0 is the only VM with a target: the NIC follows its floor, and its path is at the top.
+    assert_eq!(trim.floor_levels().1, top);
+    for id in [LayerId::Nic, LayerId::Backend(0), LayerId::Frontend(0)] {
+        for d in Direction::BOTH {
+            let k = fixed(&s, id, d);
+            assert!(at_least(k, LADDER[LADDER.len() - 1]), "{id:?} {d:?}: {k}");
+        }
+    }
+    // Between the headroom and the setpoint: it holds; over the setpoint: it falls `floor_down`.
+    trim.act(&probed(o, 0, t, 0.7 * t, 100));
+    assert_eq!(trim.floor_levels().0[0], top);
+    trim.act(&probed(o, 0, t, 0.9 * t, 100));
+    assert_eq!(trim.floor_levels().0[0], top - g.floor_down);
+    // A probe without samples holds it.
+    trim.act(&probed(o, 0, t, 0.9 * t, 0));
+    assert_eq!(trim.floor_levels().0[0], top - g.floor_down);
 }
 
 /// [`path_knobs`]'s list, from settings already decided.
@@ -571,4 +700,107 @@ fn after_an_interval_over_its_setpoint_the_trim_loosens_only_once_the_window_has
     trim.act(&probed(o, 0, t, 0.1 * t, 100));
     let f = trim.factors()[0];
     assert!((f.ln() - after_burst.ln() - g.up * (g.setpoint / 0.1).ln()).abs() < 1e-12, "{f}");
+}
+
+/// `o` with VM 0 held to `t` µs (its probe without samples: the trim holds its factor), the other
+/// VMs without objectives, and no drops.
+fn one_target_no_samples(o: &moderato_env::Observation, t: f64) -> moderato_env::Observation {
+    let mut o = without_targets(o);
+    o.host.slo_p99_us[0] = Some(t);
+    o.guests[0].slo_p99_us = Some(t);
+    o.guests
+        .iter_mut()
+        .for_each(|g| g.probe = Some(moderato_env::ProbeObs { p50_us: 0.0, p99_us: 0.0, samples: 0 }));
+    o
+}
+
+/// `o` reporting the knobs of `s` as the ones in force, where it reports knobs at all.
+fn in_force(
+    o: &moderato_env::Observation,
+    s: &moderato_env::CoalescingSettings,
+) -> moderato_env::Observation {
+    use moderato_env::{Direction, InterfaceObs, LayerSettings, Moderation};
+    let mut o = o.clone();
+    let set = |i: &mut InterfaceObs, l: &LayerSettings| {
+        for (seen, d) in [(&mut i.rx_knobs, Direction::Rx), (&mut i.tx_knobs, Direction::Tx)] {
+            if let (Some(k), Moderation::Fixed(m)) = (seen.as_mut(), l.get(d)) {
+                *k = m;
+            }
+        }
+    };
+    set(&mut o.host.nic, &s.nic);
+    for (v, vm) in s.vms.iter().enumerate() {
+        set(&mut o.host.backends[v], &vm.backend);
+        set(&mut o.guests[v].frontend, &vm.frontend);
+    }
+    o
+}
+
+#[test]
+fn the_trim_shows_the_model_its_own_knobs_where_a_floor_raised_them() {
+    use moderato_env::LayerId;
+    use moderato_policies::learned::trim::{TrimGains, TrimmedPolicy};
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/default");
+    let load = || LearnedPolicy::load(&dir, &Device::flex()).unwrap();
+    let (mut checked, mut differs) = (0usize, 0usize);
+    for o in varied_observations().iter().filter(|o| o.guests.len() >= 2) {
+        let o = one_target_no_samples(o, 200.0);
+        let (mut trim, mut raw, mut blind) =
+            (TrimmedPolicy::new("trim", load(), TrimGains::default()), load(), load());
+        let s1 = trim.act(&o);
+        let m1 = raw.act(&o);
+        blind.act(&o);
+        assert_ne!(s1, m1, "the neighbours without objectives are floored");
+        // The host now reports the floored knobs; the model is shown its own instead.
+        let o2 = in_force(&o, &s1);
+        let s2 = trim.act(&o2);
+        let m2 = raw.act(&in_force(&o, &m1));
+        let b2 = blind.act(&o2);
+        for id in [LayerId::Nic, LayerId::Backend(0), LayerId::Frontend(0)] {
+            assert_eq!(
+                s2.layer(id),
+                m2.layer(id),
+                "{id:?}: VM 0's path is the model's decision on its own knobs"
+            );
+            differs += usize::from(b2.layer(id) != m2.layer(id));
+            checked += 1;
+        }
+    }
+    assert!(checked > 0, "no observation with two VMs");
+    assert!(
+        differs > 0,
+        "shown the floored knobs the model decided the same on all {checked} layers: the test proves nothing"
+    );
+}
+
+#[test]
+fn a_strained_vm_with_a_target_caps_the_throughput_floors_which_creep_back_slowly() {
+    use moderato_policies::learned::trim::{TrimGains, TrimmedPolicy};
+    use moderato_policies::slo_feedback::LADDER;
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/default");
+    let g = TrimGains::default();
+    let o = varied_observations().into_iter().find(|o| o.guests.len() >= 2).expect("a host with two VMs");
+    let o = without_targets(&o);
+    let t = 200.0;
+    let mut trim = TrimmedPolicy::new("trim", LearnedPolicy::load(&dir, &Device::flex()).unwrap(), g);
+    let top = (LADDER.len() - 1) as f64;
+    // VM 0 far under its target: its told target loosens; the neighbours' floors stay at the top.
+    for _ in 0..30 {
+        trim.act(&probed(&o, 0, t, 0.1 * t, 100));
+    }
+    assert!(trim.factors()[0] > 1.0);
+    assert!(trim.floor_levels().0[1..].iter().all(|&l| l == top));
+    // One interval over the setpoint (the factor stays above 1): the neighbours yield `floor_down`.
+    trim.act(&probed(&o, 0, t, 0.9 * t, 100));
+    assert!(trim.factors()[0] > 1.0, "{:?}", trim.factors());
+    assert!(trim.floor_levels().0[1..].iter().all(|&l| l == top - g.floor_down), "{:?}", trim.floor_levels());
+    // Calm again: they climb only as far as the cap, which creeps up `ceiling_up` an interval.
+    let calm = probed(&o, 0, t, 0.7 * t, 100);
+    for _ in 0..20 {
+        trim.act(&calm);
+    }
+    let cap = top - g.floor_down + 20.0 * g.ceiling_up;
+    for &l in &trim.floor_levels().0[1..] {
+        assert!((l - cap).abs() < 1e-9, "floor {l}, cap {cap}");
+    }
 }
