@@ -27,7 +27,7 @@ const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("MODERATO_SO
     after_help = "A policy is named the same way everywhere: per-packet, static:<preset> (ixgbe, mlx5, \
                   moderate, heavy), static:<usecs>/<frames>, dim, itr, best-static (eval only), napi:<defer>/<timeout_us>, \
                   slo-feedback, busy-poll:<us> (simulated only), irq-suspend:<busy_us>/<timeout_us>, a frozen-model \
-                  directory, or trim:<model directory> (the model under a feedback trim of its targets). `moderato <command> --help` explains each command."
+                  directory, trim:<model directory> (the model under a feedback trim of its targets and floors under its knobs) or trim-targets:<model directory> (the trim of targets alone). `moderato <command> --help` explains each command."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -145,7 +145,8 @@ struct DeployCli {
     config: ConfigArg,
     /// A frozen model directory or a baseline name (per-packet, dim, itr, static:PRESET, static:USECS/FRAMES,
     /// napi:DEFER/TIMEOUT_US for NAPI deferral); trim:MODEL_DIR runs the model under a feedback trim of
-    /// each VM's target (it reads the latency source's probe).
+    /// each VM's target and floors under its knobs (it reads the latency source's probe and the drop
+    /// counters); trim-targets:MODEL_DIR without the floors.
     #[arg(long)]
     policy: String,
     /// Which side of the host this process runs on.

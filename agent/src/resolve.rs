@@ -23,9 +23,29 @@ pub enum PolicySource {
     Baseline { name: String, statics: BTreeMap<String, StaticSpec> },
     /// The hindsight oracle, searched per scenario and seed.
     BestStatic,
-    /// A frozen model directory; with `trim`, under the feedback trim of its targets
-    /// (`trim:<dir>`, [`moderato_policies::learned::trim`]).
-    Model { dir: PathBuf, label: String, trim: bool },
+    /// A frozen model directory, as it is or under the trim ([`Trim`]).
+    Model { dir: PathBuf, label: String, trim: Trim },
+}
+
+/// How a model runs: as it is, or under the feedback trim of its targets
+/// ([`moderato_policies::learned::trim`]), with its floors (`trim:<dir>`) or without them
+/// (`trim-targets:<dir>`, the trim before its floors).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trim {
+    Off,
+    Targets,
+    Full,
+}
+
+impl Trim {
+    /// The policy-name prefix of this trim (`""` for none).
+    pub fn prefix(self) -> &'static str {
+        match self {
+            Trim::Off => "",
+            Trim::Targets => "trim-targets:",
+            Trim::Full => "trim:",
+        }
+    }
 }
 
 impl PolicySource {
@@ -74,9 +94,16 @@ fn under(base: &Path, name: &str) -> PathBuf {
     if Path::new(name).is_absolute() { PathBuf::from(name) } else { base.join(name) }
 }
 
-/// The model as it is, or under the trim of its targets.
-fn with_trim(p: LearnedPolicy, label: &str, trim: bool) -> Box<dyn Policy> {
-    if trim { Box::new(TrimmedPolicy::new(label, p, TrimGains::default())) } else { Box::new(p) }
+/// The model as it is, or under the trim of its targets (with or without its floors).
+fn with_trim(p: LearnedPolicy, label: &str, trim: Trim) -> Box<dyn Policy> {
+    let gains = TrimGains::default();
+    match trim {
+        Trim::Off => Box::new(p),
+        Trim::Targets => {
+            Box::new(TrimmedPolicy::new(label, p, TrimGains { throughput_floor: false, ..gains }))
+        }
+        Trim::Full => Box::new(TrimmedPolicy::new(label, p, gains)),
+    }
 }
 
 /// A model's name in reports: its directory relative to the working directory when it lies
@@ -118,24 +145,27 @@ pub fn resolve_fixed(
              a baseline or a model"
         ));
     }
-    if let Some(model) = name.strip_prefix("trim:") {
+    for trim in [Trim::Full, Trim::Targets] {
+        let Some(model) = name.strip_prefix(trim.prefix()) else { continue };
         let path = under(base, model);
         if !path.is_dir() {
             bail!(
-                "`{name}`: trim: takes a frozen-model directory (trim:models/default), and there is none at {}",
+                "`{name}`: {} takes a frozen-model directory ({}models/default), and there is none at {}",
+                trim.prefix(),
+                trim.prefix(),
                 path.display()
             );
         }
         return Ok(PolicySource::Model {
-            label: format!("trim:{}", model_label(&path)),
+            label: format!("{}{}", trim.prefix(), model_label(&path)),
             dir: path,
-            trim: true,
+            trim,
         });
     }
     let path = under(base, name);
     if !name.starts_with("static:") {
         if path.is_dir() {
-            return Ok(PolicySource::Model { label: model_label(&path), dir: path, trim: false });
+            return Ok(PolicySource::Model { label: model_label(&path), dir: path, trim: Trim::Off });
         }
         if path.is_file() && name.ends_with(".toml") {
             return knob_file(name, &path, statics);

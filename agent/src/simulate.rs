@@ -13,8 +13,9 @@ use crate::resolve::{controller_factory, resolve_fixed};
 #[command(after_help = "POLICY is a baseline (per-packet, static:mlx5, static:16/32, dim, itr, ...), \
 per-layer knobs (nic=20/32,backend=0/1,frontend=8/16; nic.rx=U/F sets one direction; a layer not \
 named stays per-packet), a knob file (*.toml: nic, backend, frontend, each { rx = { usecs, frames }, \
-tx = { usecs, frames } }), a frozen-model directory, or trim:<model directory> (the model under a \
-feedback trim of each VM's target). Knobs beyond the action space's bounds \
+tx = { usecs, frames } }), a frozen-model directory, trim:<model directory> (the model under a \
+feedback trim of each VM's target and floors under its knobs) or trim-targets:<model directory> (the trim of \
+targets alone). Knobs beyond the action space's bounds \
 (usecs 1000; frames 256 at the NIC, 128 elsewhere) are refused. \
 The episode starts with one reset interval under per-packet settings (the virtio default) that is \
 never counted; --warmup N excludes N more intervals under the policy from the summary.")]

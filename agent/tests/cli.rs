@@ -134,3 +134,25 @@ fn a_model_under_the_trim_is_named_trim_and_a_missing_model_is_refused_naming_it
     let err = fails(&["simulate", RR, "--policy", "trim:models/nowhere", "--steps", "5"]);
     assert!(err.contains("trim:models/nowhere") && err.contains("frozen-model directory"), "{err}");
 }
+
+#[test]
+fn trim_targets_is_the_trim_without_its_floors() {
+    // A pre-NAPI host's throughput-only stream: the floors coalesce it heavily, the trim of
+    // targets alone leaves it to the model (which holds its p99 near 60 µs).
+    let ramp = "experiments/scenarios/validation/ramp-25g-no-napi.toml";
+    let cpu = |policy: &str| -> f64 {
+        let out = ok(&["simulate", ramp, "--policy", policy, "--steps", "30", "--quiet"]);
+        assert!(out.contains(&format!("under {policy}")), "{out}");
+        let line = out.lines().find(|l| l.trim_start().starts_with("CPU µs/packet")).expect("a CPU line");
+        line.split_whitespace().nth(2).and_then(|x| x.parse().ok()).unwrap_or_else(|| panic!("{line}"))
+    };
+    let (full, targets, bare) =
+        (cpu("trim:models/default"), cpu("trim-targets:models/default"), cpu("models/default"));
+    assert!(full < 0.8 * targets, "with floors {full} µs/pkt, without {targets}");
+    assert!(
+        (targets - bare).abs() < 1e-9,
+        "no target to trim: the trim of targets is the model ({targets} vs {bare})"
+    );
+    let err = fails(&["simulate", RR, "--policy", "trim-targets:models/nowhere", "--steps", "5"]);
+    assert!(err.contains("trim-targets:models/nowhere") && err.contains("frozen-model directory"), "{err}");
+}

@@ -149,7 +149,7 @@ impl EvalConfig {
             .map(|(name, src)| match src {
                 PolicySource::Model { dir, trim, .. } => {
                     let d = abs(dir).to_string_lossy().into_owned();
-                    if *trim { format!("trim:{d}") } else { d }
+                    format!("{}{d}", trim.prefix())
                 }
                 _ if name.ends_with(".toml") && base.join(name).is_file() => {
                     abs(Path::new(name)).to_string_lossy().into_owned()
