@@ -297,8 +297,7 @@ fn models_without_a_semantics_hash_load_and_can_be_resealed() {
 
 #[test]
 fn the_shipped_default_model_is_sealed_and_loads() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/default");
-    let p = LearnedPolicy::load(&dir, &Device::flex()).unwrap();
+    let p = shipped();
     let m = p.meta();
     assert_eq!(m.provenance.semantics_sha256.as_deref(), Some(semantics_sha256(m).as_str()));
     assert_eq!(
@@ -388,8 +387,7 @@ fn path_knobs(
 
 #[test]
 fn the_shipped_model_never_coalesces_more_on_a_vms_path_for_a_tighter_target() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/default");
-    let mut p = LearnedPolicy::load(&dir, &Device::flex()).unwrap();
+    let mut p = shipped();
     let [lo, hi] = p.meta().slo_range_us.expect("the shipped model is trained for a range of targets");
     // Log-spaced targets across the trained range, loosest first.
     let grid: Vec<f64> = (0..=12).rev().map(|i| lo * (hi / lo).powf(f64::from(i) / 12.0)).collect();
@@ -443,8 +441,7 @@ fn probed(
 #[test]
 fn the_trim_tells_the_model_a_tighter_target_over_its_setpoint_and_a_looser_one_under_it() {
     use moderato_policies::learned::trim::{TrimGains, TrimmedPolicy};
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/default");
-    let load = || LearnedPolicy::load(&dir, &Device::flex()).unwrap();
+    let load = shipped;
     let mut raw = load();
     let [lo, hi] = raw.meta().slo_range_us.expect("the shipped model is trained for a range of targets");
     // The loop on the told target alone (its throughput floor is tested below).
@@ -508,11 +505,10 @@ fn the_trim_tells_the_model_a_tighter_target_over_its_setpoint_and_a_looser_one_
 
 #[test]
 fn without_its_throughput_floor_the_trim_leaves_a_vm_without_a_target_as_the_model_decides_it() {
-    use moderato_policies::learned::trim::{TrimGains, TrimmedPolicy};
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/default");
-    let mut raw = LearnedPolicy::load(&dir, &Device::flex()).unwrap();
+    use moderato_policies::learned::trim::TrimGains;
+    let mut raw = shipped();
     let g = TrimGains { throughput_floor: false, ..TrimGains::default() };
-    let mut trim = TrimmedPolicy::new("trim", LearnedPolicy::load(&dir, &Device::flex()).unwrap(), g);
+    let mut trim = trimmed(g);
     for o in varied_observations().iter().step_by(5) {
         let o = without_targets(o);
         for _ in 0..5 {
@@ -558,12 +554,11 @@ fn fixed(
 #[test]
 fn the_trim_floors_a_vm_without_a_target_at_the_heaviest_knobs_and_backs_off_on_its_drops() {
     use moderato_env::{Direction, LayerId};
-    use moderato_policies::learned::trim::{TrimGains, TrimmedPolicy};
+    use moderato_policies::learned::trim::TrimGains;
     use moderato_policies::slo_feedback::LADDER;
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/default");
-    let mut raw = LearnedPolicy::load(&dir, &Device::flex()).unwrap();
+    let mut raw = shipped();
     let g = TrimGains::default();
-    let mut trim = TrimmedPolicy::new("trim", LearnedPolicy::load(&dir, &Device::flex()).unwrap(), g);
+    let mut trim = trimmed(g);
     let top = LADDER[LADDER.len() - 1];
     let (mut raised, mut checked) = (0usize, 0usize);
     for o in varied_observations().iter().step_by(5) {
@@ -612,11 +607,10 @@ fn the_trim_floors_a_vm_without_a_target_at_the_heaviest_knobs_and_backs_off_on_
 #[test]
 fn the_trim_raises_a_vm_floor_while_its_p99_is_far_under_its_target_and_drops_it_over_the_setpoint() {
     use moderato_env::{Direction, LayerId};
-    use moderato_policies::learned::trim::{TrimGains, TrimmedPolicy};
+    use moderato_policies::learned::trim::TrimGains;
     use moderato_policies::slo_feedback::LADDER;
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/default");
     let g = TrimGains::default();
-    let mut trim = TrimmedPolicy::new("trim", LearnedPolicy::load(&dir, &Device::flex()).unwrap(), g);
+    let mut trim = trimmed(g);
     let o = &varied_observations()[0];
     let t = 200.0; // four times it is inside the trained range: the factor is what runs out
     // Far under the target (under `floor_headroom` × it): the trim first loosens the target it
@@ -657,6 +651,19 @@ fn the_trim_raises_a_vm_floor_while_its_p99_is_far_under_its_target_and_drops_it
     assert_eq!(trim.floor_levels().0[0], top - g.floor_down);
 }
 
+/// The shipped model, loaded for the flex backend.
+fn shipped() -> LearnedPolicy {
+    LearnedPolicy::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/default"), &Device::flex())
+        .unwrap()
+}
+
+/// The shipped model under the trim with gains `g`.
+fn trimmed(
+    g: moderato_policies::learned::trim::TrimGains,
+) -> moderato_policies::learned::trim::TrimmedPolicy {
+    moderato_policies::learned::trim::TrimmedPolicy::new("trim", shipped(), g)
+}
+
 /// [`path_knobs`]'s list, from settings already decided.
 fn path_knobs_of(s: &moderato_env::CoalescingSettings, vm: usize) -> Vec<(String, u32)> {
     use moderato_env::{Direction, LayerId, Moderation};
@@ -678,10 +685,9 @@ fn path_knobs_of(s: &moderato_env::CoalescingSettings, vm: usize) -> Vec<(String
 
 #[test]
 fn after_an_interval_over_its_setpoint_the_trim_loosens_only_once_the_window_has_passed() {
-    use moderato_policies::learned::trim::{TrimGains, TrimmedPolicy};
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/default");
+    use moderato_policies::learned::trim::TrimGains;
     let g = TrimGains::default();
-    let mut trim = TrimmedPolicy::new("trim", LearnedPolicy::load(&dir, &Device::flex()).unwrap(), g);
+    let mut trim = trimmed(g);
     let o = &varied_observations()[0];
     let t = 200.0;
     // A burst: one interval at twice the setpoint.
@@ -740,8 +746,7 @@ fn in_force(
 fn the_trim_shows_the_model_its_own_knobs_where_a_floor_raised_them() {
     use moderato_env::LayerId;
     use moderato_policies::learned::trim::{TrimGains, TrimmedPolicy};
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/default");
-    let load = || LearnedPolicy::load(&dir, &Device::flex()).unwrap();
+    let load = shipped;
     let (mut checked, mut differs) = (0usize, 0usize);
     for o in varied_observations().iter().filter(|o| o.guests.len() >= 2) {
         let o = one_target_no_samples(o, 200.0);
@@ -775,14 +780,13 @@ fn the_trim_shows_the_model_its_own_knobs_where_a_floor_raised_them() {
 
 #[test]
 fn a_strained_vm_with_a_target_caps_the_throughput_floors_which_creep_back_slowly() {
-    use moderato_policies::learned::trim::{TrimGains, TrimmedPolicy};
+    use moderato_policies::learned::trim::TrimGains;
     use moderato_policies::slo_feedback::LADDER;
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/default");
     let g = TrimGains::default();
     let o = varied_observations().into_iter().find(|o| o.guests.len() >= 2).expect("a host with two VMs");
     let o = without_targets(&o);
     let t = 200.0;
-    let mut trim = TrimmedPolicy::new("trim", LearnedPolicy::load(&dir, &Device::flex()).unwrap(), g);
+    let mut trim = trimmed(g);
     let top = (LADDER.len() - 1) as f64;
     // VM 0 far under its target: its told target loosens; the neighbours' floors stay at the top.
     for _ in 0..30 {
