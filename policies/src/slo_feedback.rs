@@ -38,7 +38,8 @@ pub const LADDER: [Knobs; 9] = [
     Knobs::new(256, 128),
 ];
 
-const TOP: f64 = (LADDER.len() - 1) as f64;
+/// The ladder's top level.
+pub(crate) const TOP: f64 = (LADDER.len() - 1) as f64;
 
 /// The controller's gains (documented defaults: [`Gains::default`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -157,7 +158,8 @@ pub(crate) fn probe_requirements() -> Requirements {
     }
 }
 
-fn knobs(level: f64) -> Knobs {
+/// The knobs of ladder level `level` (floored onto the ladder).
+pub(crate) fn knobs(level: f64) -> Knobs {
     LADDER[(level.floor().max(0.0) as usize).min(LADDER.len() - 1)]
 }
 

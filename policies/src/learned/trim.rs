@@ -54,7 +54,7 @@ use std::collections::VecDeque;
 use moderato_env::{CoalescingSettings, HostProfile, Knobs, LayerId, Moderation, NapiParams, Observation};
 
 use super::LearnedPolicy;
-use crate::slo_feedback::{LADDER, probe_requirements, reported_probe};
+use crate::slo_feedback::{TOP, knobs as ladder, probe_requirements, reported_probe};
 use crate::{Policy, Requirements};
 
 /// The trim's gains (documented defaults: [`TrimGains::default`]).
@@ -101,14 +101,6 @@ impl Default for TrimGains {
             ceiling_up: 0.02,
         }
     }
-}
-
-/// The ladder's top level.
-const TOP: f64 = (LADDER.len() - 1) as f64;
-
-/// The knobs of ladder level `l` (floored onto the ladder).
-fn ladder(l: f64) -> Knobs {
-    LADDER[(l.floor().max(0.0) as usize).min(LADDER.len() - 1)]
 }
 
 /// The heavier of two knob settings, knob by knob: the longer timer, and the larger frame count
@@ -208,7 +200,7 @@ impl TrimmedPolicy {
                 .filter(|&v| super::target_in(obs, v).is_none())
                 .map(|v| self.floor[v])
                 .fold(0.0, f64::max);
-            self.ceiling = self.ceiling.min(highest) - g.floor_down;
+            self.ceiling = (self.ceiling.min(highest) - g.floor_down).max(0.0);
         } else {
             self.ceiling = (self.ceiling + g.ceiling_up).min(TOP);
         }
@@ -219,7 +211,7 @@ impl TrimmedPolicy {
             let l = &mut self.floor[v];
             match super::target_in(obs, v) {
                 None if dropped || strained => *l -= g.floor_down,
-                None => *l = (*l + g.floor_up).min(self.ceiling.max(0.0)),
+                None => *l = (*l + g.floor_up).min(self.ceiling),
                 Some(t) => {
                     if let Some(p) = reported_probe(obs, v).filter(|p| p.p99_us > 0.0) {
                         if dropped || p.p99_us > g.setpoint * t {
