@@ -166,6 +166,34 @@ fn a_saved_config_re_runs_as_it_is_and_names_models_by_their_directory() {
 }
 
 #[test]
+fn a_config_given_by_a_relative_path_saves_a_config_whose_models_resolve() {
+    // As `moderato eval experiments/eval/x.toml` loads it: the config's directory is relative to
+    // the working directory (the agent crate's, under cargo test).
+    let cfg = EvalConfig {
+        name: "relative".into(),
+        scenarios: vec!["../scenarios/rr-latency.toml".into()],
+        policies: vec!["../../models/default".into(), "trim:../../models/default".into()],
+        seeds: vec![1, 2, 3],
+        sim: SimConfig { interval_us: 10_000, episode_steps: 3, ..SimConfig::default() },
+        statics: Default::default(),
+        adaptive: Default::default(),
+        threads: 1,
+        warmup_steps: 0,
+        slo_p99_us: None,
+        profile: None,
+    };
+    let s = cfg.into_suite(Path::new("../experiments/eval/relative.toml")).unwrap();
+    let rows = eval::run_suite(&s, &Cache { dir: None }, false).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    eval::write_outputs(&out, &s, &rows, &eval::aggregate(&rows)).unwrap();
+    let again = EvalConfig::load(&out.join("config.toml"))
+        .unwrap_or_else(|e| panic!("the saved config does not load: {e:#}"));
+    let labels = |s: &eval::Suite| s.policies.iter().map(|p| p.label()).collect::<Vec<_>>();
+    assert_eq!(labels(&again), labels(&s), "the models resolve to the same directories");
+}
+
+#[test]
 fn the_report_says_which_flows_the_slo_covers() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../experiments/eval");
     let cfg = EvalConfig {

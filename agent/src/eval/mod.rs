@@ -148,8 +148,10 @@ impl EvalConfig {
             .zip(&suite.policies)
             .map(|(name, src)| match src {
                 PolicySource::Model { dir, trim, .. } => {
-                    let d = abs(dir).to_string_lossy().into_owned();
-                    format!("{}{d}", trim.prefix())
+                    // Already resolved against the config's directory: joining it again broke
+                    // every config given by a relative path (`moderato eval experiments/eval/…`).
+                    let d = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.clone());
+                    format!("{}{}", trim.prefix(), d.display())
                 }
                 _ if name.ends_with(".toml") && base.join(name).is_file() => {
                     abs(Path::new(name)).to_string_lossy().into_owned()
