@@ -7,7 +7,12 @@ use moderato_env::sim::SimConfig;
 
 fn suite(policies: &[&str]) -> eval::Suite {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../experiments/eval");
-    let cfg = EvalConfig {
+    config(policies).into_suite(&dir.join("test.toml")).unwrap()
+}
+
+/// rr-latency under `policies`, 3 seeds of 30 intervals, for a config in `experiments/eval/`.
+fn config(policies: &[&str]) -> EvalConfig {
+    EvalConfig {
         name: "test".into(),
         scenarios: vec!["../scenarios/rr-latency.toml".into()],
         policies: policies.iter().map(|s| s.to_string()).collect(),
@@ -19,8 +24,7 @@ fn suite(policies: &[&str]) -> eval::Suite {
         warmup_steps: 0,
         slo_p99_us: None,
         profile: None,
-    };
-    cfg.into_suite(&dir.join("test.toml")).unwrap()
+    }
 }
 
 fn by<'a>(rows: &'a [Row], policy: &str, seed: u64) -> &'a Row {
@@ -169,19 +173,8 @@ fn a_saved_config_re_runs_as_it_is_and_names_models_by_their_directory() {
 fn a_config_given_by_a_relative_path_saves_a_config_whose_models_resolve() {
     // As `moderato eval experiments/eval/x.toml` loads it: the config's directory is relative to
     // the working directory (the agent crate's, under cargo test).
-    let cfg = EvalConfig {
-        name: "relative".into(),
-        scenarios: vec!["../scenarios/rr-latency.toml".into()],
-        policies: vec!["../../models/default".into(), "trim:../../models/default".into()],
-        seeds: vec![1, 2, 3],
-        sim: SimConfig { interval_us: 10_000, episode_steps: 3, ..SimConfig::default() },
-        statics: Default::default(),
-        adaptive: Default::default(),
-        threads: 1,
-        warmup_steps: 0,
-        slo_p99_us: None,
-        profile: None,
-    };
+    let mut cfg = config(&["../../models/default", "trim:../../models/default"]);
+    cfg.sim.episode_steps = 3;
     let s = cfg.into_suite(Path::new("../experiments/eval/relative.toml")).unwrap();
     let rows = eval::run_suite(&s, &Cache { dir: None }, false).unwrap();
     let tmp = tempfile::tempdir().unwrap();
