@@ -30,9 +30,10 @@
 //! ([`crate::slo_feedback::LADDER`]), starting at its top (256 µs / 128 frames). Each knob is the
 //! heavier of the model's and the floor's. The floor falls by [`TrimGains::floor_down`] levels in
 //! an interval where the VM's backend or frontend (for the NIC's floor: the NIC) dropped packets
-//! or a VM with a target reported a p99 over `setpoint` × its target (a throughput-only VM's
-//! large batches hold the cores it shares), and climbs back by [`TrimGains::floor_up`] in any
-//! other interval.
+//! or a VM with a target reported a p99 over `setpoint` × its target or was told a tighter target
+//! than its own (a throughput-only VM's large batches hold the cores it shares), and climbs back
+//! by [`TrimGains::floor_up`] in any other interval, up to a cap: the level it fell from less
+//! `floor_down`, which creeps up [`TrimGains::ceiling_up`] an interval.
 //!
 //! **Loose targets.** The model also runs far under some loose targets (a 1.5 ms target held at
 //! 32 µs), even when the trim tells it the loosest target of its range. So a VM with a target
@@ -42,8 +43,9 @@
 //! target (0.6); it holds between that and `setpoint` × the target, and falls `floor_down` over
 //! it or on drops, as `slo-feedback`'s level does (its gains). Before the told target is
 //! exhausted the floor does not climb: raising knobs under a model that is still being loosened
-//! only makes the trim tighten it again, at the cost of CPU elsewhere. The NIC's floor is the lowest of the VMs with a target. A tighter target can only lower
-//! a floor, so at a fixed history a tighter target is still never coalesced more.
+//! only makes the trim tighten it again, at the cost of CPU elsewhere. The NIC's floor is the
+//! lowest of the VMs with a target. A tighter target can only lower a floor, so at a fixed history
+//! a tighter target is still never coalesced more.
 //!
 //! Knobs the host's profile lacks stay masked downstream, as every policy's do.
 //!
@@ -88,6 +90,8 @@ pub struct TrimGains {
 
 impl Default for TrimGains {
     fn default() -> Self {
+        // The floors move as `slo-feedback`'s level does.
+        let ladder_gains = crate::slo_feedback::Gains::default();
         TrimGains {
             setpoint: 0.8,
             up: 0.1,
@@ -95,9 +99,9 @@ impl Default for TrimGains {
             max_factor: 4.0,
             window: 16,
             throughput_floor: true,
-            floor_down: 2.0,
-            floor_up: 0.25,
-            floor_headroom: 0.6,
+            floor_down: ladder_gains.decrease,
+            floor_up: ladder_gains.increase,
+            floor_headroom: ladder_gains.headroom,
             ceiling_up: 0.02,
         }
     }
