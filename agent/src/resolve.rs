@@ -13,6 +13,7 @@ use moderato_env::{ActionSpace, ControllerFactory, EnvSpec};
 use moderato_policies::Policy;
 use moderato_policies::adaptive::AdaptiveFactory;
 use moderato_policies::baselines::{self, StaticSpec};
+use moderato_policies::gains::ControllerGains;
 use moderato_policies::learned::LearnedPolicy;
 use moderato_policies::learned::trim::{TrimGains, TrimmedPolicy};
 
@@ -59,11 +60,18 @@ impl PolicySource {
         }
     }
 
-    /// A fresh policy for an environment with this spec; a model is checked against it.
+    /// A fresh policy for an environment with this spec; a model is checked against it. The
+    /// feedback controllers run their documented gains.
     pub fn instantiate(&self, spec: &EnvSpec) -> Result<Box<dyn Policy>> {
+        self.instantiate_with(spec, &ControllerGains::default())
+    }
+
+    /// [`instantiate`](Self::instantiate), with the feedback controllers' gains (a config's
+    /// `[trim]` and `[slo_feedback]` tables).
+    pub fn instantiate_with(&self, spec: &EnvSpec, gains: &ControllerGains) -> Result<Box<dyn Policy>> {
         match self {
             PolicySource::Baseline { name, statics } => {
-                Ok(baselines::baseline_for(name, statics, spec.slo_p99_us)?)
+                Ok(baselines::baseline_with(name, statics, spec.slo_p99_us, gains.slo_feedback)?)
             }
             PolicySource::BestStatic => {
                 Err(anyhow!("best-static is searched per scenario, not instantiated"))
@@ -72,7 +80,7 @@ impl PolicySource {
                 let p = LearnedPolicy::load(dir, &burn::tensor::Device::flex())?;
                 p.check_vms(spec.vms)?;
                 p.check_spec(spec)?;
-                Ok(with_trim(p, label, *trim))
+                Ok(with_trim(p, label, *trim, gains.trim))
             }
         }
     }
@@ -94,9 +102,9 @@ fn under(base: &Path, name: &str) -> PathBuf {
     if Path::new(name).is_absolute() { PathBuf::from(name) } else { base.join(name) }
 }
 
-/// The model as it is, or under the trim of its targets (with or without its floors).
-fn with_trim(p: LearnedPolicy, label: &str, trim: Trim) -> Box<dyn Policy> {
-    let gains = TrimGains::default();
+/// The model as it is, or under the trim of its targets (with or without its floors) with
+/// `gains` (`trim-targets:` always without floors).
+fn with_trim(p: LearnedPolicy, label: &str, trim: Trim, gains: TrimGains) -> Box<dyn Policy> {
     match trim {
         Trim::Off => Box::new(p),
         Trim::Targets => {
@@ -215,19 +223,20 @@ pub fn deploy_policy(
     vms: usize,
     slo_p99_us: Option<f64>,
     objectives: &[Option<f64>],
+    gains: &ControllerGains,
 ) -> Result<Box<dyn Policy>> {
     match resolve_fixed(name, Path::new("."), &BTreeMap::new())? {
         PolicySource::Model { dir, label, trim } => {
             let p = LearnedPolicy::load(&dir, &burn::tensor::Device::flex())?;
             p.check_vms(vms)?;
             p.check_objectives(objectives)?;
-            Ok(with_trim(p, &label, trim))
+            Ok(with_trim(p, &label, trim, gains.trim))
         }
         other => {
             // A live run's target comes from its config, never from the simulator's default.
             let spec =
                 moderato_env::EnvSpec { slo_p99_us, ..moderato_env::sim::SimConfig::default().spec(vms) };
-            let policy = other.instantiate(&spec)?;
+            let policy = other.instantiate_with(&spec, gains)?;
             if let Some(why) = policy.live_refusal() {
                 bail!(why);
             }
@@ -284,26 +293,35 @@ mod tests {
             resolve("napi:2/20", Path::new("."), &none).unwrap(),
             PolicySource::Baseline { .. }
         ));
-        let mut pol = deploy_policy("napi:2/20", 1, None, &[]).unwrap();
+        let mut pol = deploy_policy("napi:2/20", 1, None, &[], &ControllerGains::default()).unwrap();
         assert_eq!(pol.napi(), Some(moderato_env::live::NapiParams::new(2, 20_000)));
         assert!(!pol.sets_coalescing());
         pol.reset();
-        let e = format!("{:#}", deploy_policy("busy-poll:50", 1, None, &[]).err().unwrap());
+        let e = format!(
+            "{:#}",
+            deploy_policy("busy-poll:50", 1, None, &[], &ControllerGains::default()).err().unwrap()
+        );
         assert!(e.contains("busy-poll:50") && e.contains("simulated only"), "{e}");
-        let p = deploy_policy("irq-suspend:50/20000", 1, None, &[]).unwrap();
+        let p = deploy_policy("irq-suspend:50/20000", 1, None, &[], &ControllerGains::default()).unwrap();
         assert_eq!(p.irq_suspend_timeout_ns(), Some(20_000_000));
-        let e = format!("{:#}", deploy_policy("napi:2/x", 1, None, &[]).err().unwrap());
+        let e = format!(
+            "{:#}",
+            deploy_policy("napi:2/x", 1, None, &[], &ControllerGains::default()).err().unwrap()
+        );
         assert!(e.contains("timeout `x`"), "{e}");
     }
 
     #[test]
     fn slo_feedback_takes_the_deploy_configs_target_or_is_refused_without_one() {
-        let p = deploy_policy("slo-feedback", 1, Some(150.0), &[]).unwrap();
+        let p = deploy_policy("slo-feedback", 1, Some(150.0), &[], &ControllerGains::default()).unwrap();
         assert_eq!(p.name(), "slo-feedback");
-        let e = format!("{:#}", deploy_policy("slo-feedback", 1, None, &[]).err().unwrap());
+        let e = format!(
+            "{:#}",
+            deploy_policy("slo-feedback", 1, None, &[], &ControllerGains::default()).err().unwrap()
+        );
         assert!(e.contains("no latency target") && e.contains("[slo] p99_us"), "{e}");
         // A named target needs no config.
-        deploy_policy("slo-feedback:300", 1, None, &[]).unwrap();
+        deploy_policy("slo-feedback:300", 1, None, &[], &ControllerGains::default()).unwrap();
     }
 
     #[test]

@@ -6,6 +6,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use moderato_env::sim::{Scenario, SimConfig, SimEnv};
 use moderato_env::{Env, EpisodeSummary};
+use moderato_policies::gains::ControllerGains;
 
 use crate::resolve::{controller_factory, resolve_fixed};
 
@@ -43,6 +44,10 @@ pub struct SimulateArgs {
     /// Print only the summary.
     #[arg(long)]
     pub quiet: bool,
+    /// Gains of the feedback controllers (`trim:`, `trim-targets:`, `slo-feedback`): a TOML file
+    /// with a `[trim]` and/or `[slo_feedback]` table, as in an eval or deploy config.
+    #[arg(long, value_name = "FILE")]
+    pub gains: Option<PathBuf>,
 }
 
 /// What a simulate run measured, for printing and tests.
@@ -101,7 +106,11 @@ pub fn simulate(args: &SimulateArgs) -> Result<SimulateResult> {
     let mut env = SimEnv::new(scenario.clone(), cfg, Some(controller_factory()))?;
     // The scenario's own spec: its VMs' targets and its host profile, which a model is checked
     // against.
-    let mut policy = source.instantiate(env.spec())?;
+    let gains = match &args.gains {
+        Some(f) => load_gains(f)?,
+        None => ControllerGains::default(),
+    };
+    let mut policy = source.instantiate_with(env.spec(), &gains)?;
     let (mut obs, _) = env.reset(args.seed)?;
     let bar = crate::progress::bar(u64::from(steps), "intervals", args.quiet || steps > 500);
     if !args.quiet {
@@ -231,4 +240,25 @@ fn print_summary(r: &SimulateResult) -> std::io::Result<()> {
     }
     outln!("  drops           {} of {} offered ({:.3}%)", t.dropped, t.offered, 100.0 * t.drop_fraction());
     Ok(())
+}
+
+/// A gains file: `[trim]` and/or `[slo_feedback]` tables, checked.
+pub fn load_gains(path: &std::path::Path) -> Result<ControllerGains> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("--gains: cannot read {}", path.display()))?;
+    let g: ControllerGains = toml::from_str(&text).map_err(|e| {
+        anyhow::anyhow!(
+            "--gains {}: {}\n(a gains file has a [trim] and/or a [slo_feedback] table; the keys are those of \
+             TrimGains and slo_feedback::Gains, see the README)",
+            path.display(),
+            e.message().trim()
+        )
+    })?;
+    g.check().map_err(|e| {
+        anyhow::anyhow!(
+            "--gains {}: {e}. Fix: correct the value, or remove the key to keep its default",
+            path.display()
+        )
+    })?;
+    Ok(g)
 }

@@ -156,3 +156,24 @@ fn trim_targets_is_the_trim_without_its_floors() {
     let err = fails(&["simulate", RR, "--policy", "trim-targets:models/nowhere", "--steps", "5"]);
     assert!(err.contains("trim-targets:models/nowhere") && err.contains("frozen-model directory"), "{err}");
 }
+
+#[test]
+fn simulate_takes_the_controllers_gains_from_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("gains.toml");
+    let p99 = |extra: &[&str]| -> f64 {
+        let mut args = vec!["simulate", RR, "--policy", "slo-feedback:200", "--steps", "30", "--quiet"];
+        args.extend_from_slice(extra);
+        let out = ok(&args);
+        let line = out.lines().find(|l| l.trim_start().starts_with("latency µs")).expect("a latency line");
+        let at = line.split_whitespace().position(|w| w == "p99").expect("p99");
+        line.split_whitespace().nth(at + 1).and_then(|x| x.parse().ok()).unwrap_or_else(|| panic!("{line}"))
+    };
+    std::fs::write(&file, "[slo_feedback]\nsetpoint = 0.4\nheadroom = 0.3\n").unwrap();
+    let f = file.to_str().unwrap();
+    let (tight, default) = (p99(&["--gains", f]), p99(&[]));
+    assert!(tight < 0.8 * default, "p99 {tight} µs at setpoint 0.4 against {default} at 0.8");
+    std::fs::write(&file, "[slo_feedback]\nsetpont = 0.4\n").unwrap();
+    let err = fails(&["simulate", RR, "--policy", "slo-feedback:200", "--gains", f]);
+    assert!(err.contains("gains.toml") && err.contains("setpont"), "{err}");
+}

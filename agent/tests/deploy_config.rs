@@ -232,3 +232,33 @@ fn vm_objectives_default_to_the_slo_table_or_none_and_bad_ones_name_the_key() {
     let e = err(&guest.replace("# slo_p99_us = 200", "slo_p99_us = \"soon\""));
     assert!(e.contains("soon") && e.contains("\"none\""), "{e}");
 }
+
+#[test]
+fn the_controllers_gains_are_read_checked_and_reach_the_policy() {
+    let (text, path) = example("host");
+    assert!(DeployConfig::parse(&text, &path).unwrap().gains().is_default(), "no table: the defaults");
+    let with = format!("{text}\n[slo_feedback]\nstart = 8.0\n\n[trim]\nwindow = 4\n");
+    let cfg = DeployConfig::parse(&with, &path).unwrap();
+    let gains = cfg.gains();
+    assert_eq!(gains.trim.window, 4);
+    assert_eq!(gains.trim.setpoint, 0.8, "an absent key keeps its default");
+    // slo-feedback starts a VM at the configured level when its probe first reports (here a p99
+    // of 140 µs, inside the band where the level holds): 8 is the ladder's top (256 µs / 128
+    // frames) where the default (2) is 4 µs / 4 frames.
+    let mut obs = moderato_env::Observation { guests: vec![Default::default()], ..Default::default() };
+    obs.host.probe = Some(moderato_env::ProbeObs { p50_us: 80.0, p99_us: 140.0, samples: 100 });
+    let knobs = |g: &moderato_policies::gains::ControllerGains| {
+        let mut p = moderato_agent::resolve::deploy_policy("slo-feedback", 1, Some(200.0), &[], g).unwrap();
+        p.act(&obs).vms[0].backend.rx
+    };
+    assert_eq!(knobs(&gains), moderato_env::Moderation::fixed(256, 128));
+    assert_eq!(knobs(&Default::default()), moderato_env::Moderation::fixed(4, 4));
+
+    let e = err(&format!("{text}\n[trim]\nwindow = 0\n"));
+    assert!(
+        e.contains("/etc/moderato/deploy.toml") && e.contains("[trim] window = 0") && e.contains("Fix:"),
+        "{e}"
+    );
+    let e = err(&format!("{text}\n[slo_feedback]\nsetpont = 0.7\n"));
+    assert!(e.contains("setpont") && e.contains("Fix:"), "{e}");
+}

@@ -340,7 +340,10 @@ fn the_shipped_model_deploys_on_a_virtio_guest_with_a_loopback_probe() {
     let probe = echo.probe;
     let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/default");
     // Loaded as `moderato deploy --policy models/default` loads it.
-    let load = || moderato_agent::resolve::deploy_policy(model.to_str().unwrap(), 1, None, &[]).unwrap();
+    let load = || {
+        moderato_agent::resolve::deploy_policy(model.to_str().unwrap(), 1, None, &[], &Default::default())
+            .unwrap()
+    };
     let fallback = || Scripted::fixed("fb", CoalescingSettings::per_packet(1));
 
     // The fixture guest has no NAPI deferral files (a kernel before 5.10), which the model's
@@ -416,7 +419,8 @@ fn the_shipped_model_under_the_trim_deploys_on_a_virtio_guest_and_restores() {
     let probe = echo.probe;
     let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/default");
     let name = format!("trim:{}", model.display());
-    let primary = moderato_agent::resolve::deploy_policy(&name, 1, Some(200.0), &[]).unwrap();
+    let primary =
+        moderato_agent::resolve::deploy_policy(&name, 1, Some(200.0), &[], &Default::default()).unwrap();
     let label = primary.name().to_string();
     assert!(label.starts_with("trim:") && label.ends_with("models/default"), "{label}");
 
@@ -425,7 +429,7 @@ fn the_shipped_model_under_the_trim_deploys_on_a_virtio_guest_and_restores() {
     let mut bare = deferral_guest(None);
     let e = DeployLoop::new(
         bare.env.take().unwrap(),
-        moderato_agent::resolve::deploy_policy(&name, 1, Some(200.0), &[]).unwrap(),
+        moderato_agent::resolve::deploy_policy(&name, 1, Some(200.0), &[], &Default::default()).unwrap(),
         Scripted::fixed("fb", CoalescingSettings::per_packet(1)),
         limits(),
         opts(Some(2)),

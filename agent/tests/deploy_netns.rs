@@ -52,6 +52,7 @@ fn load(
     _vms: usize,
     _slo_p99_us: Option<f64>,
     _objectives: &[Option<f64>],
+    _gains: &moderato_policies::gains::ControllerGains,
 ) -> anyhow::Result<Box<dyn Policy>> {
     match name {
         "fake-baseline" => Ok(Box::new(Fixed("fake-baseline"))),

@@ -24,6 +24,8 @@ fn config(policies: &[&str]) -> EvalConfig {
         warmup_steps: 0,
         slo_p99_us: None,
         profile: None,
+        trim: Default::default(),
+        slo_feedback: Default::default(),
     }
 }
 
@@ -201,6 +203,8 @@ fn the_report_says_which_flows_the_slo_covers() {
         warmup_steps: 0,
         slo_p99_us: None,
         profile: None,
+        trim: Default::default(),
+        slo_feedback: Default::default(),
     };
     let s = cfg.into_suite(&dir.join("t.toml")).unwrap();
     let rows = eval::run_suite(&s, &Cache { dir: None }, false).unwrap();
@@ -227,6 +231,8 @@ fn out_of_bounds_knobs_in_an_eval_config_are_refused() {
         warmup_steps: 0,
         slo_p99_us: None,
         profile: None,
+        trim: Default::default(),
+        slo_feedback: Default::default(),
     };
     let e = format!("{:#}", cfg.into_suite(&dir.join("t.toml")).unwrap_err());
     assert!(e.contains("t.toml") && e.contains("2000") && e.contains("usecs_max"), "{e}");
@@ -281,4 +287,64 @@ fn bad_slo_targets_are_refused_with_the_key() {
     }
     // One target overrides [sim.reward].
     assert_eq!(sweep_config("150").unwrap().config.sim.reward.slo_p99_us, 150.0);
+}
+
+fn mean(rows: &[Row], policy: &str, f: impl Fn(&Row) -> f64) -> f64 {
+    let xs: Vec<f64> = rows.iter().filter(|r| r.policy == policy).map(f).collect();
+    assert_eq!(xs.len(), 3, "{policy}");
+    xs.iter().sum::<f64>() / 3.0
+}
+
+/// A config's `[slo_feedback]` and `[trim]` tables reach the controllers: a lower setpoint holds
+/// rr-latency's p99 lower, at more CPU per packet; the saved copy of the config keeps them.
+#[test]
+fn an_eval_configs_gains_reach_its_feedback_controllers() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../experiments/eval");
+    let mut cfg = config(&["slo-feedback", "trim:../../models/default"]);
+    let base = cfg.clone().into_suite(&dir.join("test.toml")).unwrap();
+    cfg.slo_feedback.setpoint = 0.4;
+    cfg.slo_feedback.headroom = 0.3;
+    cfg.trim.setpoint = 0.4;
+    cfg.trim.floor_headroom = 0.3;
+    let tight = cfg.clone().into_suite(&dir.join("test.toml")).unwrap();
+    let r0 = eval::run_suite(&base, &Cache { dir: None }, false).unwrap();
+    let r1 = eval::run_suite(&tight, &Cache { dir: None }, false).unwrap();
+    for p in base.policies.iter().map(|p| p.label()) {
+        let (p99_0, p99_1) = (mean(&r0, &p, |r| r.p99_us), mean(&r1, &p, |r| r.p99_us));
+        let (cpu_0, cpu_1) = (mean(&r0, &p, |r| r.cpu_us_per_packet), mean(&r1, &p, |r| r.cpu_us_per_packet));
+        assert!(p99_1 < 0.8 * p99_0, "{p}: p99 {p99_1} at setpoint 0.4 against {p99_0} at 0.8");
+        assert!(cpu_1 > cpu_0, "{p}: {cpu_1} µs per packet at setpoint 0.4 against {cpu_0} at 0.8");
+    }
+    let saved = toml::to_string(&tight.config.portable(&tight)).unwrap();
+    assert!(saved.contains("[trim]") && saved.contains("[slo_feedback]"), "{saved}");
+    let back: EvalConfig = toml::from_str(&saved).unwrap();
+    assert_eq!(back.gains(), tight.config.gains());
+    assert!(
+        !toml::to_string(&base.config.portable(&base)).unwrap().contains("[trim]"),
+        "defaults are not written"
+    );
+}
+
+#[test]
+fn bad_gains_in_an_eval_config_are_refused_by_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let scenario = Path::new(env!("CARGO_MANIFEST_DIR")).join("../experiments/scenarios/rr-latency.toml");
+    let path = dir.path().join("gains.toml");
+    let text = |table: &str| {
+        format!(
+            "name = \"g\"\nscenarios = [{:?}]\npolicies = [\"slo-feedback\"]\n{table}\n",
+            scenario.display().to_string()
+        )
+    };
+    std::fs::write(&path, text("[trim]\nsetpoint = 2.0")).unwrap();
+    let e = format!("{:#}", EvalConfig::load(&path).unwrap_err());
+    assert!(e.contains("gains.toml") && e.contains("[trim] setpoint = 2") && e.contains("Fix:"), "{e}");
+    std::fs::write(&path, text("[slo_feedback]\nincrease = -1.0")).unwrap();
+    let e = format!("{:#}", EvalConfig::load(&path).unwrap_err());
+    assert!(e.contains("[slo_feedback] increase = -1"), "{e}");
+    std::fs::write(&path, text("[trim]\nsetpont = 0.5")).unwrap();
+    let e = format!("{:#}", EvalConfig::load(&path).unwrap_err());
+    assert!(e.contains("gains.toml") && e.contains("setpont"), "{e}");
+    std::fs::write(&path, text("[trim]\nwindow = 8")).unwrap();
+    assert_eq!(EvalConfig::load(&path).unwrap().config.trim.window, 8);
 }

@@ -513,6 +513,16 @@ pub fn baseline_for(
     customs: &BTreeMap<String, StaticSpec>,
     slo_p99_us: Option<f64>,
 ) -> Result<Box<dyn Policy>, UnknownPolicy> {
+    baseline_with(name, customs, slo_p99_us, Gains::default())
+}
+
+/// [`baseline_for`], with `slo-feedback`'s gains (a config's `[slo_feedback]` table).
+pub fn baseline_with(
+    name: &str,
+    customs: &BTreeMap<String, StaticSpec>,
+    slo_p99_us: Option<f64>,
+    gains: Gains,
+) -> Result<Box<dyn Policy>, UnknownPolicy> {
     let unknown = || UnknownPolicy::Unknown { name: name.to_string(), valid: baseline_names(customs) };
     if name == "slo-feedback" {
         let Some(t) = slo_p99_us else {
@@ -523,10 +533,10 @@ pub fn baseline_for(
                     .into(),
             });
         };
-        return Ok(Box::new(SloFeedbackPolicy::per_vm(name, t, Gains::default())));
+        return Ok(Box::new(SloFeedbackPolicy::per_vm(name, t, gains)));
     }
     if let Some(t) = name.strip_prefix("slo-feedback:") {
-        return Ok(Box::new(SloFeedbackPolicy::new(name, parse_slo_target(name, t)?, Gains::default())));
+        return Ok(Box::new(SloFeedbackPolicy::new(name, parse_slo_target(name, t)?, gains)));
     }
     match name {
         "per-packet" => Ok(Box::new(StaticPolicy::per_packet())),

@@ -10,6 +10,7 @@
 pub mod adaptive;
 pub mod baselines;
 pub mod best_static;
+pub mod gains;
 pub mod learned;
 pub mod slo_feedback;
 

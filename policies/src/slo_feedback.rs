@@ -41,8 +41,10 @@ pub const LADDER: [Knobs; 9] = [
 /// The ladder's top level.
 pub(crate) const TOP: f64 = (LADDER.len() - 1) as f64;
 
-/// The controller's gains (documented defaults: [`Gains::default`]).
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// The controller's gains (documented defaults: [`Gains::default`]). An eval or deploy config
+/// sets them in its `[slo_feedback]` table (each key optional: the default where absent).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Gains {
     /// Levels dropped in an interval whose p99 exceeds the target.
     pub decrease: f64,
@@ -59,6 +61,25 @@ pub struct Gains {
 impl Default for Gains {
     fn default() -> Self {
         Gains { decrease: 2.0, increase: 0.25, setpoint: 0.8, headroom: 0.6, start: 2.0 }
+    }
+}
+
+impl Gains {
+    /// Refuses gains the controller cannot run with, naming the key (as in a config's
+    /// `[slo_feedback]` table) and what it takes.
+    pub fn check(&self) -> Result<(), String> {
+        let Gains { decrease, increase, setpoint, headroom, start } = *self;
+        crate::gains::at_least("decrease", decrease, 0.0)?;
+        crate::gains::at_least("increase", increase, 0.0)?;
+        crate::gains::share("setpoint", setpoint)?;
+        crate::gains::share("headroom", headroom)?;
+        if headroom > setpoint {
+            return Err(format!(
+                "headroom {headroom} is above setpoint {setpoint}: the level would rise into the band where it \
+                 falls (take headroom <= setpoint)"
+            ));
+        }
+        crate::gains::within("start", start, 0.0, TOP)
     }
 }
 

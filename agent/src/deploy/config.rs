@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use moderato_env::live::{InterfaceConfig, LiveConfig, ProbeConfig, Role};
 use moderato_env::sim::Objective;
+use moderato_policies::gains::ControllerGains;
 use serde::Deserialize;
 
 use super::limits::{LayerLimits, Limits, Range};
@@ -45,6 +46,13 @@ pub struct DeployConfig {
     /// Absent: `kvm-notf-coal`, every layer's ethtool knobs (the behaviour before profiles).
     #[serde(default)]
     pub profile: Option<moderato_env::HostProfile>,
+    /// `[trim]`: the gains of `trim:<model>` and `trim-targets:<model>`; absent keys keep the
+    /// documented defaults (`moderato_policies::learned::trim::TrimGains`).
+    #[serde(default)]
+    pub trim: moderato_policies::learned::trim::TrimGains,
+    /// `[slo_feedback]`: the gains of `slo-feedback`; absent keys keep the documented defaults.
+    #[serde(default)]
+    pub slo_feedback: moderato_policies::slo_feedback::Gains,
 }
 
 /// `[slo]`: when the probe's p99 exceeds `p99_us` for `after_intervals` intervals in a row, the
@@ -216,7 +224,15 @@ impl DeployConfig {
         Ok(cfg)
     }
 
+    /// The feedback controllers' gains this config sets.
+    pub fn gains(&self) -> ControllerGains {
+        ControllerGains { trim: self.trim, slo_feedback: self.slo_feedback }
+    }
+
     fn check(&self, path: &Path) -> Result<()> {
+        self.gains().check().map_err(|e| {
+            anyhow!("{}: {e}. Fix: correct the value, or remove the key to keep its default", path.display())
+        })?;
         if !(10..=3_600_000).contains(&self.interval_ms) {
             return Err(key_error(
                 path,

@@ -33,6 +33,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use moderato_env::live::{HostEnv, LiveConfig, Role};
 use moderato_policies::Policy;
+use moderato_policies::gains::ControllerGains;
 use tokio::sync::watch;
 
 pub use config::DeployConfig;
@@ -204,9 +205,10 @@ fn signals(on_stop: &'static str) -> Result<(watch::Sender<bool>, watch::Receive
 /// target (`[slo] p99_us`, which `slo-feedback` steers to), if any (the binary's resolver).
 /// The last argument is each VM's p99 target (µs, `None`: no objective), which a model checks
 /// against the range it was trained for.
-pub type PolicyLoader = dyn Fn(&str, usize, Option<f64>, &[Option<f64>]) -> Result<Box<dyn Policy>>;
+pub type PolicyLoader =
+    dyn Fn(&str, usize, Option<f64>, &[Option<f64>], &ControllerGains) -> Result<Box<dyn Policy>>;
 
-/// `moderato deploy`. `load_policy(name, vms, slo_p99_us)` resolves a model directory or baseline name for a
+/// `moderato deploy`. `load_policy(name, vms, slo_p99_us, objectives, gains)` resolves a model directory or baseline name for a
 /// side with `vms` VMs. A restore that fails at exit is an error (non-zero exit) after the
 /// summary has said so.
 pub fn run_deploy(args: DeployArgs, load_policy: &PolicyLoader) -> Result<()> {
@@ -226,9 +228,10 @@ fn deploy(args: DeployArgs, load_policy: &PolicyLoader) -> Result<()> {
     let vms = live.vms();
     let target = cfg.slo.as_ref().map(|s| s.p99_us);
     let objectives: Vec<Option<f64>> = (0..vms).map(|v| live.objective(v)).collect();
-    let primary = load_policy(&args.policy, vms, target, &objectives)
+    let gains = cfg.gains();
+    let primary = load_policy(&args.policy, vms, target, &objectives, &gains)
         .with_context(|| format!("loading the policy `{}` (--policy)", args.policy))?;
-    let fallback = load_policy(&cfg.fallback, vms, target, &objectives).with_context(|| {
+    let fallback = load_policy(&cfg.fallback, vms, target, &objectives, &gains).with_context(|| {
         format!(
             "loading the fallback policy `{}` (key `fallback` in {})",
             cfg.fallback,

@@ -32,6 +32,9 @@ use moderato_policies::Policy;
 use moderato_policies::adaptive::{AdaptiveConfig, AdaptiveFactory};
 use moderato_policies::baselines::StaticSpec;
 use moderato_policies::best_static::{self, Found, Score};
+use moderato_policies::gains::ControllerGains;
+use moderato_policies::learned::trim::TrimGains;
+use moderato_policies::slo_feedback::Gains as SloGains;
 use serde::{Deserialize, Serialize};
 
 pub use report::{Aggregate, Stat, aggregate, write_outputs};
@@ -80,6 +83,25 @@ pub struct EvalConfig {
     /// `host.profile` set and its backend made the profile's. Absent: each scenario's own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub profile: Option<moderato_env::HostProfile>,
+    /// `[trim]`: the gains of every `trim:` and `trim-targets:` policy of the suite; absent keys
+    /// keep the documented defaults (`moderato_policies::learned::trim::TrimGains`).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub trim: TrimGains,
+    /// `[slo_feedback]`: the gains of every `slo-feedback` policy of the suite; absent keys keep
+    /// the documented defaults (`moderato_policies::slo_feedback::Gains`).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub slo_feedback: SloGains,
+}
+
+fn is_default<T: Default + PartialEq>(x: &T) -> bool {
+    *x == T::default()
+}
+
+impl EvalConfig {
+    /// The feedback controllers' gains this config sets.
+    pub fn gains(&self) -> ControllerGains {
+        ControllerGains { trim: self.trim, slo_feedback: self.slo_feedback }
+    }
 }
 
 /// One SLO target or a list of them (`slo_p99_us = 200` or `slo_p99_us = [100, 200, 500]`).
@@ -124,7 +146,7 @@ impl EvalConfig {
             .with_context(|| format!("cannot read eval config {}", path.display()))?;
         let config: EvalConfig = toml::from_str(&text).map_err(|e| {
             anyhow::anyhow!(
-                "{}: {}\n(an eval config has name, scenarios, policies, seeds, [sim], [static.<name>]; see experiments/eval/standard.toml)",
+                "{}: {}\n(an eval config has name, scenarios, policies, seeds, [sim], [static.<name>], [trim], [slo_feedback]; see experiments/eval/standard.toml)",
                 path.display(),
                 e
             )
@@ -218,6 +240,9 @@ impl EvalConfig {
             self.sim.reward.slo_p99_us = list[0];
         }
         self.sim.validate().map_err(|m| anyhow::anyhow!("{at}: [sim] {m}"))?;
+        self.gains().check().map_err(|m| {
+            anyhow::anyhow!("{at}: {m}. Fix: correct the value, or remove the key to keep its default")
+        })?;
         let scenarios = self
             .scenarios
             .iter()
@@ -504,7 +529,7 @@ fn run_job(suite: &Suite, job: &Job, cache: &Cache) -> Result<Row> {
             let f = best_static(sc, sim, job.seed, suite.config.warmup_steps, cache)?;
             Box::new(moderato_policies::baselines::FixedPolicy::new("best-static", f.settings))
         }
-        other => other.instantiate(&sim.scenario_spec(sc))?,
+        other => other.instantiate_with(&sim.scenario_spec(sc), &suite.config.gains())?,
     };
     let (summary, reward) =
         run_episode(sc, sim, &suite.config.adaptive, policy.as_mut(), job.seed, suite.config.warmup_steps)?;

@@ -384,6 +384,8 @@ fn final_eval(t: &Trainer, run: &Path, model_dir: &Path) -> Result<()> {
             [one] => Some(*one),
             _ => None,
         },
+        trim: Default::default(),
+        slo_feedback: Default::default(),
     };
     let suite = cfg.into_suite(&t.exp.path)?;
     let cache = eval::Cache { dir: Some(PathBuf::from("runs/cache")) };

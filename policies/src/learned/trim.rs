@@ -59,8 +59,11 @@ use super::LearnedPolicy;
 use crate::slo_feedback::{TOP, knobs as ladder, probe_requirements, reported_probe};
 use crate::{Policy, Requirements};
 
-/// The trim's gains (documented defaults: [`TrimGains::default`]).
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// The trim's gains (documented defaults: [`TrimGains::default`]). An eval or deploy config sets
+/// them in its `[trim]` table (each key optional: the default where absent); they apply to
+/// `trim:` and `trim-targets:` alike (the latter always without floors).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct TrimGains {
     /// Share of the target the loop holds the probe's p99 at.
     pub setpoint: f64,
@@ -104,6 +107,33 @@ impl Default for TrimGains {
             floor_headroom: ladder_gains.headroom,
             ceiling_up: 0.02,
         }
+    }
+}
+
+impl TrimGains {
+    /// Refuses gains the trim cannot run with, naming the key (as in a config's `[trim]` table)
+    /// and what it takes.
+    pub fn check(&self) -> Result<(), String> {
+        use crate::gains::{at_least, share, within};
+        let g = *self;
+        share("setpoint", g.setpoint)?;
+        at_least("up", g.up, 0.0)?;
+        at_least("down", g.down, 0.0)?;
+        within("max_factor", g.max_factor, 1.0, 1e6)?;
+        if g.window == 0 || g.window > 100_000 {
+            return Err(format!("window = {}: take a number of intervals from 1 to 100000", g.window));
+        }
+        at_least("floor_down", g.floor_down, 0.0)?;
+        at_least("floor_up", g.floor_up, 0.0)?;
+        share("floor_headroom", g.floor_headroom)?;
+        if g.floor_headroom > g.setpoint {
+            return Err(format!(
+                "floor_headroom {} is above setpoint {}: a floor would climb into the band where it \
+                 falls (take floor_headroom <= setpoint)",
+                g.floor_headroom, g.setpoint
+            ));
+        }
+        at_least("ceiling_up", g.ceiling_up, 0.0)
     }
 }
 
