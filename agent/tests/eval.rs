@@ -323,6 +323,11 @@ fn an_eval_configs_gains_reach_its_feedback_controllers() {
         !toml::to_string(&base.config.portable(&base)).unwrap().contains("[trim]"),
         "defaults are not written"
     );
+    // The report says which gains are not the defaults.
+    let md = eval::report::markdown(&tight, &eval::aggregate(&r1));
+    assert!(md.contains("`[trim]` floor_headroom = 0.3, setpoint = 0.4"), "{md}");
+    assert!(md.contains("`[slo_feedback]` headroom = 0.3, setpoint = 0.4"), "{md}");
+    assert!(!eval::report::markdown(&base, &eval::aggregate(&r0)).contains("Gains not"));
 }
 
 #[test]

@@ -146,6 +146,26 @@ pub fn markdown(suite: &Suite, aggs: &[Aggregate]) -> String {
         cfg.sim.interval_us as f64 / 1000.0,
         cfg.sim.reward.slo_p99_us
     );
+    // Gains that differ from the documented defaults change what `trim:` and `slo-feedback` are:
+    // say so where the numbers are read.
+    let g = cfg.gains();
+    for (table, set, default) in [
+        ("trim", toml_table(&g.trim), toml_table(&moderato_policies::learned::trim::TrimGains::default())),
+        (
+            "slo_feedback",
+            toml_table(&g.slo_feedback),
+            toml_table(&moderato_policies::slo_feedback::Gains::default()),
+        ),
+    ] {
+        let changed: Vec<String> = set
+            .iter()
+            .filter(|(k, v)| default.get(*k) != Some(*v))
+            .map(|(k, v)| format!("{k} = {v}"))
+            .collect();
+        if !changed.is_empty() {
+            let _ = writeln!(md, "Gains not the defaults: `[{table}]` {}.\n", changed.join(", "));
+        }
+    }
     for sc in &suite.scenarios {
         let s = sc.name.as_str();
         let _ = writeln!(md, "### {s}\n");
@@ -302,6 +322,11 @@ pub fn write_outputs(dir: &Path, suite: &Suite, rows: &[Row], aggs: &[Aggregate]
     let reference = if aggs.iter().any(|a| a.policy == "dim") { "dim" } else { aggs[0].policy.as_str() };
     plot_summary(&plots, "summary", reference, &summary)?;
     Ok(())
+}
+
+/// A gains struct as TOML key = value pairs, for the report's line on non-default gains.
+fn toml_table<T: serde::Serialize>(g: &T) -> toml::Table {
+    toml::Table::try_from(g).unwrap_or_default()
 }
 
 #[cfg(test)]
