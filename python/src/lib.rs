@@ -28,6 +28,7 @@ use moderato_env::{
 };
 use moderato_policies::adaptive::{AdaptiveConfig, AdaptiveFactory};
 use moderato_policies::baselines::{FixedPolicy, StaticSpec};
+use moderato_policies::gains::ControllerGains;
 use numpy::ndarray::Array2;
 use numpy::{IntoPyArray, PyArray1, PyArray2, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyFileNotFoundError, PyRuntimeError, PyValueError};
@@ -57,6 +58,8 @@ struct Setup {
     sim: SimConfig,
     adaptive: AdaptiveConfig,
     statics: BTreeMap<String, StaticSpec>,
+    /// The config's `[trim]` and `[slo_feedback]` gains (the defaults where absent).
+    gains: ControllerGains,
 }
 
 impl Setup {
@@ -65,6 +68,7 @@ impl Setup {
         let mut sim = serde_json::Map::new();
         let mut adaptive = AdaptiveConfig::default();
         let mut statics = BTreeMap::new();
+        let mut gains = ControllerGains::default();
         if let Some(path) = config {
             let at = path.display();
             let text = std::fs::read_to_string(path).map_err(|e| {
@@ -95,6 +99,17 @@ impl Setup {
                     PyValueError::new_err(format!("{at}: [static] {}", e.message()))
                 })?;
             }
+            if let Some(v) = table.remove("trim") {
+                gains.trim = v.try_into().map_err(|e: toml::de::Error| {
+                    PyValueError::new_err(format!("{at}: [trim] {}", e.message()))
+                })?;
+            }
+            if let Some(v) = table.remove("slo_feedback") {
+                gains.slo_feedback = v.try_into().map_err(|e: toml::de::Error| {
+                    PyValueError::new_err(format!("{at}: [slo_feedback] {}", e.message()))
+                })?;
+            }
+            gains.check().map_err(|e| PyValueError::new_err(format!("{at}: {e}")))?;
         }
         if let Some(json) = sim_json {
             let over: serde_json::Map<String, serde_json::Value> = serde_json::from_str(json)
@@ -108,7 +123,7 @@ impl Setup {
             ))
         })?;
         sim.validate().map_err(|m| PyValueError::new_err(format!("{origin}: {m}")))?;
-        Ok(Setup { scenario, sim, adaptive, statics })
+        Ok(Setup { scenario, sim, adaptive, statics, gains })
     }
 
     fn env(&self) -> PyResult<SimEnv> {
@@ -582,7 +597,7 @@ fn evaluate_one(setup: &Setup, source: &PolicySource, seed: u64) -> anyhow::Resu
             let found = best_static(sc, &setup.sim, seed, 0, &cache)?;
             Box::new(FixedPolicy::new("best-static", found.settings))
         }
-        other => other.instantiate(&setup.sim.scenario_spec(sc))?,
+        other => other.instantiate_with(&setup.sim.scenario_spec(sc), &setup.gains)?,
     };
     let (summary, reward) = run_episode(sc, &setup.sim, &setup.adaptive, policy.as_mut(), seed, 0)?;
     Ok(Row::from_summary(&sc.name, &source.label(), seed, &summary, reward))

@@ -96,3 +96,17 @@ def test_baselines_rank_as_expected_on_the_same_episodes():
     assert heavy["cpu_us_per_packet"] < pp["cpu_us_per_packet"]
     assert heavy["p99_us"] > pp["p99_us"]
     assert "dim" in moderato.baseline_names() and "static:mlx5" in moderato.baseline_names()
+
+
+def test_a_configs_controller_gains_reach_evaluate(tmp_path):
+    # The [slo_feedback] table of the config a HostEnv is made from sets slo-feedback's gains, as
+    # it does for `moderato eval`: a lower setpoint holds the p99 lower.
+    cfg = tmp_path / "gains.toml"
+    cfg.write_text("[sim]\nepisode_steps = 30\n[slo_feedback]\nsetpoint = 0.4\nheadroom = 0.3\n")
+    tight = moderato.HostEnv(scenario("rr-latency"), config=cfg).evaluate("slo-feedback:200", seeds=[1])[0]
+    default = moderato.HostEnv(scenario("rr-latency"), sim={"episode_steps": 30}).evaluate(
+        "slo-feedback:200", seeds=[1])[0]
+    assert tight["p99_us"] < 0.8 * default["p99_us"]
+    cfg.write_text("[slo_feedback]\nsetpoint = 2.0\n")
+    with pytest.raises(ValueError, match=r"\[slo_feedback\] setpoint = 2"):
+        moderato.HostEnv(scenario("rr-latency"), config=cfg)
