@@ -238,6 +238,12 @@ fn deploy(args: DeployArgs, load_policy: &PolicyLoader) -> Result<()> {
             args.config.display()
         )
     })?;
+    if !gains.is_default() {
+        // What `trim:` and `slo-feedback` run with, for the record of this deploy.
+        let text = toml::to_string(&gains).unwrap_or_default();
+        let text = text.lines().filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ");
+        tracing::info!(target: "moderato::deploy", gains = %text, "feedback controllers' gains from the config");
+    }
     for (p, what) in [(&primary, "--policy"), (&fallback, "fallback")] {
         p.check_profile(live.profile).map_err(|e| {
             anyhow::anyhow!(
