@@ -13,19 +13,17 @@ use crate::slo_feedback::Gains;
 #[serde(deny_unknown_fields)]
 pub struct ControllerGains {
     /// `trim:<model>` and `trim-targets:<model>`.
-    #[serde(default, skip_serializing_if = "is_default_trim")]
+    #[serde(default, skip_serializing_if = "is_default")]
     pub trim: TrimGains,
     /// `slo-feedback` and `slo-feedback:<p99_us>`.
-    #[serde(default, skip_serializing_if = "is_default_slo_feedback")]
+    #[serde(default, skip_serializing_if = "is_default")]
     pub slo_feedback: Gains,
 }
 
-fn is_default_trim(g: &TrimGains) -> bool {
-    *g == TrimGains::default()
-}
-
-fn is_default_slo_feedback(g: &Gains) -> bool {
-    *g == Gains::default()
+/// Whether `x` is its type's default (for `skip_serializing_if`: a config keeps only the tables
+/// it changed).
+pub fn is_default<T: Default + PartialEq>(x: &T) -> bool {
+    *x == T::default()
 }
 
 impl ControllerGains {

@@ -85,16 +85,12 @@ pub struct EvalConfig {
     pub profile: Option<moderato_env::HostProfile>,
     /// `[trim]`: the gains of every `trim:` and `trim-targets:` policy of the suite; absent keys
     /// keep the documented defaults (`moderato_policies::learned::trim::TrimGains`).
-    #[serde(default, skip_serializing_if = "is_default")]
+    #[serde(default, skip_serializing_if = "moderato_policies::gains::is_default")]
     pub trim: TrimGains,
     /// `[slo_feedback]`: the gains of every `slo-feedback` policy of the suite; absent keys keep
     /// the documented defaults (`moderato_policies::slo_feedback::Gains`).
-    #[serde(default, skip_serializing_if = "is_default")]
+    #[serde(default, skip_serializing_if = "moderato_policies::gains::is_default")]
     pub slo_feedback: SloGains,
-}
-
-fn is_default<T: Default + PartialEq>(x: &T) -> bool {
-    *x == T::default()
 }
 
 impl EvalConfig {
