@@ -280,7 +280,7 @@ mod tests {
     #[test]
     fn host_adam_makes_burns_steps_and_reads_and_writes_its_records() {
         let dev = Device::flex().autodiff();
-        let start = Model::new(&NetConfig::default(), 5, &dev);
+        let start = Model::new(&NetConfig::default(), &moderato_env::ActionSpace::default(), 5, &dev);
         let mut burn_opt = AdamConfig::new().with_epsilon(1e-5).init();
         let mut host_opt = HostAdam::new(AdamSettings::default());
         let (mut mb, mut mh) = (start.clone(), start);
@@ -315,7 +315,7 @@ mod tests {
     #[test]
     fn global_clipping_scales_every_gradient_by_one_factor() {
         let dev = Device::flex().autodiff();
-        let m = Model::new(&NetConfig::default(), 5, &dev);
+        let m = Model::new(&NetConfig::default(), &moderato_env::ActionSpace::default(), 5, &dev);
         let g = grads_of(&m, 2.0);
         let (_, norm) = HostAdam::new(AdamSettings::default()).step(0.0, m.clone(), &[&g], f64::INFINITY);
         assert!(norm > 0.1, "{norm}");

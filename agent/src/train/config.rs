@@ -509,6 +509,7 @@ impl ExperimentConfig {
             bail!("{at}: ppo.update_epochs = 0: use at least 1");
         }
         c.network.validate().map_err(|m| anyhow::anyhow!("{at}: {m}"))?;
+        c.network.validate_for(&c.sim.action_space).map_err(|m| anyhow::anyhow!("{at}: {m}"))?;
         let s = &c.suite;
         if let Some(g) = &s.generator {
             g.validate().map_err(|m| anyhow::anyhow!("{at}: suite.generator.{m}"))?;

@@ -451,7 +451,7 @@ pub fn export(args: ExportArgs) -> Result<()> {
         std::fs::read(dir.join("model.bpk")).with_context(|| format!("{}: no model.bpk", dir.display()))?;
     let rec = burn::store::ModuleRecord::from_bytes(burn::tensor::Bytes::from_bytes_vec(bytes))
         .map_err(|e| anyhow::anyhow!("{}/model.bpk: {e:?}", dir.display()))?;
-    let model = Model::new(&cfg.network, 0, &device)
+    let model = Model::new(&cfg.network, &cfg.sim.action_space, 0, &device)
         .try_load_record(rec)
         .map_err(|e| anyhow::anyhow!("{}/model.bpk: {e:?}", dir.display()))?;
     let meta = model_meta(&cfg.name, &toml, &cfg, &state);

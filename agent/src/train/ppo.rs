@@ -129,10 +129,11 @@ pub struct Model {
 }
 
 impl Model {
-    pub fn new(cfg: &NetConfig, seed: u64, device: &Device) -> Model {
+    /// A fresh model; `space` decodes the actor's starting deferral (`network.init_napi`).
+    pub fn new(cfg: &NetConfig, space: &ActionSpace, seed: u64, device: &Device) -> Model {
         let mut rng = Pcg64Mcg::seed_from_u64(seed ^ 0xC817_1C00);
         Model {
-            actor: Actor::new(cfg, seed, device),
+            actor: Actor::with_init_means(cfg, seed, device, cfg.init_means(space)),
             critic: Critic { mlp: Mlp::new(cfg, CRITIC_IN, 1, 1.0, &mut rng, device) },
         }
     }
@@ -411,7 +412,7 @@ impl Trainer {
     /// A fresh trainer on any environments (`vmax`: the most VMs any of them has).
     pub fn with_envs(exp: Experiment, device: Device, make_env: EnvMaker, vmax: usize) -> Trainer {
         let c = &exp.config;
-        let model = Model::new(&c.network, c.seed, &device);
+        let model = Model::new(&c.network, &c.sim.action_space, c.seed, &device);
         // Adam with ε = 1e-5, as CleanRL.
         let optim = HostAdam::new(AdamSettings::default());
         let state = TrainState {

@@ -14,7 +14,9 @@ use rand::SeedableRng;
 use rand_pcg::Pcg64Mcg;
 use serde::{Deserialize, Serialize};
 
-use moderato_env::{BACKEND_FEATURES, GUEST_FEATURES, HOST_FEATURES, KNOBS_PER_LAYER};
+use moderato_env::{
+    ActionSpace, BACKEND_FEATURES, GUEST_FEATURES, HOST_FEATURES, KNOBS_PER_LAYER, NapiParams,
+};
 
 use super::features::FeatureBatch;
 
@@ -43,6 +45,12 @@ pub struct NetConfig {
     /// per-packet, so a negative value starts training on the low-latency side.
     #[serde(default = "d_init_action")]
     pub init_action_mean: f64,
+    /// The NAPI deferral the NIC and guest heads start at (`init_napi = { defer = 4, timeout_us =
+    /// 100 }`) in place of `init_action_mean`'s, which decodes to about 1 poll / 4 µs: a timer
+    /// shorter than the gaps between packets polls empty and costs more than no deferral, so
+    /// training that starts there learns to switch deferral off. Absent: `init_action_mean`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_napi: Option<InitNapi>,
     /// Features the networks do not read (zero after normalisation), for hosts that cannot
     /// measure them; a deployed model does not require them. Empty: every feature.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -52,6 +60,16 @@ pub struct NetConfig {
     /// features, or their change since it. The critic reads the current interval only.
     #[serde(default, skip_serializing_if = "History::is_none")]
     pub history: History,
+}
+
+/// A starting NAPI deferral (`network.init_napi`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InitNapi {
+    /// `napi_defer_hard_irqs`.
+    pub defer: u32,
+    /// `gro_flush_timeout`, µs.
+    pub timeout_us: u32,
 }
 
 /// The previous interval in the actor's input (`network.history`). Each head's input row is the
@@ -95,6 +113,7 @@ impl Default for NetConfig {
             activation: Activation::Tanh,
             init_log_std: d_log_std(),
             init_action_mean: d_init_action(),
+            init_napi: None,
             ignore_features: Vec::new(),
             history: History::None,
         }
@@ -117,6 +136,40 @@ impl NetConfig {
         }
         super::features::Ignored::new(&self.ignore_features)?;
         Ok(())
+    }
+
+    /// Checks `init_napi` against the deferral a policy may set (`sim.action_space.napi`).
+    pub fn validate_for(&self, space: &ActionSpace) -> Result<(), String> {
+        if let Some(p) = self.init_napi {
+            let b = space.napi;
+            if p.defer > b.defer_max || p.timeout_us > b.timeout_us_max {
+                return Err(format!(
+                    "network.init_napi = {{ defer = {}, timeout_us = {} }} is outside sim.action_space.napi \
+                     (defer_max {}, timeout_us_max {}); start inside the bounds or raise them",
+                    p.defer, p.timeout_us, b.defer_max, b.timeout_us_max
+                ));
+            }
+            if (p.defer == 0) != (p.timeout_us == 0) {
+                return Err(format!(
+                    "network.init_napi = {{ defer = {}, timeout_us = {} }}: deferral needs both values \
+                     above 0 (or both 0 for none)",
+                    p.defer, p.timeout_us
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The heads' initial output bias, one value per knob ([`moderato_env::KNOB_NAMES`]):
+    /// `init_action_mean` everywhere but the deferral's two values with `init_napi`.
+    pub fn init_means(&self, space: &ActionSpace) -> [f32; KNOBS_PER_LAYER] {
+        let mut m = [self.init_action_mean as f32; KNOBS_PER_LAYER];
+        if let Some(p) = self.init_napi {
+            let [d, t] = space.encode_napi(NapiParams::new(p.defer, u64::from(p.timeout_us) * 1000));
+            m[KNOBS_PER_LAYER - 2] = d;
+            m[KNOBS_PER_LAYER - 1] = t;
+        }
+        m
     }
 }
 
@@ -277,7 +330,18 @@ impl BatchTensors {
 }
 
 impl Actor {
+    /// A fresh actor whose heads start at `cfg.init_action_mean` (see [`Actor::with_init_means`]).
     pub fn new(cfg: &NetConfig, seed: u64, device: &Device) -> Actor {
+        Self::with_init_means(cfg, seed, device, [cfg.init_action_mean as f32; KNOBS_PER_LAYER])
+    }
+
+    /// A fresh actor whose heads' output bias is `means` ([`NetConfig::init_means`]).
+    pub fn with_init_means(
+        cfg: &NetConfig,
+        seed: u64,
+        device: &Device,
+        means: [f32; KNOBS_PER_LAYER],
+    ) -> Actor {
         let mut rng = Pcg64Mcg::seed_from_u64(seed);
         let k = KNOBS_PER_LAYER;
         let log_std = |device: &Device| {
@@ -288,10 +352,8 @@ impl Actor {
         };
         let head = |rng: &mut Pcg64Mcg, d_in: usize| {
             let mut m = Mlp::new(cfg, d_in, k, 0.01, rng, device);
-            m.out.bias = Some(Param::from_tensor(Tensor::from_data(
-                TensorData::new(vec![cfg.init_action_mean as f32; k], [k]),
-                device,
-            )));
+            m.out.bias =
+                Some(Param::from_tensor(Tensor::from_data(TensorData::new(means.to_vec(), [k]), device)));
             m
         };
         let [nic_in, be_in, g_in] = head_widths(cfg);
@@ -541,6 +603,53 @@ mod tests {
             !serde_json::to_string(&old).unwrap().contains("history"),
             "a model without history keeps its bytes"
         );
+    }
+
+    /// `init_napi` starts the NIC and guest heads at that deferral (the output layer's weights are
+    /// small, so a fresh actor's means are its bias), every other knob at `init_action_mean`; a
+    /// start outside the bounds is refused by key.
+    #[test]
+    fn init_napi_starts_the_heads_at_that_deferral() {
+        use moderato_env::LayerKind;
+        let space = ActionSpace::default();
+        let cfg =
+            NetConfig { init_napi: Some(InitNapi { defer: 4, timeout_us: 100 }), ..NetConfig::default() };
+        cfg.validate_for(&space).unwrap();
+        let device = Device::flex();
+        let (h, bf, gf, v) = (HOST_FEATURES.len(), BACKEND_FEATURES.len(), GUEST_FEATURES.len(), 1);
+        let mut b = FeatureBatch::new(v);
+        b.rows = 1;
+        b.host = (0..h).map(|i| (i as f32 * 0.37).sin()).collect();
+        b.backend = (0..bf).map(|i| (i as f32 * 0.53).cos()).collect();
+        b.guest = (0..gf).map(|i| (i as f32 * 0.71).sin()).collect();
+        b.mask = vec![1.0];
+        let data = |t: burn::tensor::TensorData| t.convert::<f32>().try_into_vec::<f32>().unwrap();
+        let run = |cfg: &NetConfig| {
+            let a = Actor::with_init_means(cfg, 3, &device, cfg.init_means(&space));
+            let m = a.means(&b.tensors(&device));
+            (data(m.nic.into_data()), data(m.frontend.into_data()))
+        };
+        let (nic, fe) = run(&cfg);
+        let k = KNOBS_PER_LAYER;
+        for (kind, a) in [(LayerKind::Nic, &nic), (LayerKind::Frontend, &fe)] {
+            let p = space.decode_napi(kind, a[k - 2], a[k - 1]);
+            assert_eq!(p.napi_defer_hard_irqs, 4, "{kind:?}");
+            assert!((90_000..=110_000).contains(&p.gro_flush_timeout_ns), "{kind:?}: {p:?}");
+            let usecs = space.decode_usecs(kind, a[0]);
+            assert!((3..=6).contains(&usecs), "rx_usecs {usecs} starts where init_action_mean puts it");
+        }
+        let (nic0, _) = run(&NetConfig::default());
+        let p0 = space.decode_napi(LayerKind::Nic, nic0[k - 2], nic0[k - 1]);
+        assert!(p0.napi_defer_hard_irqs <= 1 && p0.gro_flush_timeout_ns <= 6_000, "without it: {p0:?}");
+        assert_eq!(NetConfig::default().init_means(&space), [-0.5; KNOBS_PER_LAYER]);
+        for (d, t, key) in [(9, 100, "defer_max 8"), (4, 501, "timeout_us_max 500"), (4, 0, "both values")] {
+            let bad =
+                NetConfig { init_napi: Some(InitNapi { defer: d, timeout_us: t }), ..NetConfig::default() };
+            let e = bad.validate_for(&space).unwrap_err();
+            assert!(e.contains("network.init_napi") && e.contains(key), "{e}");
+        }
+        let json = serde_json::to_string(&NetConfig::default()).unwrap();
+        assert!(!json.contains("init_napi"), "a model without it keeps its bytes");
     }
 
     /// The host-assembled path gives the means of the tensor path, padding included.
