@@ -620,3 +620,20 @@ fn a_validation_scenario_that_training_samples_is_refused() {
     );
     assert!(e.contains("validation.scenarios"), "{e}");
 }
+
+#[test]
+fn a_starting_deferral_outside_the_action_space_is_refused_by_key() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../experiments/test.toml");
+    let with = |v: &str| SIM.replace("hidden = [16, 16]", &format!("hidden = [16, 16]\ninit_napi = {v}"));
+    ExperimentConfig::parse(&with("{ defer = 4, timeout_us = 100 }"), &path).unwrap();
+    let e = format!(
+        "{:#}",
+        ExperimentConfig::parse(&with("{ defer = 4, timeout_us = 900 }"), &path).unwrap_err()
+    );
+    assert!(
+        e.contains("test.toml") && e.contains("network.init_napi") && e.contains("timeout_us_max 500"),
+        "{e}"
+    );
+    let e = format!("{:#}", ExperimentConfig::parse(&with("{ defer = 4 }"), &path).unwrap_err());
+    assert!(e.contains("timeout_us"), "{e}");
+}
