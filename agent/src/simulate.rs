@@ -48,6 +48,33 @@ pub struct SimulateArgs {
     /// with a `[trim]` and/or `[slo_feedback]` table, as in an eval or deploy config.
     #[arg(long, value_name = "FILE")]
     pub gains: Option<PathBuf>,
+    /// Run the scenario as a host of this profile (kvm-notf-coal, kvm-vhost, xen, sriov-vf): its
+    /// backend made the profile's, as an eval config's `profile` does.
+    #[arg(long, value_name = "NAME", value_parser = parse_profile)]
+    pub profile: Option<moderato_env::HostProfile>,
+    /// Under each interval's row, print the settings in force at its end on every layer: rx and
+    /// tx as usecs/frames, NAPI deferral as napi_defer_hard_irqs/gro_flush_timeout µs ("-": the
+    /// layer has no such knob, or it cannot be read).
+    #[arg(long)]
+    pub knobs: bool,
+}
+
+fn parse_profile(s: &str) -> Result<moderato_env::HostProfile, String> {
+    moderato_env::HostProfile::parse(s)
+}
+
+/// One interface's settings in force, as `--knobs` prints them.
+fn knobs_of(i: &moderato_env::InterfaceObs, napi: bool) -> String {
+    let k =
+        |k: Option<moderato_env::Knobs>| k.map_or("-".to_string(), |k| format!("{}/{}", k.usecs, k.frames));
+    let mut out = format!("rx {} tx {}", k(i.rx_knobs), k(i.tx_knobs));
+    if napi {
+        let n = i.napi.map_or("-".to_string(), |n| {
+            format!("{}/{}", n.napi_defer_hard_irqs, n.gro_flush_timeout_ns / 1000)
+        });
+        out.push_str(&format!(" napi {n}"));
+    }
+    out
 }
 
 /// What a simulate run measured, for printing and tests.
@@ -71,7 +98,13 @@ pub fn run(args: SimulateArgs) -> Result<()> {
 
 /// Runs the simulation `args` describe, printing a row per interval unless `quiet`.
 pub fn simulate(args: &SimulateArgs) -> Result<SimulateResult> {
-    let scenario = Scenario::load(&args.scenario)?;
+    let mut scenario = Scenario::load(&args.scenario)?;
+    if let Some(p) = args.profile {
+        scenario = scenario.with_profile(p);
+        scenario.validate().map_err(|e| {
+            anyhow::anyhow!("scenario {} as profile {p} (--profile): {e}", args.scenario.display())
+        })?;
+    }
     let interval_us = (args.interval_ms * 1000.0).round() as u64;
     anyhow::ensure!(
         args.interval_ms.is_finite() && interval_us > 0,
@@ -158,6 +191,17 @@ pub fn simulate(args: &SimulateArgs) -> Result<SimulateResult> {
                 t.dropped as f64 * 1e9 / t.interval_ns as f64,
                 st.reward
             );
+            if args.knobs {
+                let h = &st.obs.host;
+                let mut line = format!("{:>8} nic {}", "knobs", knobs_of(&h.nic, true));
+                for (v, b) in h.backends.iter().enumerate() {
+                    line.push_str(&format!(" | vm{v} backend {}", knobs_of(b, false)));
+                    if let Some(g) = st.obs.guests.get(v) {
+                        line.push_str(&format!(" frontend {}", knobs_of(&g.frontend, true)));
+                    }
+                }
+                outln!("{line}");
+            }
         }
         bar.inc(1);
         obs = st.obs;

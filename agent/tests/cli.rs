@@ -177,3 +177,22 @@ fn simulate_takes_the_controllers_gains_from_a_file() {
     let err = fails(&["simulate", RR, "--policy", "slo-feedback:200", "--gains", f]);
     assert!(err.contains("gains.toml") && err.contains("setpont"), "{err}");
 }
+
+#[test]
+fn simulate_runs_a_scenario_as_another_profile_and_prints_the_knobs_in_force() {
+    let out =
+        ok(&["simulate", RR, "--profile", "kvm-vhost", "--policy", "napi:2/20", "--steps", "2", "--knobs"]);
+    let knobs: Vec<&str> = out.lines().filter(|l| l.trim_start().starts_with("knobs")).collect();
+    assert_eq!(knobs.len(), 2, "one knobs line per interval: {out}");
+    for l in &knobs {
+        assert!(l.contains("nic rx 0/1 tx 0/1 napi 2/20"), "{l}");
+        assert!(l.contains("| vm0 backend") && l.contains("frontend") && l.ends_with("napi 2/20"), "{l}");
+    }
+    // As its own profile the same scenario's layers are set by ethtool too.
+    let own = ok(&["simulate", RR, "--policy", "static:16/16", "--steps", "1", "--knobs"]);
+    assert!(own.contains("nic rx 16/16 tx 16/16 napi 0/0"), "{own}");
+    let quiet = ok(&["simulate", RR, "--steps", "1", "--knobs", "--quiet"]);
+    assert!(!quiet.contains("knobs"), "{quiet}");
+    let e = fails(&["simulate", RR, "--profile", "kvm-vhos", "--steps", "1"]);
+    assert!(e.contains("kvm-vhos") && e.contains("kvm-vhost"), "{e}");
+}
