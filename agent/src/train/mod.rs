@@ -268,12 +268,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
         tb.flush();
     }
     tracing::info!("{}", trainer.perf.summary().trim_end());
-    tracing::info!("{}", next_steps(&run, &model_dir, evaluated));
+    tracing::info!("{}", next_steps(&run, &model_dir, evaluated, &trainer.state.profiles));
     Ok(())
 }
 
-/// What to run after a finished training run.
-fn next_steps(run: &Path, model: &Path, evaluated: bool) -> String {
+/// What to run after a finished training run (`profiles`: those the model was trained for; the
+/// simulate line runs `rr-latency`, a `kvm-notf-coal` host, as one of them where that is not one).
+fn next_steps(run: &Path, model: &Path, evaluated: bool, profiles: &[moderato_env::HostProfile]) -> String {
     let (run, model) = (run.display(), model.display());
     let mut s =
         format!("done. Next:\n  tensorboard --logdir {run}/tb                 # the training curves\n");
@@ -283,8 +284,13 @@ fn next_steps(run: &Path, model: &Path, evaluated: bool) -> String {
         ));
         s.push_str(&format!("  moderato eval {run}/eval/config.toml        # re-run that evaluation\n"));
     }
+    let own = moderato_env::HostProfile::KvmNotfCoal;
+    let profile = match profiles.first() {
+        Some(p) if !profiles.contains(&own) => format!(" --profile {p}"),
+        _ => String::new(),
+    };
     s.push_str(&format!(
-        "  moderato simulate experiments/scenarios/rr-latency.toml --policy {model}   # watch it interval by interval\n"
+        "  moderato simulate experiments/scenarios/rr-latency.toml{profile} --policy {model} --knobs   # watch it interval by interval\n"
     ));
     s.push_str(&format!(
         "  moderato deploy experiments/deploy/guest.toml --role guest --policy {model} --dry-run --steps 10"
@@ -464,4 +470,24 @@ pub fn export(args: ExportArgs) -> Result<()> {
         args.model_dir.display()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use moderato_env::HostProfile;
+
+    /// The simulate line a run prints runs: a model trained without `rr-latency`'s own profile
+    /// gets `--profile` (a model refuses a profile it was not trained for).
+    #[test]
+    fn the_next_steps_simulate_a_profile_the_model_was_trained_for() {
+        let (run, model) = (Path::new("runs/x"), Path::new("runs/x/model"));
+        let all = next_steps(run, model, true, &[HostProfile::KvmNotfCoal, HostProfile::KvmVhost]);
+        assert!(all.contains("rr-latency.toml --policy runs/x/model --knobs"), "{all}");
+        assert!(all.contains("eval/report.md"), "{all}");
+        let kvm = next_steps(run, model, false, &[HostProfile::KvmVhost]);
+        assert!(kvm.contains("rr-latency.toml --profile kvm-vhost --policy runs/x/model"), "{kvm}");
+        assert!(!kvm.contains("report.md"), "{kvm}");
+        assert!(!next_steps(run, model, false, &[]).contains("--profile"));
+    }
 }
