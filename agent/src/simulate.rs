@@ -50,17 +50,13 @@ pub struct SimulateArgs {
     pub gains: Option<PathBuf>,
     /// Run the scenario as a host of this profile (kvm-notf-coal, kvm-vhost, xen, sriov-vf): its
     /// backend made the profile's, as an eval config's `profile` does.
-    #[arg(long, value_name = "NAME", value_parser = parse_profile)]
+    #[arg(long, value_name = "NAME", value_parser = moderato_env::HostProfile::parse)]
     pub profile: Option<moderato_env::HostProfile>,
     /// Under each interval's row, print the settings in force at its end on every layer: rx and
     /// tx as usecs/frames, NAPI deferral as napi_defer_hard_irqs/gro_flush_timeout µs ("-": the
     /// layer has no such knob, or it cannot be read).
     #[arg(long)]
     pub knobs: bool,
-}
-
-fn parse_profile(s: &str) -> Result<moderato_env::HostProfile, String> {
-    moderato_env::HostProfile::parse(s)
 }
 
 /// One interface's settings in force, as `--knobs` prints them.
