@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 use moderato_env::sim::{Scenario, SimConfig, SimEnv};
-use moderato_env::{Env, EpisodeSummary};
+use moderato_env::{Env, EpisodeSummary, LayerKind};
 use moderato_policies::gains::ControllerGains;
 
 use crate::resolve::{controller_factory, resolve_fixed};
@@ -59,12 +59,15 @@ pub struct SimulateArgs {
     pub knobs: bool,
 }
 
-/// One interface's settings in force, as `--knobs` prints them.
-fn knobs_of(i: &moderato_env::InterfaceObs, napi: bool) -> String {
-    let k =
-        |k: Option<moderato_env::Knobs>| k.map_or("-".to_string(), |k| format!("{}/{}", k.usecs, k.frames));
+/// One interface's settings in force, as `--knobs` prints them; "-" for what the host's profile
+/// does not offer on that layer (`has`), whatever the simulator reports there.
+fn knobs_of(i: &moderato_env::InterfaceObs, has: moderato_env::LayerMechanisms) -> String {
+    let k = |k: Option<moderato_env::Knobs>| match k {
+        Some(k) if has.coalescing => format!("{}/{}", k.usecs, k.frames),
+        _ => "-".to_string(),
+    };
     let mut out = format!("rx {} tx {}", k(i.rx_knobs), k(i.tx_knobs));
-    if napi {
+    if has.deferral {
         let n = i.napi.map_or("-".to_string(), |n| {
             format!("{}/{}", n.napi_defer_hard_irqs, n.gro_flush_timeout_ns / 1000)
         });
@@ -132,6 +135,7 @@ pub fn simulate(args: &SimulateArgs) -> Result<SimulateResult> {
     let cfg = SimConfig { interval_us, episode_steps: steps, ..SimConfig::default() };
     source.check_bounds(&cfg.action_space)?;
     let slo = cfg.reward.slo_p99_us;
+    let profile = scenario.profile();
     let mut env = SimEnv::new(scenario.clone(), cfg, Some(controller_factory()))?;
     // The scenario's own spec: its VMs' targets and its host profile, which a model is checked
     // against.
@@ -189,11 +193,15 @@ pub fn simulate(args: &SimulateArgs) -> Result<SimulateResult> {
             );
             if args.knobs {
                 let h = &st.obs.host;
-                let mut line = format!("{:>8} nic {}", "knobs", knobs_of(&h.nic, true));
+                let has = |kind| profile.mechanisms(kind);
+                let mut line = format!("{:>8} nic {}", "knobs", knobs_of(&h.nic, has(LayerKind::Nic)));
                 for (v, b) in h.backends.iter().enumerate() {
-                    line.push_str(&format!(" | vm{v} backend {}", knobs_of(b, false)));
+                    line.push_str(&format!(" | vm{v} backend {}", knobs_of(b, has(LayerKind::Backend))));
                     if let Some(g) = st.obs.guests.get(v) {
-                        line.push_str(&format!(" frontend {}", knobs_of(&g.frontend, true)));
+                        line.push_str(&format!(
+                            " frontend {}",
+                            knobs_of(&g.frontend, has(LayerKind::Frontend))
+                        ));
                     }
                 }
                 outln!("{line}");
