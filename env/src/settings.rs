@@ -397,15 +397,32 @@ pub struct NapiBounds {
     pub defer_max: u32,
     /// Most `gro_flush_timeout`, µs.
     pub timeout_us_max: u32,
+    /// Shortest `gro_flush_timeout` a deferral decodes to, µs (0, the default: the timeout
+    /// decodes from 0 like `usecs`). Above 0 the timeout decodes on a log scale from this value to
+    /// `timeout_us_max`, and a layer whose `defer` decodes to 0 has no deferral at all. It shapes
+    /// what the actor's outputs mean, not what an environment accepts: deferrals with shorter
+    /// timeouts (a `napi:` recipe, the operator's own) still apply.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub timeout_us_min: u32,
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
 }
 
 impl Default for NapiBounds {
     fn default() -> Self {
-        NapiBounds { defer_max: 8, timeout_us_max: 500 }
+        NapiBounds { defer_max: 8, timeout_us_max: 500, timeout_us_min: 0 }
     }
 }
 
 impl NapiBounds {
+    /// The same bounds on what an environment accepts: equal but for `timeout_us_min`, which
+    /// only shapes decoding.
+    pub fn same_limits(&self, o: &NapiBounds) -> bool {
+        self.defer_max == o.defer_max && self.timeout_us_max == o.timeout_us_max
+    }
+
     /// Clamps into the bounds (the timeout in whole µs, as decoded).
     pub fn clamp(&self, p: NapiParams) -> NapiParams {
         NapiParams::new(
@@ -445,6 +462,15 @@ impl Default for ActionSpace {
 }
 
 impl ActionSpace {
+    /// The same limits on what an environment accepts (every bound but the decode-only
+    /// `napi.timeout_us_min`).
+    pub fn same_limits(&self, o: &ActionSpace) -> bool {
+        self.nic == o.nic
+            && self.backend == o.backend
+            && self.frontend == o.frontend
+            && self.napi.same_limits(&o.napi)
+    }
+
     pub fn bounds(&self, kind: LayerKind) -> &KnobBounds {
         match kind {
             LayerKind::Nic => &self.nic,
@@ -488,12 +514,30 @@ impl ActionSpace {
             return NapiParams::OFF;
         }
         let d = Self::decode_log0(defer, self.napi.defer_max);
-        let t = Self::decode_log0(timeout, self.napi.timeout_us_max);
-        NapiParams::new(d, u64::from(t) * 1000)
+        let (lo, hi) = (self.napi.timeout_us_min, self.napi.timeout_us_max);
+        if lo == 0 {
+            let t = Self::decode_log0(timeout, hi);
+            return NapiParams::new(d, u64::from(t) * 1000);
+        }
+        if d == 0 {
+            return NapiParams::OFF;
+        }
+        // `lo · (hi / lo)^u`, rounded: `lo` at `a = −1`, `hi` at 1.
+        let (l, h) = (f64::from(lo), f64::from(hi.max(lo)));
+        let t = (l * (Self::unit(timeout) * (h / l).ln()).exp()).round().clamp(l, h) as u64;
+        NapiParams::new(d, t * 1000)
     }
 
     /// The two values of a deferral (the timeout in whole µs, clamped into the bounds).
     pub fn encode_napi(&self, p: NapiParams) -> [f32; 2] {
+        let (lo, hi) = (self.napi.timeout_us_min, self.napi.timeout_us_max);
+        if lo > 0 {
+            let d = Self::encode_log0(p.napi_defer_hard_irqs, self.napi.defer_max);
+            let (l, h) = (f64::from(lo), f64::from(hi.max(lo)));
+            let t = (p.gro_flush_timeout_ns as f64 / 1000.0).clamp(l, h);
+            let u = if h > l { (t / l).ln() / (h / l).ln() } else { 0.0 };
+            return [d, (2.0 * u - 1.0) as f32];
+        }
         [
             Self::encode_log0(p.napi_defer_hard_irqs, self.napi.defer_max),
             Self::encode_log0(
@@ -621,6 +665,42 @@ mod tests {
         assert_eq!(s.nic.napi, NapiParams::new(8, 500_000));
     }
 
+    #[test]
+    fn a_minimum_timeout_narrows_the_decoded_range_and_keeps_off() {
+        let sp = ActionSpace {
+            napi: NapiBounds { timeout_us_min: 50, ..NapiBounds::default() },
+            ..ActionSpace::default()
+        };
+        // Off wherever `defer` decodes to 0, whatever the timeout's value.
+        for t in [-1.0, 0.0, 1.0] {
+            assert_eq!(sp.decode_napi(LayerKind::Nic, -1.0, t), NapiParams::OFF);
+        }
+        assert_eq!(sp.decode_napi(LayerKind::Nic, 1.0, -1.0), NapiParams::new(8, 50_000));
+        assert_eq!(sp.decode_napi(LayerKind::Frontend, 1.0, 1.0), NapiParams::new(8, 500_000));
+        // The midpoint is the geometric mean of 50 and 500 µs.
+        assert_eq!(sp.decode_napi(LayerKind::Nic, 1.0, 0.0), NapiParams::new(8, 158_000));
+        for d in 1..=8 {
+            for t in [50, 64, 100, 200, 333, 500] {
+                let p = NapiParams::new(d, t * 1000);
+                let [a, b] = sp.encode_napi(p);
+                assert_eq!(sp.decode_napi(LayerKind::Nic, a, b), p, "{p:?}");
+            }
+        }
+        // A shorter timeout than the minimum encodes to the minimum.
+        let [a, b] = sp.encode_napi(NapiParams::new(2, 20_000));
+        assert_eq!(sp.decode_napi(LayerKind::Nic, a, b), NapiParams::new(2, 50_000));
+        // Only the decoding differs: an environment's limits are the default's.
+        assert!(sp.same_limits(&ActionSpace::default()));
+        let wider = ActionSpace { napi: NapiBounds { timeout_us_max: 600, ..sp.napi }, ..sp.clone() };
+        assert!(!sp.same_limits(&wider));
+        // Absent from model.json (and TOML) when 0, so models without it read back unchanged.
+        let json = toml::to_string(&ActionSpace::default()).expect("serialises");
+        assert!(!json.contains("timeout_us_min"), "{json}");
+        let back: ActionSpace = toml::from_str(&json).expect("parses");
+        assert_eq!(back, ActionSpace::default());
+        let json = toml::to_string(&sp).expect("serialises");
+        assert_eq!(toml::from_str::<ActionSpace>(&json).expect("parses"), sp);
+    }
     #[test]
     fn flat_layout_matches_layer_offsets() {
         let sp = ActionSpace::default();

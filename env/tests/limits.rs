@@ -169,6 +169,13 @@ fn action_space_and_initial_settings_are_bounded() {
     c.action_space.nic.frames_max = 0;
     assert!(c.validate().unwrap_err().contains("action_space.nic.frames_max = 0"));
     let mut c = SimConfig::default();
+    c.action_space.napi.timeout_us_min = 600;
+    let e = c.validate().unwrap_err();
+    assert!(
+        e.contains("action_space.napi.timeout_us_min = 600") && e.contains("timeout_us_max = 500"),
+        "{e}"
+    );
+    let mut c = SimConfig::default();
     let mut init = moderato_env::CoalescingSettings::per_packet(1);
     init.nic = moderato_env::LayerSettings::fixed(
         moderato_env::Knobs::new(5000, 1),

@@ -265,6 +265,13 @@ pub fn check_action_space(space: &ActionSpace) -> Result<(), String> {
             ));
         }
     }
+    let n = &space.napi;
+    if n.timeout_us_min > n.timeout_us_max {
+        return Err(format!(
+            "action_space.napi.timeout_us_min = {} is above timeout_us_max = {}: lower it, or raise the maximum",
+            n.timeout_us_min, n.timeout_us_max
+        ));
+    }
     Ok(())
 }
 

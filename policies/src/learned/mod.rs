@@ -432,7 +432,7 @@ impl LearnedPolicy {
     /// Checks that the model fits an environment: action space and probes.
     pub fn check_spec(&self, spec: &EnvSpec) -> Result<(), ModelError> {
         let path = self.dir.join(META_FILE);
-        if spec.action_space != self.meta.action_space {
+        if !spec.action_space.same_limits(&self.meta.action_space) {
             return Err(ModelError::Mismatch {
                 path,
                 message: format!(

@@ -149,6 +149,13 @@ impl NetConfig {
                     p.defer, p.timeout_us, b.defer_max, b.timeout_us_max
                 ));
             }
+            if p.defer > 0 && p.timeout_us < b.timeout_us_min {
+                return Err(format!(
+                    "network.init_napi = {{ defer = {}, timeout_us = {} }} is below sim.action_space.napi \
+                     timeout_us_min {}; start at a longer timeout or lower the minimum",
+                    p.defer, p.timeout_us, b.timeout_us_min
+                ));
+            }
             if (p.defer == 0) != (p.timeout_us == 0) {
                 return Err(format!(
                     "network.init_napi = {{ defer = {}, timeout_us = {} }}: deferral needs both values \
@@ -648,6 +655,17 @@ mod tests {
             let e = bad.validate_for(&space).unwrap_err();
             assert!(e.contains("network.init_napi") && e.contains(key), "{e}");
         }
+        // With the timeout decoded from 50 µs: a start below it is refused, one inside starts there.
+        let from50 = ActionSpace {
+            napi: moderato_env::NapiBounds { timeout_us_min: 50, ..space.napi },
+            ..space.clone()
+        };
+        let short =
+            NetConfig { init_napi: Some(InitNapi { defer: 2, timeout_us: 20 }), ..NetConfig::default() };
+        let e = short.validate_for(&from50).unwrap_err();
+        assert!(e.contains("network.init_napi") && e.contains("timeout_us_min 50"), "{e}");
+        let m = cfg.init_means(&from50);
+        assert_eq!(from50.decode_napi(LayerKind::Nic, m[4], m[5]), moderato_env::NapiParams::new(4, 100_000));
         let json = serde_json::to_string(&NetConfig::default()).unwrap();
         assert!(!json.contains("init_napi"), "a model without it keeps its bytes");
     }
