@@ -99,10 +99,9 @@ pub fn run(args: SimulateArgs) -> Result<()> {
 pub fn simulate(args: &SimulateArgs) -> Result<SimulateResult> {
     let mut scenario = Scenario::load(&args.scenario)?;
     if let Some(p) = args.profile {
-        scenario = scenario.with_profile(p);
-        scenario.validate().map_err(|e| {
-            anyhow::anyhow!("scenario {} as profile {p} (--profile): {e}", args.scenario.display())
-        })?;
+        scenario = scenario
+            .as_profile(p)
+            .map_err(|e| anyhow::anyhow!("scenario {} (--profile) {e}", args.scenario.display()))?;
     }
     let interval_us = (args.interval_ms * 1000.0).round() as u64;
     anyhow::ensure!(

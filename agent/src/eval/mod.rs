@@ -246,10 +246,7 @@ impl EvalConfig {
                 let sc = Scenario::load(base.join(s))
                     .map_err(|e| anyhow::anyhow!("{at}: scenario {}: {e}", s.display()))?;
                 let Some(p) = self.profile else { return Ok(sc) };
-                let sc = sc.with_profile(p);
-                sc.validate()
-                    .map_err(|e| anyhow::anyhow!("{at}: scenario {} as profile {p}: {e}", s.display()))?;
-                Ok(sc)
+                sc.as_profile(p).map_err(|e| anyhow::anyhow!("{at}: scenario {} {e}", s.display()))
             })
             .collect::<Result<Vec<_>>>()?;
         let policies = self

@@ -433,17 +433,9 @@ impl ExperimentConfig {
                     anyhow::anyhow!("{}: validation.scenarios: {}: {e}", path.display(), s.display())
                 })?;
                 let sc = match v.profile {
-                    Some(p) => {
-                        let sc = sc.with_profile(p);
-                        sc.validate().map_err(|e| {
-                            anyhow::anyhow!(
-                                "{}: validation.scenarios: {} as {p}: {e}",
-                                path.display(),
-                                s.display()
-                            )
-                        })?;
-                        sc
-                    }
+                    Some(p) => sc.as_profile(p).map_err(|e| {
+                        anyhow::anyhow!("{}: validation.scenarios: {} {e}", path.display(), s.display())
+                    })?,
                     None => sc,
                 };
                 if scenarios.iter().any(|t| t == &sc) {

@@ -591,6 +591,14 @@ impl Scenario {
         self
     }
 
+    /// [`Scenario::with_profile`], validated: the error says which profile the host could not be
+    /// run as (`as profile kvm-vhost: …`).
+    pub fn as_profile(self, profile: crate::HostProfile) -> Result<Scenario, String> {
+        let s = self.with_profile(profile);
+        s.validate().map_err(|e| format!("as profile {profile}: {e}"))?;
+        Ok(s)
+    }
+
     /// Reads and validates a scenario file; trace paths are resolved against its directory.
     pub fn load(path: impl AsRef<Path>) -> Result<Scenario, EnvError> {
         let path = path.as_ref();
