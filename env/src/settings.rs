@@ -445,7 +445,8 @@ pub struct ActionSpace {
     pub backend: KnobBounds,
     pub frontend: KnobBounds,
     /// NAPI deferral on the NIC and the frontends (default: 8 polls, 500 µs). `defer` and the
-    /// timeout decode like `usecs`: `exp(u · ln(max + 1)) − 1`, so `a = −1` is off.
+    /// timeout decode like `usecs`: `exp(u · ln(max + 1)) − 1`, so `a = −1` is off (with
+    /// `timeout_us_min` above 0 the timeout decodes from that floor instead; see [`NapiBounds`]).
     #[serde(default)]
     pub napi: NapiBounds,
 }
@@ -701,6 +702,7 @@ mod tests {
         let json = toml::to_string(&sp).expect("serialises");
         assert_eq!(toml::from_str::<ActionSpace>(&json).expect("parses"), sp);
     }
+
     #[test]
     fn flat_layout_matches_layer_offsets() {
         let sp = ActionSpace::default();
