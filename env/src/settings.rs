@@ -423,6 +423,12 @@ impl NapiBounds {
         self.defer_max == o.defer_max && self.timeout_us_max == o.timeout_us_max
     }
 
+    /// The timeout's log-scale range `(floor, max)` in µs when `timeout_us_min` is above 0.
+    fn timeout_floor_range(&self) -> Option<(f64, f64)> {
+        let lo = self.timeout_us_min;
+        (lo > 0).then(|| (f64::from(lo), f64::from(self.timeout_us_max.max(lo))))
+    }
+
     /// Clamps into the bounds (the timeout in whole µs, as decoded).
     pub fn clamp(&self, p: NapiParams) -> NapiParams {
         NapiParams::new(
@@ -515,26 +521,22 @@ impl ActionSpace {
             return NapiParams::OFF;
         }
         let d = Self::decode_log0(defer, self.napi.defer_max);
-        let (lo, hi) = (self.napi.timeout_us_min, self.napi.timeout_us_max);
-        if lo == 0 {
-            let t = Self::decode_log0(timeout, hi);
+        let Some((l, h)) = self.napi.timeout_floor_range() else {
+            let t = Self::decode_log0(timeout, self.napi.timeout_us_max);
             return NapiParams::new(d, u64::from(t) * 1000);
-        }
+        };
         if d == 0 {
             return NapiParams::OFF;
         }
-        // `lo · (hi / lo)^u`, rounded: `lo` at `a = −1`, `hi` at 1.
-        let (l, h) = (f64::from(lo), f64::from(hi.max(lo)));
+        // `l · (h / l)^u`, rounded: the floor at `a = −1`, the maximum at 1.
         let t = (l * (Self::unit(timeout) * (h / l).ln()).exp()).round().clamp(l, h) as u64;
         NapiParams::new(d, t * 1000)
     }
 
     /// The two values of a deferral (the timeout in whole µs, clamped into the bounds).
     pub fn encode_napi(&self, p: NapiParams) -> [f32; 2] {
-        let (lo, hi) = (self.napi.timeout_us_min, self.napi.timeout_us_max);
-        if lo > 0 {
+        if let Some((l, h)) = self.napi.timeout_floor_range() {
             let d = Self::encode_log0(p.napi_defer_hard_irqs, self.napi.defer_max);
-            let (l, h) = (f64::from(lo), f64::from(hi.max(lo)));
             let t = (p.gro_flush_timeout_ns as f64 / 1000.0).clamp(l, h);
             let u = if h > l { (t / l).ln() / (h / l).ln() } else { 0.0 };
             return [d, (2.0 * u - 1.0) as f32];
