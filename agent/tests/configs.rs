@@ -41,6 +41,13 @@ fn bad_experiment_configs_name_the_key() {
             "network.ignore_features: `nic.irq_rate` is not a feature; valid names: nic.rx_kpps_ln",
         ),
         (text.replace("history = \"none\"", "history = \"last\""), "`none`, `previous`, `delta`"),
+        (
+            text.replace(
+                "# [network.init_knobs.nic]\n# rx = { usecs = 64, frames = 32 }",
+                "[network.init_knobs.nic]\nrx = { usecs = 5000, frames = 32 }",
+            ),
+            "network.init_knobs.nic.rx = { usecs = 5000, frames = 32 } is outside sim.action_space.nic",
+        ),
     ];
     for (bad, key) in cases {
         let e = format!("{:#}", ExperimentConfig::parse(&bad, &base).unwrap_err());

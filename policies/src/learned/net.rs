@@ -15,7 +15,8 @@ use rand_pcg::Pcg64Mcg;
 use serde::{Deserialize, Serialize};
 
 use moderato_env::{
-    ActionSpace, BACKEND_FEATURES, GUEST_FEATURES, HOST_FEATURES, KNOBS_PER_LAYER, NapiParams,
+    ActionSpace, BACKEND_FEATURES, GUEST_FEATURES, HOST_FEATURES, KNOBS_PER_LAYER, Knobs, LayerKind,
+    NapiParams,
 };
 
 use super::features::FeatureBatch;
@@ -51,6 +52,11 @@ pub struct NetConfig {
     /// training that starts there learns to switch deferral off. Absent: `init_action_mean`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init_napi: Option<InitNapi>,
+    /// The setting each layer's head starts at, in the kernel's units, in place of
+    /// `init_action_mean` (and `init_napi`) for the values it names: e.g. best-static's kind of
+    /// setting, so that training refines a good fixed setting rather than searching for one.
+    #[serde(default, skip_serializing_if = "InitKnobs::is_empty")]
+    pub init_knobs: InitKnobs,
     /// Features the networks do not read (zero after normalisation), for hosts that cannot
     /// measure them; a deployed model does not require them. Empty: every feature.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -70,6 +76,78 @@ pub struct InitNapi {
     pub defer: u32,
     /// `gro_flush_timeout`, µs.
     pub timeout_us: u32,
+}
+
+/// Where the heads start (`network.init_knobs`): per layer, any of its coalescing knobs and its
+/// deferral. The backend head, shared by every VM, starts every backend there; likewise the guest
+/// head (`frontend`) every frontend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct InitKnobs {
+    #[serde(default, skip_serializing_if = "InitLayer::is_empty")]
+    pub nic: InitLayer,
+    #[serde(default, skip_serializing_if = "InitLayer::is_empty")]
+    pub backend: InitLayer,
+    #[serde(default, skip_serializing_if = "InitLayer::is_empty")]
+    pub frontend: InitLayer,
+}
+
+/// One layer's starting setting (`network.init_knobs.<layer>`): `rx` and `tx` as
+/// `{ usecs, frames }` (frames ≥ 1), `napi` as `{ defer, timeout_us }` (both 0: no deferral).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct InitLayer {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx: Option<Knobs>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx: Option<Knobs>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub napi: Option<InitNapi>,
+}
+
+impl InitLayer {
+    pub fn is_empty(&self) -> bool {
+        *self == InitLayer::default()
+    }
+}
+
+impl InitKnobs {
+    pub fn is_empty(&self) -> bool {
+        *self == InitKnobs::default()
+    }
+
+    /// The layers with their kinds, in head order (NIC, backend, guest).
+    fn layers(&self) -> [(LayerKind, &'static str, InitLayer); 3] {
+        [
+            (LayerKind::Nic, "nic", self.nic),
+            (LayerKind::Backend, "backend", self.backend),
+            (LayerKind::Frontend, "frontend", self.frontend),
+        ]
+    }
+}
+
+/// Checks a starting deferral (`key`'s value) against `sim.action_space.napi`.
+fn check_init_napi(key: &str, p: InitNapi, space: &ActionSpace) -> Result<(), String> {
+    let b = space.napi;
+    let at = format!("{key} = {{ defer = {}, timeout_us = {} }}", p.defer, p.timeout_us);
+    if p.defer > b.defer_max || p.timeout_us > b.timeout_us_max {
+        return Err(format!(
+            "{at} is outside sim.action_space.napi (defer_max {}, timeout_us_max {}); start inside the \
+             bounds or raise them",
+            b.defer_max, b.timeout_us_max
+        ));
+    }
+    if p.defer > 0 && p.timeout_us < b.timeout_us_min {
+        return Err(format!(
+            "{at} is below sim.action_space.napi timeout_us_min {}; start at a longer timeout or lower \
+             the minimum",
+            b.timeout_us_min
+        ));
+    }
+    if (p.defer == 0) != (p.timeout_us == 0) {
+        return Err(format!("{at}: deferral needs both values above 0 (or both 0 for none)"));
+    }
+    Ok(())
 }
 
 /// The previous interval in the actor's input (`network.history`). Each head's input row is the
@@ -114,6 +192,7 @@ impl Default for NetConfig {
             init_log_std: d_log_std(),
             init_action_mean: d_init_action(),
             init_napi: None,
+            init_knobs: InitKnobs::default(),
             ignore_features: Vec::new(),
             history: History::None,
         }
@@ -141,42 +220,54 @@ impl NetConfig {
     /// Checks `init_napi` against the deferral a policy may set (`sim.action_space.napi`).
     pub fn validate_for(&self, space: &ActionSpace) -> Result<(), String> {
         if let Some(p) = self.init_napi {
-            let b = space.napi;
-            if p.defer > b.defer_max || p.timeout_us > b.timeout_us_max {
-                return Err(format!(
-                    "network.init_napi = {{ defer = {}, timeout_us = {} }} is outside sim.action_space.napi \
-                     (defer_max {}, timeout_us_max {}); start inside the bounds or raise them",
-                    p.defer, p.timeout_us, b.defer_max, b.timeout_us_max
-                ));
+            check_init_napi("network.init_napi", p, space)?;
+        }
+        for (kind, name, l) in self.init_knobs.layers() {
+            let b = space.bounds(kind);
+            for (dir, k) in [("rx", l.rx), ("tx", l.tx)] {
+                let Some(k) = k else { continue };
+                if k.usecs > b.usecs_max || k.frames > b.frames_max || k.frames == 0 {
+                    return Err(format!(
+                        "network.init_knobs.{name}.{dir} = {{ usecs = {}, frames = {} }} is outside \
+                         sim.action_space.{name} (usecs_max {}, frames 1..={}); start inside the bounds",
+                        k.usecs, k.frames, b.usecs_max, b.frames_max
+                    ));
+                }
             }
-            if p.defer > 0 && p.timeout_us < b.timeout_us_min {
-                return Err(format!(
-                    "network.init_napi = {{ defer = {}, timeout_us = {} }} is below sim.action_space.napi \
-                     timeout_us_min {}; start at a longer timeout or lower the minimum",
-                    p.defer, p.timeout_us, b.timeout_us_min
-                ));
-            }
-            if (p.defer == 0) != (p.timeout_us == 0) {
-                return Err(format!(
-                    "network.init_napi = {{ defer = {}, timeout_us = {} }}: deferral needs both values \
-                     above 0 (or both 0 for none)",
-                    p.defer, p.timeout_us
-                ));
+            if let Some(p) = l.napi {
+                if kind == LayerKind::Backend && p.defer > 0 {
+                    return Err(
+                        "network.init_knobs.backend.napi: a backend has no NAPI deferral; set it on \
+                         nic or frontend"
+                            .into(),
+                    );
+                }
+                check_init_napi(&format!("network.init_knobs.{name}.napi"), p, space)?;
             }
         }
         Ok(())
     }
 
-    /// The heads' initial output bias, one value per knob ([`moderato_env::KNOB_NAMES`]):
-    /// `init_action_mean` everywhere but the deferral's two values with `init_napi`.
-    pub fn init_means(&self, space: &ActionSpace) -> [f32; KNOBS_PER_LAYER] {
-        let mut m = [self.init_action_mean as f32; KNOBS_PER_LAYER];
-        if let Some(p) = self.init_napi {
-            let [d, t] = space.encode_napi(NapiParams::new(p.defer, u64::from(p.timeout_us) * 1000));
-            m[KNOBS_PER_LAYER - 2] = d;
-            m[KNOBS_PER_LAYER - 1] = t;
-        }
-        m
+    /// The heads' initial output bias (NIC, backend, guest head), one value per knob
+    /// ([`moderato_env::KNOB_NAMES`]): `init_action_mean` everywhere, the deferral's two values
+    /// from `init_napi`, and whatever `init_knobs` names for a layer from it.
+    pub fn init_means(&self, space: &ActionSpace) -> [[f32; KNOBS_PER_LAYER]; 3] {
+        let napi = |p: InitNapi| space.encode_napi(NapiParams::new(p.defer, u64::from(p.timeout_us) * 1000));
+        self.init_knobs.layers().map(|(kind, _, l)| {
+            let mut m = [self.init_action_mean as f32; KNOBS_PER_LAYER];
+            if let Some(p) = l.napi.or(self.init_napi) {
+                let [d, t] = napi(p);
+                m[KNOBS_PER_LAYER - 2] = d;
+                m[KNOBS_PER_LAYER - 1] = t;
+            }
+            for (i, k) in [(0, l.rx), (2, l.tx)] {
+                if let Some(k) = k {
+                    m[i] = space.encode_usecs(kind, k.usecs);
+                    m[i + 1] = space.encode_frames(kind, k.frames);
+                }
+            }
+            m
+        })
     }
 }
 
@@ -339,15 +430,16 @@ impl BatchTensors {
 impl Actor {
     /// A fresh actor whose heads start at `cfg.init_action_mean` (see [`Actor::with_init_means`]).
     pub fn new(cfg: &NetConfig, seed: u64, device: &Device) -> Actor {
-        Self::with_init_means(cfg, seed, device, [cfg.init_action_mean as f32; KNOBS_PER_LAYER])
+        Self::with_init_means(cfg, seed, device, [[cfg.init_action_mean as f32; KNOBS_PER_LAYER]; 3])
     }
 
-    /// A fresh actor whose heads' output bias is `means` ([`NetConfig::init_means`]).
+    /// A fresh actor whose heads' output bias (NIC, backend, guest) is `means`
+    /// ([`NetConfig::init_means`]).
     pub fn with_init_means(
         cfg: &NetConfig,
         seed: u64,
         device: &Device,
-        means: [f32; KNOBS_PER_LAYER],
+        means: [[f32; KNOBS_PER_LAYER]; 3],
     ) -> Actor {
         let mut rng = Pcg64Mcg::seed_from_u64(seed);
         let k = KNOBS_PER_LAYER;
@@ -357,17 +449,18 @@ impl Actor {
                 device,
             ))
         };
-        let head = |rng: &mut Pcg64Mcg, d_in: usize| {
+        let head = |rng: &mut Pcg64Mcg, d_in: usize, means: [f32; KNOBS_PER_LAYER]| {
             let mut m = Mlp::new(cfg, d_in, k, 0.01, rng, device);
             m.out.bias =
                 Some(Param::from_tensor(Tensor::from_data(TensorData::new(means.to_vec(), [k]), device)));
             m
         };
         let [nic_in, be_in, g_in] = head_widths(cfg);
+        let [m_nic, m_be, m_g] = means;
         Actor {
-            nic: head(&mut rng, nic_in),
-            backend: head(&mut rng, be_in),
-            guest: head(&mut rng, g_in),
+            nic: head(&mut rng, nic_in, m_nic),
+            backend: head(&mut rng, be_in, m_be),
+            guest: head(&mut rng, g_in, m_g),
             log_std_nic: log_std(device),
             log_std_backend: log_std(device),
             log_std_frontend: log_std(device),
@@ -648,7 +741,7 @@ mod tests {
         let (nic0, _) = run(&NetConfig::default());
         let p0 = space.decode_napi(LayerKind::Nic, nic0[k - 2], nic0[k - 1]);
         assert!(p0.napi_defer_hard_irqs <= 1 && p0.gro_flush_timeout_ns <= 6_000, "without it: {p0:?}");
-        assert_eq!(NetConfig::default().init_means(&space), [-0.5; KNOBS_PER_LAYER]);
+        assert_eq!(NetConfig::default().init_means(&space), [[-0.5; KNOBS_PER_LAYER]; 3]);
         for (d, t, key) in [(9, 100, "defer_max 8"), (4, 501, "timeout_us_max 500"), (4, 0, "both values")] {
             let bad =
                 NetConfig { init_napi: Some(InitNapi { defer: d, timeout_us: t }), ..NetConfig::default() };
@@ -664,10 +757,78 @@ mod tests {
             NetConfig { init_napi: Some(InitNapi { defer: 2, timeout_us: 20 }), ..NetConfig::default() };
         let e = short.validate_for(&from50).unwrap_err();
         assert!(e.contains("network.init_napi") && e.contains("timeout_us_min 50"), "{e}");
-        let m = cfg.init_means(&from50);
+        let [m, _, _] = cfg.init_means(&from50);
         assert_eq!(from50.decode_napi(LayerKind::Nic, m[4], m[5]), moderato_env::NapiParams::new(4, 100_000));
         let json = serde_json::to_string(&NetConfig::default()).unwrap();
         assert!(!json.contains("init_napi"), "a model without it keeps its bytes");
+    }
+
+    /// `init_knobs` starts each head at its layer's setting in the kernel's units (encoded with
+    /// that layer's bounds), leaves what it does not name at `init_action_mean` / `init_napi`,
+    /// refuses a start outside the bounds by key, and is absent from a model that does not use it.
+    #[test]
+    fn init_knobs_start_each_head_at_its_layers_setting() {
+        use moderato_env::Direction::{Rx, Tx};
+        use moderato_env::LayerKind;
+        let space = ActionSpace::default();
+        let cfg: NetConfig = serde_json::from_str(
+            r#"{"init_napi": {"defer": 2, "timeout_us": 50}, "init_knobs": {
+                "nic": {"rx": {"usecs": 64, "frames": 32}, "tx": {"usecs": 256, "frames": 128},
+                        "napi": {"defer": 4, "timeout_us": 100}},
+                "frontend": {"rx": {"usecs": 8, "frames": 8}, "napi": {"defer": 0, "timeout_us": 0}}}}"#,
+        )
+        .unwrap();
+        cfg.validate_for(&space).unwrap();
+        let device = Device::flex();
+        let (h, bf, gf, v) = (HOST_FEATURES.len(), BACKEND_FEATURES.len(), GUEST_FEATURES.len(), 1);
+        let mut b = FeatureBatch::new(v);
+        b.rows = 1;
+        b.host = (0..h).map(|i| (i as f32 * 0.37).sin()).collect();
+        b.backend = (0..bf).map(|i| (i as f32 * 0.53).cos()).collect();
+        b.guest = (0..gf).map(|i| (i as f32 * 0.71).sin()).collect();
+        b.mask = vec![1.0];
+        let a = Actor::with_init_means(&cfg, 3, &device, cfg.init_means(&space));
+        let m = a.means(&b.tensors(&device));
+        let data = |t: burn::tensor::TensorData| t.convert::<f32>().try_into_vec::<f32>().unwrap();
+        let (nic, be, fe) = (data(m.nic.into_data()), data(m.backend.into_data()), data(m.frontend.into_data()));
+        // The small output weights move a fresh actor's means a little off its bias.
+        let fixed = |l: &moderato_env::LayerSettings, d: moderato_env::Direction| match l.get(d) {
+            moderato_env::Moderation::Fixed(k) => k,
+            other => panic!("{other:?}"),
+        };
+        let near = |got: u32, want: u32| (f64::from(got) - f64::from(want)).abs() <= 0.15 * f64::from(want) + 1.0;
+        let nic_s = space.decode_layer(LayerKind::Nic, &nic);
+        assert!(near(fixed(&nic_s, Rx).usecs, 64) && near(fixed(&nic_s, Rx).frames, 32), "{nic_s:?}");
+        assert!(near(fixed(&nic_s, Tx).usecs, 256) && near(fixed(&nic_s, Tx).frames, 128), "{nic_s:?}");
+        assert_eq!(nic_s.napi.napi_defer_hard_irqs, 4, "{nic_s:?}");
+        let fe_s = space.decode_layer(LayerKind::Frontend, &fe);
+        assert!(near(fixed(&fe_s, Rx).usecs, 8) && near(fixed(&fe_s, Rx).frames, 8), "{fe_s:?}");
+        assert_eq!(fe_s.napi, NapiParams::OFF, "both 0: no deferral");
+        // The frontend's tx and the whole backend: init_action_mean (about 5 µs / 4 frames).
+        assert!((3..=7).contains(&fixed(&fe_s, Tx).usecs), "{fe_s:?}");
+        let be_s = space.decode_layer(LayerKind::Backend, &be);
+        assert!((3..=7).contains(&fixed(&be_s, Rx).usecs) && (3..=6).contains(&fixed(&be_s, Rx).frames), "{be_s:?}");
+        // Encoded per layer: the NIC's frames span 1..=256, the frontend's 1..=128.
+        let [mn, _, _] = cfg.init_means(&space);
+        assert_eq!(mn[1], space.encode_frames(LayerKind::Nic, 32));
+        for (bad, key) in [
+            (r#"{"nic": {"rx": {"usecs": 2000, "frames": 32}}}"#, "network.init_knobs.nic.rx"),
+            (r#"{"frontend": {"tx": {"usecs": 8, "frames": 0}}}"#, "network.init_knobs.frontend.tx"),
+            (r#"{"frontend": {"napi": {"defer": 9, "timeout_us": 100}}}"#, "network.init_knobs.frontend.napi"),
+            (r#"{"backend": {"napi": {"defer": 2, "timeout_us": 20}}}"#, "network.init_knobs.backend.napi"),
+        ] {
+            let c = NetConfig { init_knobs: serde_json::from_str(bad).unwrap(), ..NetConfig::default() };
+            let e = c.validate_for(&space).unwrap_err();
+            assert!(e.contains(key), "{bad}: {e}");
+        }
+        assert!(
+            serde_json::from_str::<InitKnobs>(r#"{"nic": {"rx_usecs": 4}}"#).is_err(),
+            "unknown keys refused"
+        );
+        let json = serde_json::to_string(&NetConfig::default()).unwrap();
+        assert!(!json.contains("init_knobs"), "a model without it keeps its bytes");
+        let back: NetConfig = serde_json::from_str(&serde_json::to_string(&cfg).unwrap()).unwrap();
+        assert_eq!(back, cfg);
     }
 
     /// The host-assembled path gives the means of the tensor path, padding included.
