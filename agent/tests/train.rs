@@ -637,3 +637,39 @@ fn a_starting_deferral_outside_the_action_space_is_refused_by_key() {
     let e = format!("{:#}", ExperimentConfig::parse(&with("{ defer = 4 }"), &path).unwrap_err());
     assert!(e.contains("timeout_us"), "{e}");
 }
+
+/// `ppo.log_std_anneal_to`: the log standard deviations follow the schedule (linear from
+/// `init_log_std` at the first iteration), take no gradient in between, and a bad value is
+/// refused by key.
+#[test]
+fn the_log_std_schedule_replaces_learning_it() {
+    let text = BANDIT.replace("update_epochs = 8", "update_epochs = 8\nlog_std_anneal_to = -2.5");
+    let exp = experiment(&text);
+    let make: EnvMaker = Arc::new(|_| Ok(Box::new(Bandit::new()) as Box<dyn Env + Send>));
+    let mut t = Trainer::with_envs(exp, train_device(), make, 1);
+    let total = t.exp.config.iterations() as f32;
+    let mut m = Memory::default();
+    let values = |t: &Trainer| {
+        let a = &t.model.actor;
+        [&a.log_std_nic, &a.log_std_backend, &a.log_std_frontend]
+            .iter()
+            .flat_map(|p| p.val().inner().into_data().convert::<f32>().try_into_vec::<f32>().unwrap())
+            .collect::<Vec<f32>>()
+    };
+    for it in 0..3 {
+        t.iteration(&mut m).unwrap();
+        // Set at the iteration's start, unchanged by its update.
+        let want = -0.5 + (-2.5 - -0.5) * it as f32 / total;
+        let got = values(&t);
+        assert!(got.iter().all(|v| (v - want).abs() < 1e-6), "iteration {it}: {got:?}, want {want}");
+    }
+    // Without the schedule the same run learns them.
+    let make: EnvMaker = Arc::new(|_| Ok(Box::new(Bandit::new()) as Box<dyn Env + Send>));
+    let mut learned = Trainer::with_envs(experiment(BANDIT), train_device(), make, 1);
+    learned.iteration(&mut Memory::default()).unwrap();
+    assert!(values(&learned).iter().any(|v| (v - -0.5).abs() > 1e-4), "learned log stds did not move");
+    let bad = BANDIT.replace("update_epochs = 8", "update_epochs = 8\nlog_std_anneal_to = 3.0");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../experiments/test.toml");
+    let e = format!("{:#}", ExperimentConfig::parse(&bad, &path).unwrap_err());
+    assert!(e.contains("ppo.log_std_anneal_to = 3"), "{e}");
+}

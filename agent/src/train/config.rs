@@ -184,6 +184,12 @@ pub struct PpoConfig {
     pub max_grad_norm: f64,
     /// Stop an update's epochs early when the approximate KL exceeds this (none: never).
     pub target_kl: Option<f64>,
+    /// When set, the policy's log standard deviations are not learned: they fall linearly from
+    /// `network.init_log_std` at the first iteration to this value at the end of the run, so
+    /// exploration narrows as training ends (the deterministic policy that is deployed is then
+    /// the one trained, not a mean kept away from the SLO by its noise). None: learned.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_std_anneal_to: Option<f64>,
     /// Scale rewards by a running estimate of the discounted return's standard deviation.
     pub norm_reward: bool,
     /// How the SLO enters training: `"penalty"` (the reward's latency term, `[sim.reward]
@@ -242,6 +248,7 @@ impl Default for PpoConfig {
             vf_coef: 0.5,
             max_grad_norm: 0.5,
             target_kl: None,
+            log_std_anneal_to: None,
             norm_reward: true,
             constraint: Constraint::Penalty,
             lagrangian: LagrangianConfig::default(),
@@ -499,6 +506,11 @@ impl ExperimentConfig {
         }
         if p.update_epochs == 0 {
             bail!("{at}: ppo.update_epochs = 0: use at least 1");
+        }
+        if let Some(v) = p.log_std_anneal_to
+            && !(v.is_finite() && (-5.0..=2.0).contains(&v))
+        {
+            bail!("{at}: ppo.log_std_anneal_to = {v}: use a value in [-5, 2] (a log standard deviation)");
         }
         c.network.validate().map_err(|m| anyhow::anyhow!("{at}: {m}"))?;
         c.network.validate_for(&c.sim.action_space).map_err(|m| anyhow::anyhow!("{at}: {m}"))?;

@@ -30,7 +30,7 @@
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use burn::module::Module;
+use burn::module::{Module, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use moderato_env::random::{splitmix64, standard_normal};
@@ -452,6 +452,21 @@ impl Trainer {
         K + 2 * self.vmax * K
     }
 
+    /// Sets every log standard deviation of the actor to `v` (their parameter ids kept, so the
+    /// optimiser's state and checkpoints still match them).
+    fn set_log_std(&mut self, v: f32) {
+        let set = |p: Param<Tensor<1>>| {
+            p.map(|t| {
+                let (shape, device) = (t.shape(), t.device());
+                Tensor::<1>::full(shape, v, &device).require_grad()
+            })
+        };
+        let a = &mut self.model.actor;
+        a.log_std_nic = set(a.log_std_nic.clone());
+        a.log_std_backend = set(a.log_std_backend.clone());
+        a.log_std_frontend = set(a.log_std_frontend.clone());
+    }
+
     /// The log standard deviations `(nic, backend, frontend)`.
     fn log_stds(&self) -> [Vec<f32>; 3] {
         let a = &self.model.actor;
@@ -481,6 +496,10 @@ impl Trainer {
         } else {
             c.ppo.learning_rate
         };
+
+        if let Some(end) = c.ppo.log_std_anneal_to {
+            self.set_log_std(log_std_at(c.network.init_log_std, end, it, total_it));
+        }
 
         // ------------------------------------------------------------------ rollout
         let infer = self.model.clone().valid();
@@ -926,7 +945,10 @@ impl Trainer {
             let ls = Tensor::cat(
                 vec![a_.log_std_nic.val(), a_.log_std_backend.val(), a_.log_std_frontend.val()],
                 0,
-            )
+            );
+            // On a schedule (`ppo.log_std_anneal_to`) the log standard deviations take no gradient.
+            let ls = if c.log_std_anneal_to.is_some() { ls.detach() } else { ls };
+            let ls = ls
             .select(0, b.ls_cols.clone())
             .reshape([1, aw]); // [1, aw]
             // log N(a; μ, σ) + ½ log 2π = −½ ((a − μ)/σ)² − log σ, per existing knob.
@@ -991,6 +1013,13 @@ impl Trainer {
 
 /// GAE(λ) over a `(steps, envs)` row-major rollout:
 /// `A_t = δ_t + γλ(1 − done_t) A_{t+1}`, `δ_t = r_t + γ(1 − done_t) V(s_{t+1}) − V(s_t)`.
+/// The scheduled log standard deviation of iteration `it` (0-based) of `total`: linear from
+/// `start` at the first iteration to `end` after the last (`ppo.log_std_anneal_to`).
+fn log_std_at(start: f64, end: f64, it: u64, total: u64) -> f32 {
+    let frac = if total == 0 { 0.0 } else { (it as f64 / total as f64).min(1.0) };
+    (start + (end - start) * frac) as f32
+}
+
 fn gae(rewards: &[f32], values: &[f32], dones: &[f32], n_envs: usize, gamma: f64, lam: f64) -> Vec<f32> {
     let rows = rewards.len();
     let n_steps = rows / n_envs;
