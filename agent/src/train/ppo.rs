@@ -948,9 +948,7 @@ impl Trainer {
             );
             // On a schedule (`ppo.log_std_anneal_to`) the log standard deviations take no gradient.
             let ls = if c.log_std_anneal_to.is_some() { ls.detach() } else { ls };
-            let ls = ls
-            .select(0, b.ls_cols.clone())
-            .reshape([1, aw]); // [1, aw]
+            let ls = ls.select(0, b.ls_cols.clone()).reshape([1, aw]); // [1, aw]
             // log N(a; μ, σ) + ½ log 2π = −½ ((a − μ)/σ)² − log σ, per existing knob.
             let z = (a - mu) * ls.clone().neg().exp();
             let newlogprob = ((z.square() * -0.5 - ls.clone()) * mask.clone()).sum_dim(1).reshape([n]); // [n]

@@ -790,13 +790,15 @@ mod tests {
         let a = Actor::with_init_means(&cfg, 3, &device, cfg.init_means(&space));
         let m = a.means(&b.tensors(&device));
         let data = |t: burn::tensor::TensorData| t.convert::<f32>().try_into_vec::<f32>().unwrap();
-        let (nic, be, fe) = (data(m.nic.into_data()), data(m.backend.into_data()), data(m.frontend.into_data()));
+        let (nic, be, fe) =
+            (data(m.nic.into_data()), data(m.backend.into_data()), data(m.frontend.into_data()));
         // The small output weights move a fresh actor's means a little off its bias.
         let fixed = |l: &moderato_env::LayerSettings, d: moderato_env::Direction| match l.get(d) {
             moderato_env::Moderation::Fixed(k) => k,
             other => panic!("{other:?}"),
         };
-        let near = |got: u32, want: u32| (f64::from(got) - f64::from(want)).abs() <= 0.15 * f64::from(want) + 1.0;
+        let near =
+            |got: u32, want: u32| (f64::from(got) - f64::from(want)).abs() <= 0.15 * f64::from(want) + 1.0;
         let nic_s = space.decode_layer(LayerKind::Nic, &nic);
         assert!(near(fixed(&nic_s, Rx).usecs, 64) && near(fixed(&nic_s, Rx).frames, 32), "{nic_s:?}");
         assert!(near(fixed(&nic_s, Tx).usecs, 256) && near(fixed(&nic_s, Tx).frames, 128), "{nic_s:?}");
@@ -807,14 +809,20 @@ mod tests {
         // The frontend's tx and the whole backend: init_action_mean (about 5 µs / 4 frames).
         assert!((3..=7).contains(&fixed(&fe_s, Tx).usecs), "{fe_s:?}");
         let be_s = space.decode_layer(LayerKind::Backend, &be);
-        assert!((3..=7).contains(&fixed(&be_s, Rx).usecs) && (3..=6).contains(&fixed(&be_s, Rx).frames), "{be_s:?}");
+        assert!(
+            (3..=7).contains(&fixed(&be_s, Rx).usecs) && (3..=6).contains(&fixed(&be_s, Rx).frames),
+            "{be_s:?}"
+        );
         // Encoded per layer: the NIC's frames span 1..=256, the frontend's 1..=128.
         let [mn, _, _] = cfg.init_means(&space);
         assert_eq!(mn[1], space.encode_frames(LayerKind::Nic, 32));
         for (bad, key) in [
             (r#"{"nic": {"rx": {"usecs": 2000, "frames": 32}}}"#, "network.init_knobs.nic.rx"),
             (r#"{"frontend": {"tx": {"usecs": 8, "frames": 0}}}"#, "network.init_knobs.frontend.tx"),
-            (r#"{"frontend": {"napi": {"defer": 9, "timeout_us": 100}}}"#, "network.init_knobs.frontend.napi"),
+            (
+                r#"{"frontend": {"napi": {"defer": 9, "timeout_us": 100}}}"#,
+                "network.init_knobs.frontend.napi",
+            ),
             (r#"{"backend": {"napi": {"defer": 2, "timeout_us": 20}}}"#, "network.init_knobs.backend.napi"),
         ] {
             let c = NetConfig { init_knobs: serde_json::from_str(bad).unwrap(), ..NetConfig::default() };
