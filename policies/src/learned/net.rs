@@ -705,6 +705,19 @@ mod tests {
         );
     }
 
+    /// One row of one VM, every feature a fixed non-zero value: what a fresh actor's means are
+    /// read from.
+    fn one_vm_row() -> FeatureBatch {
+        let (h, bf, gf) = (HOST_FEATURES.len(), BACKEND_FEATURES.len(), GUEST_FEATURES.len());
+        let mut b = FeatureBatch::new(1);
+        b.rows = 1;
+        b.host = (0..h).map(|i| (i as f32 * 0.37).sin()).collect();
+        b.backend = (0..bf).map(|i| (i as f32 * 0.53).cos()).collect();
+        b.guest = (0..gf).map(|i| (i as f32 * 0.71).sin()).collect();
+        b.mask = vec![1.0];
+        b
+    }
+
     /// `init_napi` starts the NIC and guest heads at that deferral (the output layer's weights are
     /// small, so a fresh actor's means are its bias), every other knob at `init_action_mean`; a
     /// start outside the bounds is refused by key.
@@ -716,13 +729,7 @@ mod tests {
             NetConfig { init_napi: Some(InitNapi { defer: 4, timeout_us: 100 }), ..NetConfig::default() };
         cfg.validate_for(&space).unwrap();
         let device = Device::flex();
-        let (h, bf, gf, v) = (HOST_FEATURES.len(), BACKEND_FEATURES.len(), GUEST_FEATURES.len(), 1);
-        let mut b = FeatureBatch::new(v);
-        b.rows = 1;
-        b.host = (0..h).map(|i| (i as f32 * 0.37).sin()).collect();
-        b.backend = (0..bf).map(|i| (i as f32 * 0.53).cos()).collect();
-        b.guest = (0..gf).map(|i| (i as f32 * 0.71).sin()).collect();
-        b.mask = vec![1.0];
+        let b = one_vm_row();
         let data = |t: burn::tensor::TensorData| t.convert::<f32>().try_into_vec::<f32>().unwrap();
         let run = |cfg: &NetConfig| {
             let a = Actor::with_init_means(cfg, 3, &device, cfg.init_means(&space));
@@ -780,13 +787,7 @@ mod tests {
         .unwrap();
         cfg.validate_for(&space).unwrap();
         let device = Device::flex();
-        let (h, bf, gf, v) = (HOST_FEATURES.len(), BACKEND_FEATURES.len(), GUEST_FEATURES.len(), 1);
-        let mut b = FeatureBatch::new(v);
-        b.rows = 1;
-        b.host = (0..h).map(|i| (i as f32 * 0.37).sin()).collect();
-        b.backend = (0..bf).map(|i| (i as f32 * 0.53).cos()).collect();
-        b.guest = (0..gf).map(|i| (i as f32 * 0.71).sin()).collect();
-        b.mask = vec![1.0];
+        let b = one_vm_row();
         let a = Actor::with_init_means(&cfg, 3, &device, cfg.init_means(&space));
         let m = a.means(&b.tensors(&device));
         let data = |t: burn::tensor::TensorData| t.convert::<f32>().try_into_vec::<f32>().unwrap();
