@@ -1009,8 +1009,6 @@ impl Trainer {
     }
 }
 
-/// GAE(λ) over a `(steps, envs)` row-major rollout:
-/// `A_t = δ_t + γλ(1 − done_t) A_{t+1}`, `δ_t = r_t + γ(1 − done_t) V(s_{t+1}) − V(s_t)`.
 /// The scheduled log standard deviation of iteration `it` (0-based) of `total`: linear from
 /// `start` at the first iteration to `end` after the last (`ppo.log_std_anneal_to`).
 fn log_std_at(start: f64, end: f64, it: u64, total: u64) -> f32 {
@@ -1018,6 +1016,8 @@ fn log_std_at(start: f64, end: f64, it: u64, total: u64) -> f32 {
     (start + (end - start) * frac) as f32
 }
 
+/// GAE(λ) over a `(steps, envs)` row-major rollout:
+/// `A_t = δ_t + γλ(1 − done_t) A_{t+1}`, `δ_t = r_t + γ(1 − done_t) V(s_{t+1}) − V(s_t)`.
 fn gae(rewards: &[f32], values: &[f32], dones: &[f32], n_envs: usize, gamma: f64, lam: f64) -> Vec<f32> {
     let rows = rewards.len();
     let n_steps = rows / n_envs;

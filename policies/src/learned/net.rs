@@ -217,7 +217,8 @@ impl NetConfig {
         Ok(())
     }
 
-    /// Checks `init_napi` against the deferral a policy may set (`sim.action_space.napi`).
+    /// Checks `init_napi` and `init_knobs` against the settings a policy may make
+    /// (`sim.action_space`).
     pub fn validate_for(&self, space: &ActionSpace) -> Result<(), String> {
         if let Some(p) = self.init_napi {
             check_init_napi("network.init_napi", p, space)?;
