@@ -117,12 +117,8 @@ impl InitKnobs {
     }
 
     /// The layers with their kinds, in head order (NIC, backend, guest).
-    fn layers(&self) -> [(LayerKind, &'static str, InitLayer); 3] {
-        [
-            (LayerKind::Nic, "nic", self.nic),
-            (LayerKind::Backend, "backend", self.backend),
-            (LayerKind::Frontend, "frontend", self.frontend),
-        ]
+    fn layers(&self) -> [(LayerKind, InitLayer); 3] {
+        [(LayerKind::Nic, self.nic), (LayerKind::Backend, self.backend), (LayerKind::Frontend, self.frontend)]
     }
 }
 
@@ -223,8 +219,8 @@ impl NetConfig {
         if let Some(p) = self.init_napi {
             check_init_napi("network.init_napi", p, space)?;
         }
-        for (kind, name, l) in self.init_knobs.layers() {
-            let b = space.bounds(kind);
+        for (kind, l) in self.init_knobs.layers() {
+            let (b, name) = (space.bounds(kind), kind.name());
             for (dir, k) in [("rx", l.rx), ("tx", l.tx)] {
                 let Some(k) = k else { continue };
                 if k.usecs > b.usecs_max || k.frames > b.frames_max || k.frames == 0 {
@@ -254,7 +250,7 @@ impl NetConfig {
     /// from `init_napi`, and whatever `init_knobs` names for a layer from it.
     pub fn init_means(&self, space: &ActionSpace) -> [[f32; KNOBS_PER_LAYER]; 3] {
         let napi = |p: InitNapi| space.encode_napi(NapiParams::new(p.defer, u64::from(p.timeout_us) * 1000));
-        self.init_knobs.layers().map(|(kind, _, l)| {
+        self.init_knobs.layers().map(|(kind, l)| {
             let mut m = [self.init_action_mean as f32; KNOBS_PER_LAYER];
             if let Some(p) = l.napi.or(self.init_napi) {
                 let [d, t] = napi(p);
