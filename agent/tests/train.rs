@@ -609,6 +609,39 @@ fn validation_while_training_keeps_the_best_checkpoint_and_exports_it() {
 }
 
 #[test]
+fn validations_before_from_iteration_are_logged_but_never_exported() {
+    let last = experiment(SIM).config.iterations();
+    assert!(last >= 3, "the test needs validations to choose from");
+    let with = |from: u64| {
+        format!(
+            "{SIM}\n[validation]\nscenarios = [\"scenarios/validation/idle-host.toml\"]\nevery_iterations = 1\nfrom_iteration = {from}\n"
+        )
+    };
+    let mut t = Trainer::new(experiment(&with(last)), train_device());
+    let tmp = tempfile::tempdir().unwrap();
+    let mut m = Memory::default();
+    assert!(train_loop(&mut t, &tmp.path().join("run"), &mut m, None, false).unwrap());
+    let scores = m.series("validation/score");
+    assert_eq!(scores.len() as u64, last, "every validation is still run and logged");
+    let best = t.state.best_validation.clone().expect("a best validation");
+    assert_eq!(best.iteration, last);
+    assert_eq!(best.score, scores.last().unwrap().1);
+    // Without it, the lowest score of all (here an earlier one: the check above is not the default's).
+    let mut t = Trainer::new(experiment(&with(0)), train_device());
+    let tmp = tempfile::tempdir().unwrap();
+    let mut m = Memory::default();
+    assert!(train_loop(&mut t, &tmp.path().join("run"), &mut m, None, false).unwrap());
+    let all = m.series("validation/score");
+    let best = t.state.best_validation.clone().expect("a best validation");
+    assert_eq!(best.score, all.iter().map(|s| s.1).fold(f64::INFINITY, f64::min));
+    assert!(best.iteration < last, "{all:?}");
+    // After the last iteration, nothing could be exported: refused by key.
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../experiments/test.toml");
+    let e = format!("{:#}", ExperimentConfig::parse(&with(last + 1), &path).unwrap_err());
+    assert!(e.contains("test.toml") && e.contains("validation.from_iteration"), "{e}");
+}
+
+#[test]
 fn a_validation_scenario_that_training_samples_is_refused() {
     let text = format!("{SIM}\n[validation]\nscenarios = [\"scenarios/mixed-host.toml\"]\n");
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../experiments/test.toml");

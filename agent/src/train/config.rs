@@ -57,8 +57,9 @@ pub struct ExperimentConfig {
 /// `[validation]`: every `every_iterations`, the current actor runs on these scenarios (never
 /// sampled by training) against best-static (searched once per scenario and seed, then cached in
 /// `<run>/cache`); `validation/cpu_vs_best_static`, `validation/slo_violation_rate` and
-/// `validation/score` go to TensorBoard, and the actor with the lowest score is kept in
-/// `<run>/model-best` and exported as `<run>/model`, with its validation table in `model.json`.
+/// `validation/score` go to TensorBoard, and the actor with the lowest score (from
+/// `from_iteration` on) is kept in `<run>/model-best` and exported as `<run>/model`, with its
+/// validation table in `model.json`.
 /// Score: mean CPU ÷ best-static's, plus 10 × the mean excess of SLO-violating intervals over
 /// best-static's beyond 1 point.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -76,6 +77,16 @@ pub struct ValidationConfig {
     /// profile's), for a model trained on that profile; absent: each scenario's own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub profile: Option<moderato_env::HostProfile>,
+    /// Only validations at or after this iteration can become the exported model (earlier ones
+    /// are still run and logged). 0 (the default): every validation is a candidate. For recipes
+    /// whose exploration is scheduled (`ppo.log_std_anneal_to`), where early checkpoints are
+    /// validated while their noise is still wide.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub from_iteration: u64,
+}
+
+fn is_zero(x: &u64) -> bool {
+    *x == 0
 }
 
 fn d_validation_every() -> u64 {
@@ -434,6 +445,14 @@ impl ExperimentConfig {
             }
             if v.seeds.is_empty() || v.seeds.len() > 64 {
                 bail!("{}: validation.seeds: give 1 to 64 seeds", path.display());
+            }
+            if v.from_iteration > config.iterations() {
+                bail!(
+                    "{}: validation.from_iteration = {} is after the run's last iteration ({}): no validation could be exported; lower it, or 0 for all",
+                    path.display(),
+                    v.from_iteration,
+                    config.iterations()
+                );
             }
             for s in &v.scenarios {
                 let sc = Scenario::load(base.join(s)).map_err(|e| {

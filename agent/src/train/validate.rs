@@ -148,7 +148,8 @@ pub fn validate_and_keep(t: &mut Trainer, run: &Path, metrics: &mut dyn Metrics)
         100.0 * v.slo_violation_rate,
         v.score
     );
-    if t.state.best_validation.as_ref().is_none_or(|b| v.score < b.score) {
+    let from = t.exp.config.validation.as_ref().map_or(0, |c| c.from_iteration);
+    if v.iteration >= from && t.state.best_validation.as_ref().is_none_or(|b| v.score < b.score) {
         let dir = run.join(BEST_DIR);
         let table = v.markdown();
         let mut meta = model_meta(&t.exp.config.name, &t.exp.toml, &t.exp.config, &t.state);
