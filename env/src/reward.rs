@@ -1,6 +1,6 @@
 //! The reward: a documented function of ground truth ([`IntervalTruth`]).
 //!
-//! `r = −w_cpu · cpu_us_per_packet / cpu_ref_us − w_lat · max(0, max_v p99_v / (m · slo_v) − 1) − w_drop · drop_fraction`
+//! `r = −w_cpu · cpu_us_per_packet / cpu_ref_us − w_lat · max(0, max_v p99_v / (m · slo_v) − 1) − w_viol · [max_v p99_v > m · slo_v] − w_drop · drop_fraction`
 //!
 //! where `p99_v` is VM `v`'s p99 latency in the interval and `slo_v` its own target (its
 //! `[[vm]] slo_p99_us`, or `slo_p99_us` here for a latency-sensitive VM that sets none; VMs
@@ -8,7 +8,9 @@
 //! `slo_margin` and `drop_fraction` is packets dropped over packets offered in the interval. With
 //! `slo_excess = "log"` the latency term is `−w_lat · ln(max(1, max_v p99_v / (m · slo_v)))`
 //! instead: the same slope at the target, but a p99 at 200× a tight target costs 5.3, not 199, so
-//! the hosts no setting can serve do not drown the CPU term.
+//! the hosts no setting can serve do not drown the CPU term. `w_viol` (default 0) prices every
+//! interval over the (margined) target at a fixed amount, however small the excess: the count
+//! evaluations report, where the excess terms make a p99 just over the target nearly free.
 
 use serde::{Deserialize, Serialize};
 
@@ -24,6 +26,11 @@ pub struct RewardConfig {
     /// Weight of the relative SLO excess of the p99 latency.
     #[serde(default = "d_w_lat")]
     pub w_lat: f64,
+    /// Weight of an interval over the target: a fixed penalty when some VM's p99 exceeds
+    /// `slo_margin` × its target (the constraint's cost at a fixed price), part of the latency
+    /// term. Default 0 (not serialised then, so older configs and models keep their bytes).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub w_viol: f64,
     /// Weight of the drop fraction.
     #[serde(default = "d_w_drop")]
     pub w_drop: f64,
@@ -48,6 +55,9 @@ fn d_w_cpu() -> f64 {
 }
 fn d_w_lat() -> f64 {
     2.0
+}
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
 }
 fn d_w_drop() -> f64 {
     10.0
@@ -78,6 +88,7 @@ impl Default for RewardConfig {
         RewardConfig {
             w_cpu: d_w_cpu(),
             w_lat: d_w_lat(),
+            w_viol: 0.0,
             w_drop: d_w_drop(),
             slo_p99_us: d_slo(),
             slo_margin: d_margin(),
@@ -110,7 +121,9 @@ impl RewardTerms {
 impl RewardConfig {
     /// Checks that weights are finite and non-negative and the SLO and reference positive.
     pub fn validate(&self) -> Result<(), String> {
-        for (k, v) in [("w_cpu", self.w_cpu), ("w_lat", self.w_lat), ("w_drop", self.w_drop)] {
+        for (k, v) in
+            [("w_cpu", self.w_cpu), ("w_lat", self.w_lat), ("w_viol", self.w_viol), ("w_drop", self.w_drop)]
+        {
             if !(v.is_finite() && v >= 0.0) {
                 return Err(format!("reward.{k} = {v}: weights must be finite and >= 0"));
             }
@@ -139,11 +152,12 @@ impl RewardConfig {
     }
 
     pub fn terms(&self, t: &IntervalTruth) -> RewardTerms {
+        let cost = if t.worst_slo_ratio().is_some_and(|r| r > self.slo_margin) { 1.0 } else { 0.0 };
         RewardTerms {
             cpu: -self.w_cpu * t.cpu_us_per_packet() / self.cpu_ref_us,
-            latency: -self.w_lat * self.slo_excess(t),
+            latency: -self.w_lat * self.slo_excess(t) - self.w_viol * cost,
             drops: -self.w_drop * t.drop_fraction(),
-            cost: if t.worst_slo_ratio().is_some_and(|r| r > self.slo_margin) { 1.0 } else { 0.0 },
+            cost,
         }
     }
 
@@ -201,6 +215,17 @@ mod tests {
         let t = truth(vec![vm(Some(100.0), 101.0)]);
         assert!((lg.slo_excess(&t) - r.slo_excess(&t)).abs() < 1e-4);
         assert_eq!(lg.slo_excess(&truth(vec![vm(Some(100.0), 99.0)])), 0.0);
+        // w_viol prices an interval over the target at a fixed amount, however small the excess.
+        let v = RewardConfig { w_viol: 3.0, ..r };
+        let just_over = truth(vec![vm(Some(100.0), 101.0)]);
+        assert!((v.terms(&just_over).latency - (r.terms(&just_over).latency - 3.0)).abs() < 1e-12);
+        let under = truth(vec![vm(Some(100.0), 99.0)]);
+        assert_eq!(v.terms(&under).latency, 0.0);
+        // Unset, it is not serialised (older configs and models keep their bytes).
+        assert!(!toml::to_string(&r).unwrap().contains("w_viol"));
+        assert!(toml::to_string(&v).unwrap().contains("w_viol = 3.0"));
+        let e = RewardConfig { w_viol: -1.0, ..r }.validate().unwrap_err();
+        assert!(e.contains("reward.w_viol = -1"), "{e}");
         // The margin is checked.
         let e = RewardConfig { slo_margin: 0.0, ..r }.validate().unwrap_err();
         assert!(e.contains("reward.slo_margin = 0") && e.contains("[0.1, 10]"), "{e}");

@@ -103,7 +103,7 @@ class HostEnv(gym.Env):
     :attr:`action_names`); on a log scale, −1 is per-packet (0 µs, 1 frame) and 1 the bound of
     :meth:`knob_bounds`. :meth:`decode_action` shows the knobs an action sets.
 
-    Reward: moderato's reward, ``−w_cpu·cpu/ref − w_lat·max(0, max_v p99_v/(margin·slo_v) − 1) − w_drop·drops``,
+    Reward: moderato's reward, ``−w_cpu·cpu/ref − w_lat·max(0, max_v p99_v/(margin·slo_v) − 1) − w_viol·[max_v p99_v > margin·slo_v] − w_drop·drops``,
     each VM judged against its own p99 target (``[[vm]] slo_p99_us`` of the scenario, else the
     config's ``slo_p99_us`` for a latency-sensitive VM); the targets are in the observation
     (``backend.slo_*``, ``guest.slo_*``, ``host.slo_*``).

@@ -219,7 +219,12 @@ pub(crate) fn check_sim(c: &SimConfig) -> Result<(), String> {
     }
     at_most("probe_every", c.probe_every, MAX_PROBE_EVERY, "a probe sees every n-th sample")?;
     let r = &c.reward;
-    for (k, v) in [("reward.w_cpu", r.w_cpu), ("reward.w_lat", r.w_lat), ("reward.w_drop", r.w_drop)] {
+    for (k, v) in [
+        ("reward.w_cpu", r.w_cpu),
+        ("reward.w_lat", r.w_lat),
+        ("reward.w_viol", r.w_viol),
+        ("reward.w_drop", r.w_drop),
+    ] {
         within(k, v, 0.0, MAX_REWARD_WEIGHT, "(a weight)")?;
     }
     within("reward.slo_p99_us", r.slo_p99_us, 1e-3, MAX_SLO_US, "microseconds")?;
