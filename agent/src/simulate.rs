@@ -8,7 +8,7 @@ use moderato_env::sim::{Scenario, SimConfig, SimEnv};
 use moderato_env::{Env, EpisodeSummary, LayerKind};
 use moderato_policies::gains::ControllerGains;
 
-use crate::resolve::{controller_factory, resolve_fixed};
+use crate::resolve::{PolicySource, controller_factory, resolve_fixed};
 
 #[derive(Debug, Args)]
 #[command(after_help = "POLICY is a baseline (per-packet, static:mlx5, static:16/32, dim, itr, ...), \
@@ -131,7 +131,12 @@ pub fn simulate(args: &SimulateArgs) -> Result<SimulateResult> {
         .context("--warmup and --seconds/--steps together are too many intervals")?;
     let source = resolve_fixed(&args.policy, std::path::Path::new("."), &Default::default())
         .with_context(|| format!("--policy {}", args.policy))?;
-    let cfg = SimConfig { interval_us, episode_steps: steps, ..SimConfig::default() };
+    let mut cfg = SimConfig { interval_us, episode_steps: steps, ..SimConfig::default() };
+    // A model runs under the bounds it was trained with (there is no config here to set them).
+    if let PolicySource::Model { dir, .. } = &source {
+        let model = moderato_policies::learned::LearnedPolicy::load(dir, &burn::tensor::Device::flex())?;
+        cfg.action_space = model.meta().action_space.clone();
+    }
     source.check_bounds(&cfg.action_space)?;
     let slo = cfg.reward.slo_p99_us;
     let profile = scenario.profile();

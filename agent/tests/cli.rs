@@ -197,3 +197,35 @@ fn simulate_runs_a_scenario_as_another_profile_and_prints_the_knobs_in_force() {
     let e = fails(&["simulate", RR, "--profile", "kvm-vhos", "--steps", "1"]);
     assert!(e.contains("kvm-vhos") && e.contains("kvm-vhost"), "{e}");
 }
+
+#[test]
+fn simulate_runs_a_model_under_the_bounds_it_was_trained_with() {
+    // The shipped model with its deferral bounds narrowed (a deliberate edit, resealed): it
+    // decodes into them, and simulate has no config to set them but takes the model's.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("narrow");
+    std::fs::create_dir(&dir).unwrap();
+    for f in ["actor.bpk", "model.json"] {
+        std::fs::copy(root.join("models/default").join(f), dir.join(f)).unwrap();
+    }
+    let p = dir.join("model.json");
+    let mut m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    m["action_space"]["napi"]["defer_max"] = 2.into();
+    m["action_space"]["napi"]["timeout_us_max"] = 30.into();
+    std::fs::write(&p, m.to_string()).unwrap();
+    moderato_policies::learned::LearnedPolicy::reseal(&dir).unwrap();
+    let d = dir.to_str().unwrap();
+    let out = ok(&["simulate", RR, "--profile", "kvm-vhost", "--policy", d, "--steps", "3", "--knobs"]);
+    let napi: Vec<(u32, u32)> = out
+        .lines()
+        .filter(|l| l.trim_start().starts_with("knobs"))
+        .flat_map(|l| l.split("napi ").skip(1).map(|x| x.split_whitespace().next().unwrap().to_string()))
+        .map(|x| {
+            let (d, t) = x.split_once('/').unwrap();
+            (d.parse().unwrap(), t.parse().unwrap())
+        })
+        .collect();
+    assert!(!napi.is_empty(), "{out}");
+    assert!(napi.iter().all(|&(d, t)| d <= 2 && t <= 30), "{napi:?}");
+}

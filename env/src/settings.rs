@@ -478,6 +478,34 @@ impl ActionSpace {
             && self.napi.same_limits(&o.napi)
     }
 
+    /// The limits [`ActionSpace::same_limits`] compares that differ, as
+    /// `(key under [sim.action_space], self's value, other's value)`.
+    pub fn limit_differences(&self, o: &ActionSpace) -> Vec<(String, u32, u32)> {
+        let mut out = Vec::new();
+        for (layer, a, b) in [
+            ("nic", &self.nic, &o.nic),
+            ("backend", &self.backend, &o.backend),
+            ("frontend", &self.frontend, &o.frontend),
+        ] {
+            for (key, x, y) in
+                [("usecs_max", a.usecs_max, b.usecs_max), ("frames_max", a.frames_max, b.frames_max)]
+            {
+                if x != y {
+                    out.push((format!("{layer}.{key}"), x, y));
+                }
+            }
+        }
+        for (key, x, y) in [
+            ("napi.defer_max", self.napi.defer_max, o.napi.defer_max),
+            ("napi.timeout_us_max", self.napi.timeout_us_max, o.napi.timeout_us_max),
+        ] {
+            if x != y {
+                out.push((key.to_string(), x, y));
+            }
+        }
+        out
+    }
+
     pub fn bounds(&self, kind: LayerKind) -> &KnobBounds {
         match kind {
             LayerKind::Nic => &self.nic,

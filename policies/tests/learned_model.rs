@@ -137,6 +137,10 @@ fn other_features_or_version_or_action_space_are_refused() {
     let env = SimEnv::new(s.clone(), cfg, None).unwrap();
     let e = pol.check_spec(env.spec()).unwrap_err().to_string();
     assert!(e.contains("action space differs"), "{e}");
+    // It names each differing key under [sim.action_space], the model's value and this one's.
+    assert!(e.contains("sim.action_space.nic.usecs_max is 1000 in the model and 100 here"), "{e}");
+    assert!(e.contains("sim.action_space.nic.frames_max is 256 in the model and 64 here"), "{e}");
+    assert!(!e.contains("napi"), "{e}");
     let cfg = SimConfig { probe: moderato_env::sim::ProbeMode::None, ..SimConfig::default() };
     let env = SimEnv::new(s, cfg, None).unwrap();
     let e = pol.check_spec(env.spec()).unwrap_err().to_string();

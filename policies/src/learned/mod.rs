@@ -436,9 +436,15 @@ impl LearnedPolicy {
             return Err(ModelError::Mismatch {
                 path,
                 message: format!(
-                    "action space differs: the model decodes to {:?}, the environment bounds knobs at {:?}; \
-                     evaluate or deploy with the model's bounds",
-                    self.meta.action_space, spec.action_space
+                    "action space differs: {}; give the eval or deploy config the model's bounds under \
+                     [sim.action_space] (`moderato simulate` takes them from the model)",
+                    self.meta
+                        .action_space
+                        .limit_differences(&spec.action_space)
+                        .iter()
+                        .map(|(k, m, e)| format!("sim.action_space.{k} is {m} in the model and {e} here"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
             });
         }
