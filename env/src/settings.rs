@@ -417,12 +417,6 @@ impl Default for NapiBounds {
 }
 
 impl NapiBounds {
-    /// The same bounds on what an environment accepts: equal but for `timeout_us_min`, which
-    /// only shapes decoding.
-    pub fn same_limits(&self, o: &NapiBounds) -> bool {
-        self.defer_max == o.defer_max && self.timeout_us_max == o.timeout_us_max
-    }
-
     /// The timeout's log-scale range `(floor, max)` in µs when `timeout_us_min` is above 0.
     fn timeout_floor_range(&self) -> Option<(f64, f64)> {
         let lo = self.timeout_us_min;
@@ -472,13 +466,10 @@ impl ActionSpace {
     /// The same limits on what an environment accepts (every bound but the decode-only
     /// `napi.timeout_us_min`).
     pub fn same_limits(&self, o: &ActionSpace) -> bool {
-        self.nic == o.nic
-            && self.backend == o.backend
-            && self.frontend == o.frontend
-            && self.napi.same_limits(&o.napi)
+        self.limit_differences(o).is_empty()
     }
 
-    /// The limits [`ActionSpace::same_limits`] compares that differ, as
+    /// The limits that differ (every bound but the decode-only `napi.timeout_us_min`), as
     /// `(key under [sim.action_space], self's value, other's value)`.
     pub fn limit_differences(&self, o: &ActionSpace) -> Vec<(String, u32, u32)> {
         let mut out = Vec::new();

@@ -436,8 +436,9 @@ impl LearnedPolicy {
             return Err(ModelError::Mismatch {
                 path,
                 message: format!(
-                    "action space differs: {}; give the eval or deploy config the model's bounds under \
-                     [sim.action_space] (`moderato simulate` takes them from the model)",
+                    "action space differs: {}; give an eval config the model's bounds under \
+                     [sim.action_space] (`moderato simulate` takes them from the model; a deploy runs \
+                     the default bounds only)",
                     self.meta
                         .action_space
                         .limit_differences(&spec.action_space)
