@@ -234,6 +234,105 @@ fn an_actor_with_history_learns_what_only_the_previous_interval_shows() {
     assert!(mean > 0.45, "history = none: mean miss {mean}, but the task needs the previous interval");
 }
 
+/// The bandit with a longer memory: each step rewards the action on +0.6 if any of the last
+/// three contexts (the current one included) was high, else on −0.6; a context is high one time
+/// in five, so either answer is about as likely. The previous interval alone misses the case
+/// where only the context two steps back was high (one step in eight); a decaying peak of the
+/// recent contexts (`history = "peak"`) holds it.
+struct BurstBandit {
+    inner: Bandit,
+    shown: [bool; 3],
+}
+
+impl BurstBandit {
+    fn new() -> Self {
+        BurstBandit { inner: Bandit::new(), shown: [false; 3] }
+    }
+
+    /// A context from the inner bandit's generator, high one time in five.
+    fn draw(&mut self) -> Observation {
+        let mut o = self.inner.draw();
+        let high = (self.inner.rng >> 40).is_multiple_of(5);
+        let rate = if high { 1e6 } else { 1e3 };
+        o.host.nic.rx_pps = rate;
+        o.host.backends[0].rx_pps = rate;
+        o.guests[0].frontend.rx_pps = rate;
+        self.shown = [high, self.shown[0], self.shown[1]];
+        o
+    }
+
+    fn target(&self) -> f32 {
+        if self.shown.iter().any(|&h| h) { TARGET } else { -TARGET }
+    }
+}
+
+impl Env for BurstBandit {
+    fn spec(&self) -> &EnvSpec {
+        &self.inner.spec
+    }
+    fn reset(&mut self, seed: u64) -> Result<(Observation, Info), EnvError> {
+        self.inner.reset(seed)?;
+        self.shown = [false; 3];
+        Ok((self.draw(), Info::default()))
+    }
+    fn step(&mut self, action: &CoalescingSettings) -> Result<Step, EnvError> {
+        let a = encoded(&self.inner.spec.action_space, action);
+        let t = self.target();
+        let reward = -a.iter().map(|x| (x - t).powi(2)).sum::<f32>() / a.len() as f32;
+        self.inner.steps += 1;
+        Ok(Step {
+            obs: self.draw(),
+            reward,
+            terminated: false,
+            truncated: self.inner.steps >= 16,
+            info: Info::default(),
+        })
+    }
+}
+
+/// Trains on [`BurstBandit`] with `history` and returns the frozen policy's mean miss over 20
+/// episodes (acting through the policy, which keeps its own history as in deploy).
+fn burst_run(history: &str) -> f32 {
+    let text = BANDIT
+        .replace("init_action_mean = 0.0", &format!("init_action_mean = 0.0\nhistory = \"{history}\""))
+        .replace("total_timesteps = 12288", "total_timesteps = 61440");
+    let make: EnvMaker = Arc::new(|_| Ok(Box::new(BurstBandit::new()) as Box<dyn Env + Send>));
+    let mut t = Trainer::with_envs(experiment(&text), train_device(), make, 1);
+    let mut m = Memory::default();
+    for _ in 0..t.exp.config.iterations() {
+        t.iteration(&mut m).unwrap();
+    }
+    let meta = moderato_agent::train::model_meta("burst", "", &t.exp.config, &t.state);
+    let mut p = LearnedPolicy::new("burst", t.model.actor.clone(), meta, burn::tensor::Device::flex());
+    let (mut sum, mut n) = (0.0f32, 0usize);
+    for episode in 0..20 {
+        let mut env = BurstBandit::new();
+        let (mut o, _) = env.reset(200 + episode).unwrap();
+        p.reset();
+        for _ in 0..16 {
+            let a = p.act(&o);
+            for x in encoded(&ActionSpace::default(), &a) {
+                sum += (x - env.target()).abs();
+                n += 1;
+            }
+            o = env.step(&a).unwrap().obs;
+        }
+    }
+    sum / n as f32
+}
+
+#[test]
+fn an_actor_with_a_held_peak_remembers_a_burst_that_the_previous_interval_has_forgotten() {
+    let peak = burst_run("peak");
+    let previous = burst_run("previous");
+    eprintln!("mean miss: peak {peak}, previous {previous}");
+    assert!(peak < 0.2, "history = peak: mean miss {peak}");
+    assert!(
+        peak + 0.05 < previous,
+        "history = peak misses {peak}, previous {previous}: the peak should remember more"
+    );
+}
+
 const SIM: &str = r#"
 name = "tiny"
 seed = 3

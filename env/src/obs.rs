@@ -242,6 +242,89 @@ pub struct Observation {
     pub guests: Vec<GuestObs>,
 }
 
+/// `cur` raised towards `peak` by `decay` of the gap where `peak` is higher: a peak of the
+/// recent intervals that decays geometrically towards the present.
+fn held(cur: f64, peak: f64, decay: f64) -> f64 {
+    if peak > cur { cur + decay * (peak - cur) } else { cur }
+}
+
+fn held_opt(cur: Option<f64>, peak: Option<f64>, decay: f64) -> Option<f64> {
+    match (cur, peak) {
+        (Some(c), Some(p)) => Some(held(c, p, decay)),
+        _ => cur,
+    }
+}
+
+impl InterfaceObs {
+    fn held(&self, peak: &InterfaceObs, decay: f64) -> InterfaceObs {
+        InterfaceObs {
+            rx_pps: held(self.rx_pps, peak.rx_pps, decay),
+            tx_pps: held(self.tx_pps, peak.tx_pps, decay),
+            rx_bytes_per_s: held(self.rx_bytes_per_s, peak.rx_bytes_per_s, decay),
+            tx_bytes_per_s: held(self.tx_bytes_per_s, peak.tx_bytes_per_s, decay),
+            rx_irq_per_s: held_opt(self.rx_irq_per_s, peak.rx_irq_per_s, decay),
+            tx_irq_per_s: held_opt(self.tx_irq_per_s, peak.tx_irq_per_s, decay),
+            drops_per_s: held(self.drops_per_s, peak.drops_per_s, decay),
+            ..*self
+        }
+    }
+}
+
+impl CpuObs {
+    fn held(&self, peak: &CpuObs, decay: f64) -> CpuObs {
+        CpuObs { irq: held(self.irq, peak.irq, decay), other: held(self.other, peak.other, decay) }
+    }
+}
+
+fn held_probe(cur: &Option<ProbeObs>, peak: &Option<ProbeObs>, decay: f64) -> Option<ProbeObs> {
+    match (cur, peak) {
+        (Some(c), Some(p)) if c.samples > 0 && p.samples > 0 => Some(ProbeObs {
+            p50_us: held(c.p50_us, p.p50_us, decay),
+            p99_us: held(c.p99_us, p.p99_us, decay),
+            samples: c.samples,
+        }),
+        _ => *cur,
+    }
+}
+
+impl Observation {
+    /// This interval's observation with every measured quantity (rates, notifications, drops,
+    /// CPU shares, probe percentiles) held at a decaying peak of the recent intervals: `peak` is
+    /// the value this returned one interval earlier, and each quantity is the current one raised
+    /// by `decay` of its gap to `peak`'s where `peak`'s is higher. What is configured or in
+    /// force (knobs, deferral, targets, profile) is the current interval's. A `peak` with another
+    /// number of VMs (or none) is ignored: the result is `self`.
+    pub fn held_peak(&self, peak: &Observation, decay: f64) -> Observation {
+        if peak.guests.len() != self.guests.len() || peak.host.backends.len() != self.host.backends.len() {
+            return self.clone();
+        }
+        let h = &self.host;
+        Observation {
+            interval_ns: self.interval_ns,
+            host: HostObs {
+                nic: h.nic.held(&peak.host.nic, decay),
+                backends: h.backends.iter().zip(&peak.host.backends).map(|(c, p)| c.held(p, decay)).collect(),
+                cpu: h.cpu.held(&peak.host.cpu, decay),
+                probe: held_probe(&h.probe, &peak.host.probe, decay),
+                slo_p99_us: h.slo_p99_us.clone(),
+                profile: h.profile,
+            },
+            guests: self
+                .guests
+                .iter()
+                .zip(&peak.guests)
+                .map(|(c, p)| GuestObs {
+                    frontend: c.frontend.held(&p.frontend, decay),
+                    cpu: c.cpu.held(&p.cpu, decay),
+                    probe: held_probe(&c.probe, &p.probe, decay),
+                    slo_p99_us: c.slo_p99_us,
+                    profile: c.profile,
+                })
+                .collect(),
+        }
+    }
+}
+
 fn ln_k(rate: f64, hi: f32) -> f32 {
     (rate.max(0.0) / 1000.0).ln_1p().min(f64::from(hi)) as f32
 }
@@ -344,6 +427,55 @@ pub fn feature_names(list: &[Feature]) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A burst's rates and p99 are held into the lull after it, decaying by `decay` of the gap
+    /// per interval; what is in force (knobs, targets) is always the current interval's, and a
+    /// quantity that rises is the current one at once.
+    #[test]
+    fn a_held_peak_carries_a_burst_into_the_lull_after_it() {
+        let obs = |pps: f64, p99: f64, usecs: u32| {
+            let nic = InterfaceObs {
+                rx_pps: pps,
+                rx_irq_per_s: Some(pps / 4.0),
+                rx_knobs: Some(Knobs::new(usecs, 8)),
+                ..Default::default()
+            };
+            let probe = Some(ProbeObs { p50_us: p99 / 2.0, p99_us: p99, samples: 100 });
+            Observation {
+                interval_ns: 10_000_000,
+                host: HostObs {
+                    nic,
+                    backends: vec![nic],
+                    slo_p99_us: vec![Some(200.0)],
+                    ..Default::default()
+                },
+                guests: vec![GuestObs {
+                    frontend: nic,
+                    probe,
+                    slo_p99_us: Some(200.0),
+                    ..Default::default()
+                }],
+            }
+        };
+        let burst = obs(70_000.0, 180.0, 64);
+        let lull = obs(5_000.0, 40.0, 8);
+        let p1 = lull.held_peak(&burst, 0.75);
+        assert_eq!(p1.host.nic.rx_pps, 5_000.0 + 0.75 * 65_000.0);
+        assert_eq!(p1.host.nic.rx_irq_per_s, Some(1_250.0 + 0.75 * 16_250.0));
+        assert_eq!(p1.guests[0].probe.unwrap().p99_us, 40.0 + 0.75 * 140.0);
+        assert_eq!(p1.guests[0].frontend.rx_pps, p1.host.nic.rx_pps);
+        assert_eq!(p1.host.nic.rx_knobs, Some(Knobs::new(8, 8)), "knobs in force are the current ones");
+        let p2 = lull.held_peak(&p1, 0.75);
+        assert!((p2.host.nic.rx_pps - (5_000.0 + 0.75 * 0.75 * 65_000.0)).abs() < 1e-6);
+        // A rise is taken at once, and decay 0 is the current interval.
+        assert_eq!(burst.held_peak(&p2, 0.75), burst);
+        assert_eq!(lull.held_peak(&burst, 0.0), lull);
+        // Another number of VMs: the peak is ignored.
+        let mut two = lull.clone();
+        two.guests.push(two.guests[0].clone());
+        two.host.backends.push(two.host.nic);
+        assert_eq!(two.held_peak(&burst, 0.75), two);
+    }
 
     #[test]
     fn feature_names_are_unique_and_ranges_ordered() {

@@ -287,8 +287,8 @@ pub struct LearnedPolicy {
     /// `meta.network.ignore_features` as columns.
     ignored: Ignored,
     device: Device,
-    /// The previous interval's observation, for a model with `network.history` (forgotten by
-    /// `reset`, and when the number of VMs changes).
+    /// The previous interval's observation (or the decaying peak of the recent ones), for a
+    /// model with `network.history` (forgotten by `reset`, and when the number of VMs changes).
     prev: Option<Observation>,
 }
 
@@ -698,13 +698,17 @@ impl Policy for LearnedPolicy {
 
     fn act(&mut self, obs: &Observation) -> CoalescingSettings {
         let vms = obs.guests.len();
-        // The previous interval (a model with history): the last observation seen, unless this
-        // is the first of an episode or the host's VMs changed, when it is this one.
-        let prev = if self.meta.network.history.is_none() {
+        // The previous interval (a model with history): the last observation seen (or the
+        // decaying peak with this one in it), unless this is the first of an episode or the
+        // host's VMs changed, when it is this one.
+        let history = self.meta.network.history;
+        let prev = if history.is_none() {
             None
         } else {
-            let last = self.prev.replace(obs.clone());
-            last.filter(|p| p.guests.len() == vms)
+            let last = self.prev.take().filter(|p| p.guests.len() == vms);
+            let (prev, keep) = history.advance(obs, last);
+            self.prev = Some(keep);
+            prev
         };
         let prev = prev.as_ref();
         let targets: Vec<Option<f64>> = (0..vms).map(|v| target_in(obs, v)).collect();

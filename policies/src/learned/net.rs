@@ -150,6 +150,10 @@ fn check_init_napi(key: &str, p: InitNapi, space: &ActionSpace) -> Result<(), St
 /// current interval's (normalised) head input, followed with `previous` by the previous
 /// interval's and with `delta` by the current minus the previous; at the first interval of an
 /// episode (or of a deploy) the previous interval is the current one (`delta` reads zeros).
+/// With `peak` it is followed by the recent intervals' decaying peak
+/// ([`Observation::held_peak`](moderato_env::Observation::held_peak) at [`History::PEAK_DECAY`]
+/// per interval, the current interval included): a burst's rates and latencies stay in view
+/// through the lull after it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum History {
@@ -157,11 +161,35 @@ pub enum History {
     None,
     Previous,
     Delta,
+    Peak,
 }
 
 impl History {
+    /// The share of its gap to the current value that a held peak keeps per interval (`peak`):
+    /// after 4 intervals (40 ms) 6% of it.
+    pub const PEAK_DECAY: f64 = 0.5;
+
     pub fn is_none(&self) -> bool {
         *self == History::None
+    }
+
+    /// What stands for the previous interval in the actor's input at the interval observed as
+    /// `obs`, and what to keep for the next interval, given what was kept at the one before
+    /// (`None` at an episode's or a deploy's first interval, where `previous` and `delta` read the
+    /// current interval as its own previous one): the previous observation, or (`peak`) the
+    /// decaying peak with `obs` in it.
+    pub fn advance(
+        self,
+        obs: &moderato_env::Observation,
+        kept: Option<moderato_env::Observation>,
+    ) -> (Option<moderato_env::Observation>, moderato_env::Observation) {
+        match self {
+            History::Peak => {
+                let p = kept.map_or_else(|| obs.clone(), |k| obs.held_peak(&k, History::PEAK_DECAY));
+                (Some(p.clone()), p)
+            }
+            _ => (kept, obs.clone()),
+        }
     }
 
     /// How many intervals a head input row holds.
@@ -700,6 +728,38 @@ mod tests {
             !serde_json::to_string(&old).unwrap().contains("history"),
             "a model without history keeps its bytes"
         );
+    }
+
+    /// What stands for the previous interval: `previous` and `delta` read the observation kept
+    /// one interval earlier (none at the first interval) and keep the current one; `peak` reads
+    /// and keeps the decaying peak with the current interval in it, and a model says so in
+    /// `model.json` as `"peak"`.
+    #[test]
+    fn history_advances_the_previous_observation_or_the_held_peak() {
+        let obs = |pps: f64| {
+            let mut o = moderato_env::Observation::default();
+            o.host.nic.rx_pps = pps;
+            o.host.backends = vec![Default::default()];
+            o.guests = vec![Default::default()];
+            o
+        };
+        let (burst, lull) = (obs(70_000.0), obs(5_000.0));
+        for mode in [History::Previous, History::Delta] {
+            assert_eq!(mode.advance(&lull, None), (None, lull.clone()));
+            assert_eq!(mode.advance(&lull, Some(burst.clone())), (Some(burst.clone()), lull.clone()));
+        }
+        assert_eq!(History::Peak.advance(&lull, None), (Some(lull.clone()), lull.clone()));
+        let (read, kept) = History::Peak.advance(&lull, Some(burst.clone()));
+        assert_eq!(read.as_ref(), Some(&kept));
+        assert_eq!(kept.host.nic.rx_pps, 5_000.0 + History::PEAK_DECAY * 65_000.0);
+        let (_, kept2) = History::Peak.advance(&lull, Some(kept));
+        assert!(
+            kept2.host.nic.rx_pps < 5_000.0 + History::PEAK_DECAY * 65_000.0
+                && kept2.host.nic.rx_pps > 5_000.0
+        );
+        let cfg = NetConfig { history: History::Peak, ..NetConfig::default() };
+        assert_eq!(head_widths(&cfg), [2 * NIC_IN, 2 * BACKEND_IN, 2 * GUEST_IN]);
+        assert!(serde_json::to_string(&cfg).unwrap().contains(r#""history":"peak""#));
     }
 
     /// One row of one VM, every feature a fixed non-zero value: what a fresh actor's means are
