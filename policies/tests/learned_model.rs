@@ -812,3 +812,54 @@ fn a_strained_vm_with_a_target_caps_the_throughput_floors_which_creep_back_slowl
         assert!((l - cap).abs() < 1e-9, "floor {l}, cap {cap}");
     }
 }
+
+/// The shipped stock-KVM specialist (`models/kvm-vhost`): sealed, for `kvm-vhost` hosts and
+/// targets of 150–300 µs only, and reading the decaying peak of the recent intervals: after a
+/// burst it acts differently on the same lull than it does when the lull is all it has seen.
+#[test]
+fn the_shipped_kvm_vhost_model_serves_its_profile_and_targets_and_remembers_a_burst() {
+    use moderato_env::HostProfile;
+    use moderato_policies::learned::History;
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/kvm-vhost");
+    let mut p = LearnedPolicy::load(&dir, &Device::flex()).unwrap();
+    let m = p.meta().clone();
+    assert_eq!(m.provenance.semantics_sha256.as_deref(), Some(semantics_sha256(&m).as_str()));
+    assert_eq!(
+        m.provenance.weights_sha256,
+        "7474ffcf55146383ffcabc720ddc74bc1fe44ea97893287b1854ae67c5190a87"
+    );
+    assert_eq!(m.profiles, vec![HostProfile::KvmVhost]);
+    assert_eq!(m.network.history, History::Peak);
+    p.check_profile(HostProfile::KvmVhost).unwrap();
+    assert!(p.check_profile(HostProfile::Xen).is_err());
+    p.check_objectives(&[Some(200.0), None]).unwrap();
+    let e = p.check_objectives(&[Some(100.0)]).unwrap_err().to_string();
+    assert!(e.contains("100 µs") && e.contains("150–300 µs"), "{e}");
+
+    // onoff-bursts as a kvm-vhost host: one interval at a burst's rate, one in a lull.
+    let scen = Path::new(env!("CARGO_MANIFEST_DIR")).join("../experiments/scenarios/onoff-bursts.toml");
+    let s = Scenario::load(scen).unwrap().as_profile(HostProfile::KvmVhost).unwrap();
+    let mut env = SimEnv::new(s, SimConfig::default(), None).unwrap();
+    let (mut o, _) = env.reset(3).unwrap();
+    let (mut burst, mut lull) = (None, None);
+    for _ in 0..200 {
+        let a = p.act(&o);
+        o = env.step(&a).unwrap().obs;
+        let pps = o.host.nic.rx_pps;
+        if pps > 50_000.0 && burst.is_none() {
+            burst = Some(o.clone());
+        } else if pps < 10_000.0 && burst.is_some() && lull.is_none() {
+            lull = Some(o.clone());
+        }
+    }
+    let (burst, lull) = (burst.expect("a burst in 2 s"), lull.expect("a lull after it"));
+    p.reset();
+    let fresh = p.act(&lull);
+    p.reset();
+    p.act(&burst);
+    let after_burst = p.act(&lull);
+    assert_ne!(fresh, after_burst, "the model reads the burst before the lull");
+    // And it forgets: a reset, then the lull alone again, is the fresh decision.
+    p.reset();
+    assert_eq!(p.act(&lull), fresh);
+}
