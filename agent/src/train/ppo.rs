@@ -39,7 +39,7 @@ use moderato_env::{
     ActionSpace, BACKEND_FEATURES, ControllerFactory, Env, GUEST_FEATURES, HOST_FEATURES, Observation,
 };
 use moderato_policies::learned::{
-    Actor, BatchTensors, FeatureBatch, HeadInputs, HeadTensors, History, Ignored, Mlp, NetConfig, Normalizer,
+    Actor, BatchTensors, FeatureBatch, HeadInputs, HeadTensors, Ignored, Mlp, NetConfig, Normalizer,
     RunningStats, decode_means, head_widths, host_vm_max, host_vm_mean,
 };
 use rand::{Rng, SeedableRng};
@@ -534,7 +534,7 @@ impl Trainer {
             c.threads
         };
         let mut raw = FeatureBatch::new(v);
-        // The previous interval's raw features of every env (`network.history`).
+        // The raw features of what stands for each env's previous interval (`network.history`).
         let history = c.network.history;
         let mut prev_raw = FeatureBatch::new(v);
         // What each env keeps for its next interval's history (`History::advance`).
@@ -574,25 +574,16 @@ impl Trainer {
             let heads = if history.is_none() {
                 heads
             } else {
-                // At an episode's first interval the previous one is itself (as in deploy).
-                let prev = if history == History::Peak {
-                    // The decaying peak with this interval in it.
-                    prev_raw.clear();
-                    for (i, o) in obs.iter().enumerate() {
-                        let last = if t % ep_steps == 0 { None } else { kept[i].take() };
-                        let (p, keep) = history.advance(o, last);
-                        prev_raw.push(p.as_ref().unwrap_or(o), self.action_space());
-                        kept[i] = Some(keep);
-                    }
-                    HeadInputs::new(&prev_raw.normalized(&self.state.normalizer, &self.ignored))
-                } else if t % ep_steps == 0 {
-                    heads.clone()
-                } else {
-                    HeadInputs::new(&prev_raw.normalized(&self.state.normalizer, &self.ignored))
-                };
-                if history != History::Peak {
-                    prev_raw.clone_from(&raw);
+                // What stands for the previous interval, as the frozen policy keeps it: at an
+                // episode's first interval the current one (as in deploy).
+                prev_raw.clear();
+                for (i, o) in obs.iter().enumerate() {
+                    let last = if t % ep_steps == 0 { None } else { kept[i].take() };
+                    let (p, keep) = history.advance(o, last);
+                    prev_raw.push(p.as_ref().unwrap_or(o), self.action_space());
+                    kept[i] = Some(keep);
                 }
+                let prev = HeadInputs::new(&prev_raw.normalized(&self.state.normalizer, &self.ignored));
                 heads.with_history(&prev, history)
             };
             let critic_in = critic_input(&x);
