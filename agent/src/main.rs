@@ -25,7 +25,7 @@ const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("MODERATO_SO
     version = VERSION,
     about = "Learned interrupt moderation for virtualized hosts",
     after_help = "A policy is named the same way everywhere: per-packet, static:<preset> (ixgbe, mlx5, \
-                  moderate, heavy), static:<usecs>/<frames>, dim, itr, best-static (eval only), napi:<defer>/<timeout_us>, \
+                  moderate, heavy), static:<usecs>/<frames>, dim, itr, best-static and best-static-held-out (eval only), napi:<defer>/<timeout_us>, \
                   slo-feedback, busy-poll:<us> (simulated only), irq-suspend:<busy_us>/<timeout_us>, a frozen-model \
                   directory, trim:<model directory> (the model under a feedback trim of its targets and floors under its knobs) or trim-targets:<model directory> (the trim of targets alone). `moderato <command> --help` explains each command."
 )]

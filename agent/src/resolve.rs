@@ -17,6 +17,9 @@ use moderato_policies::gains::ControllerGains;
 use moderato_policies::learned::LearnedPolicy;
 use moderato_policies::learned::trim::{TrimGains, TrimmedPolicy};
 
+/// The name of [`PolicySource::BestStaticHeldOut`].
+pub const BEST_STATIC_HELD_OUT: &str = "best-static-held-out";
+
 /// Where a policy comes from.
 #[derive(Debug, Clone, PartialEq)]
 pub enum PolicySource {
@@ -24,6 +27,10 @@ pub enum PolicySource {
     Baseline { name: String, statics: BTreeMap<String, StaticSpec> },
     /// The hindsight oracle, searched per scenario and seed.
     BestStatic,
+    /// best-static without hindsight of the run it is judged on: the setting best-static found on
+    /// the next of the evaluation's seeds (in the config's order, the last taking the first's), run
+    /// on this seed (`best-static-held-out`, evaluation only).
+    BestStaticHeldOut,
     /// A frozen model directory, as it is or under the trim ([`Trim`]).
     Model { dir: PathBuf, label: String, trim: Trim },
 }
@@ -56,6 +63,7 @@ impl PolicySource {
         match self {
             PolicySource::Baseline { name, .. } => name.clone(),
             PolicySource::BestStatic => "best-static".into(),
+            PolicySource::BestStaticHeldOut => BEST_STATIC_HELD_OUT.into(),
             PolicySource::Model { label, .. } => label.clone(),
         }
     }
@@ -73,8 +81,8 @@ impl PolicySource {
             PolicySource::Baseline { name, statics } => {
                 Ok(baselines::baseline_with(name, statics, spec.slo_p99_us, gains.slo_feedback)?)
             }
-            PolicySource::BestStatic => {
-                Err(anyhow!("best-static is searched per scenario, not instantiated"))
+            PolicySource::BestStatic | PolicySource::BestStaticHeldOut => {
+                Err(anyhow!("{} is searched per scenario, not instantiated", self.label()))
             }
             PolicySource::Model { dir, label, trim } => {
                 let p = LearnedPolicy::load(dir, &burn::tensor::Device::flex())?;
@@ -136,7 +144,11 @@ pub fn resolve(name: &str, base: &Path, statics: &BTreeMap<String, StaticSpec>) 
     if name == "best-static" {
         return Ok(PolicySource::BestStatic);
     }
-    resolve_fixed(name, base, statics).map_err(|e| anyhow!("{e:#} (an eval config also takes best-static)"))
+    if name == BEST_STATIC_HELD_OUT {
+        return Ok(PolicySource::BestStaticHeldOut);
+    }
+    resolve_fixed(name, base, statics)
+        .map_err(|e| anyhow!("{e:#} (an eval config also takes best-static and {BEST_STATIC_HELD_OUT})"))
 }
 
 /// Resolves `name` for one run (simulate, deploy): like [`resolve`] but without `best-static`,
@@ -146,6 +158,12 @@ pub fn resolve_fixed(
     base: &Path,
     statics: &BTreeMap<String, StaticSpec>,
 ) -> Result<PolicySource> {
+    if name == BEST_STATIC_HELD_OUT {
+        return Err(anyhow!(
+            "{BEST_STATIC_HELD_OUT} runs the setting best-static found on another of an evaluation's \
+             seeds, in `moderato eval`; give a setting, a baseline or a model"
+        ));
+    }
     if name == "best-static" {
         return Err(anyhow!(
             "best-static is found in hindsight, per scenario and seed, by `moderato eval`; give the \
@@ -280,6 +298,11 @@ mod tests {
         assert_eq!(resolve("best-static", Path::new("."), &none).unwrap(), PolicySource::BestStatic);
         let e = resolve_fixed("best-static", Path::new("."), &none).unwrap_err().to_string();
         assert!(e.contains("moderato eval"), "{e}");
+        let held = resolve(BEST_STATIC_HELD_OUT, Path::new("."), &none).unwrap();
+        assert_eq!(held, PolicySource::BestStaticHeldOut);
+        assert_eq!(held.label(), "best-static-held-out");
+        let e = resolve_fixed(BEST_STATIC_HELD_OUT, Path::new("."), &none).unwrap_err().to_string();
+        assert!(e.contains("moderato eval") && e.contains("another of an evaluation's seeds"), "{e}");
         let e = resolve_fixed("dimm", Path::new("."), &none).unwrap_err().to_string();
         assert!(e.contains("valid names") && !e.contains("best-static"), "{e}");
         let e = resolve("dimm", Path::new("."), &none).unwrap_err().to_string();

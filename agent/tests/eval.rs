@@ -136,6 +136,27 @@ fn best_static_is_cached_and_the_cache_is_used() {
 }
 
 #[test]
+fn best_static_held_out_runs_the_setting_found_on_the_next_seed() {
+    let s = suite(&["best-static", "best-static-held-out", "per-packet"]);
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = Cache { dir: Some(tmp.path().to_path_buf()) };
+    let a = eval::run_suite(&s, &cache, false).unwrap();
+    // Plant per-packet in seed 2's cache entry only: held-out at seed 1 (which runs seed 2's
+    // setting) becomes per-packet; best-static at seed 1 and held-out at seed 3 (seed 1's) do not.
+    let e = cache.path(&s.scenarios[0], &s.config.sim, 2, s.config.warmup_steps).unwrap();
+    let mut f: moderato_policies::best_static::Found =
+        serde_json::from_str(&std::fs::read_to_string(&e).unwrap()).unwrap();
+    assert_ne!(f.settings, moderato_env::CoalescingSettings::per_packet(1), "per-packet is no plant");
+    f.settings = moderato_env::CoalescingSettings::per_packet(1);
+    std::fs::write(&e, serde_json::to_string(&f).unwrap()).unwrap();
+    let b = eval::run_suite(&s, &cache, false).unwrap();
+    let pp1 = by(&b, "per-packet", 1).cpu_us_per_packet;
+    assert_eq!(by(&b, "best-static-held-out", 1).cpu_us_per_packet, pp1, "seed 1 runs seed 2's setting");
+    assert_eq!(by(&b, "best-static", 1), by(&a, "best-static", 1));
+    assert_eq!(by(&b, "best-static-held-out", 3), by(&a, "best-static-held-out", 3));
+}
+
+#[test]
 fn a_warm_up_is_run_but_not_counted() {
     let s = suite(&["static:moderate"]);
     let sim = &s.config.sim;

@@ -738,7 +738,7 @@ fn eval_case(path: &Path, stem: &str, root: &Path) -> End {
     // Instantiate every policy for the first scenario (models are loaded and checked here).
     let spec = suite.config.sim.spec(suite.scenarios[0].vms.len());
     for p in &suite.policies {
-        if *p == PolicySource::BestStatic {
+        if matches!(p, PolicySource::BestStatic | PolicySource::BestStaticHeldOut) {
             continue;
         }
         if let Err(e) = p.instantiate(&spec) {

@@ -597,6 +597,11 @@ fn evaluate_one(setup: &Setup, source: &PolicySource, seed: u64) -> anyhow::Resu
             let found = best_static(sc, &setup.sim, seed, 0, &cache)?;
             Box::new(FixedPolicy::new("best-static", found.settings))
         }
+        PolicySource::BestStaticHeldOut => anyhow::bail!(
+            "{} runs the setting best-static found on another of an evaluation's seeds: use it in \
+             `moderato eval` (an eval config lists the seeds), or evaluate best-static here",
+            source.label()
+        ),
         other => other.instantiate_with(&setup.sim.scenario_spec(sc), &setup.gains)?,
     };
     let (summary, reward) = run_episode(sc, &setup.sim, &setup.adaptive, policy.as_mut(), seed, 0)?;

@@ -389,7 +389,15 @@ pub struct Cache {
 }
 
 impl Cache {
-    fn path(&self, scenario: &Scenario, sim: &SimConfig, seed: u64, warmup_steps: u32) -> Option<PathBuf> {
+    /// The file that holds best-static's search for this scenario, sim, seed and warm-up (`None`
+    /// without a cache directory).
+    pub fn path(
+        &self,
+        scenario: &Scenario,
+        sim: &SimConfig,
+        seed: u64,
+        warmup_steps: u32,
+    ) -> Option<PathBuf> {
         use sha2::{Digest, Sha256};
         let dir = self.dir.as_ref()?;
         let mut key = serde_json::json!({
@@ -521,6 +529,13 @@ fn run_job(suite: &Suite, job: &Job, cache: &Cache) -> Result<Row> {
         PolicySource::BestStatic => {
             let f = best_static(sc, sim, job.seed, suite.config.warmup_steps, cache)?;
             Box::new(moderato_policies::baselines::FixedPolicy::new("best-static", f.settings))
+        }
+        PolicySource::BestStaticHeldOut => {
+            let seeds = &suite.config.seeds;
+            let at = seeds.iter().position(|&s| s == job.seed).expect("a job's seed is the suite's");
+            let other = seeds[(at + 1) % seeds.len()];
+            let f = best_static(sc, sim, other, suite.config.warmup_steps, cache)?;
+            Box::new(moderato_policies::baselines::FixedPolicy::new(source.label(), f.settings))
         }
         other => other.instantiate_with(&sim.scenario_spec(sc), &suite.config.gains())?,
     };
