@@ -29,7 +29,8 @@ pub enum PolicySource {
     BestStatic,
     /// best-static without hindsight of the run it is judged on: the setting best-static found on
     /// the next of the evaluation's seeds (in the config's order, the last taking the first's), run
-    /// on this seed (`best-static-held-out`, evaluation only).
+    /// on this seed (`best-static-held-out`, evaluation only). It reads best-static's cache; without
+    /// one it searches again.
     BestStaticHeldOut,
     /// A frozen model directory, as it is or under the trim ([`Trim`]).
     Model { dir: PathBuf, label: String, trim: Trim },

@@ -481,9 +481,14 @@ pub fn run_suite(suite: &Suite, cache: &Cache, progress: bool) -> Result<Vec<Row
             }
         }
     }
-    // Longest first: best-static searches run ~100 episodes each.
+    // Longest first: best-static searches run ~100 episodes each. best-static-held-out last, so
+    // that with a cache it reads the searches best-static has made instead of making them again.
     let mut order: Vec<usize> = (0..jobs.len()).collect();
-    order.sort_by_key(|&i| !matches!(suite.policies[jobs[i].policy], PolicySource::BestStatic));
+    order.sort_by_key(|&i| match suite.policies[jobs[i].policy] {
+        PolicySource::BestStatic => 0,
+        PolicySource::BestStaticHeldOut => 2,
+        _ => 1,
+    });
     let threads = if cfg.threads == 0 {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     } else {
